@@ -1,0 +1,47 @@
+"""`nbglm` command line: one subcommand per job; every user-facing failure is one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nbglm.config import load_config, to_yaml
+from nbglm.errors import NbglmError
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The `--config FILE --set k=v ...` pair every experiment command takes."""
+    p.add_argument("--config", help="experiment YAML (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, value parsed as YAML (repeatable): --set model.rank=16")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nbglm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config as YAML (what a run would use)")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NbglmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
