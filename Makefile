@@ -1,0 +1,22 @@
+# Two entry points: `make demo` (main job on the built-in data) and `make test`.
+# Both create .venv on first use: torch==2.13.0 first (CPU wheel), then the package with its dev extras.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/nbglm synth --output outputs/synthetic_data
+
+test: setup
+	$(BIN)/python -m pytest
