@@ -1,0 +1,128 @@
+"""Reading and validating Perturb-seq counts and held-out lists; every problem is one NbglmError line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from nbglm.errors import NbglmError
+
+VAL_COLUMNS = ("target_gene", "n_cells", "median_umi_per_cell")
+
+
+def _examples(items, n: int = 5) -> str:
+    items = [str(i) for i in items]
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def read_counts(path: str | Path, pert_col: str, control: str | None, what: str = "data") -> ad.AnnData:
+    """Read an h5ad of raw UMI counts and validate it (see `validate_counts`).
+
+    `control=None` skips the control-label check (e.g. a test file may hold no controls).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise NbglmError(f"{what} file not found: {p} (check the path)")
+    try:
+        adata = ad.read_h5ad(p)
+    except Exception as exc:
+        raise NbglmError(f"cannot read {p} as h5ad: {exc}".splitlines()[0]) from None
+    return validate_counts(adata, pert_col, control, str(p))
+
+
+def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> ad.AnnData:
+    """Check the perturbation column, control label, counts and gene names; return float32 CSR counts.
+
+    Counts must be non-negative integers (dense or sparse, any dtype): the NB model is defined on
+    raw UMIs, and normalised or log data would silently give wrong fits.
+    """
+    if pert_col not in adata.obs.columns:
+        raise NbglmError(f"{source} has no obs column '{pert_col}' (available: {_examples(adata.obs.columns, 8)}); "
+                         "set data.pert_name_col")
+    labels = adata.obs[pert_col].astype(str)
+    if control is not None and not (labels == control).any():
+        raise NbglmError(f"{source}: control label '{control}' not found in obs['{pert_col}'] (labels present "
+                         f"include: {_examples(pd.unique(labels))}); set data.control_name")
+    if adata.X is None:
+        raise NbglmError(f"{source} has no X matrix; X must hold raw UMI counts")
+    x = adata.X
+    x = x.tocsr() if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
+    values = x.data
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise NbglmError(f"{source}: X has dtype {values.dtype}; X must hold raw UMI counts")
+    if values.size:
+        if not np.isfinite(values).all():
+            raise NbglmError(f"{source}: X has NaN/inf values; X must hold raw UMI counts")
+        if values.min() < 0:
+            raise NbglmError(f"{source}: X has negative values (min {values.min():g}); X must hold raw UMI "
+                             "counts (if they are in a layer or .raw, copy them to X)")
+        frac = values != np.round(values)
+        if frac.any():
+            raise NbglmError(f"{source}: X has non-integer values (e.g. {values[frac][0]:g}); X must hold raw "
+                             "UMI counts, not normalised or log data (if counts are in a layer, copy them to X)")
+    dup = adata.var_names[adata.var_names.duplicated()]
+    if len(dup):
+        raise NbglmError(f"{source}: {len(pd.unique(dup))} gene name(s) appear more than once in var_names "
+                         f"(e.g. {_examples(pd.unique(dup), 3)}); make them unique (adata.var_names_make_unique())")
+    x = x.astype(np.float32)
+    x.sort_indices()
+    obs = adata.obs.copy()
+    obs[pert_col] = pd.Categorical(labels.to_numpy())
+    return ad.AnnData(X=x, obs=obs, var=adata.var.copy())
+
+
+def pert_labels(adata: ad.AnnData, pert_col: str, control: str) -> list[str]:
+    """Non-control perturbation labels in order of first appearance."""
+    labels = adata.obs[pert_col].astype(str)
+    return list(pd.unique(labels[labels != control]))
+
+
+def read_val_list(path: str | Path) -> pd.DataFrame:
+    """Read the held-out list CSV (target_gene, n_cells, median_umi_per_cell); values checked here,
+    names checked against the data/embeddings by the caller."""
+    p = Path(path)
+    if not p.is_file():
+        raise NbglmError(f"validation list not found: {p} (check paths.val_list_csv)")
+    try:
+        frame = pd.read_csv(p, dtype={"target_gene": str})
+    except Exception as exc:
+        raise NbglmError(f"cannot read validation list {p} as CSV: {exc}".splitlines()[0]) from None
+    missing = [c for c in VAL_COLUMNS if c not in frame.columns]
+    if missing:
+        raise NbglmError(f"validation list {p} lacks column(s) {', '.join(missing)} (has: "
+                         f"{_examples(frame.columns, 8)}); expected {', '.join(VAL_COLUMNS)}")
+    frame = frame[list(VAL_COLUMNS)]
+    if frame.empty:
+        raise NbglmError(f"validation list {p} has no rows; list at least one held-out perturbation")
+    if frame["target_gene"].isna().any():
+        raise NbglmError(f"validation list {p} has empty target_gene entries")
+    for col in VAL_COLUMNS[1:]:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = frame["target_gene"][~(values > 0)]
+        if len(bad):
+            raise NbglmError(f"validation list {p}: {col} must be a positive number, but is not for "
+                             f"{_examples(bad)}")
+        frame[col] = values
+    if (frame["n_cells"] != np.round(frame["n_cells"])).any():
+        raise NbglmError(f"validation list {p}: n_cells must be whole numbers")
+    dup = frame["target_gene"][frame["target_gene"].duplicated()]
+    if len(dup):
+        raise NbglmError(f"validation list {p} lists {_examples(pd.unique(dup))} more than once")
+    frame["n_cells"] = frame["n_cells"].astype(int)
+    frame["median_umi_per_cell"] = frame["median_umi_per_cell"].astype(float)
+    return frame.reset_index(drop=True)
+
+
+def check_val_perts(val: pd.DataFrame, known: list[str], source: str, where: str) -> None:
+    """Every held-out perturbation must be known to `where` (the test data or the embeddings)."""
+    known_set = set(known)
+    unknown = [p for p in val["target_gene"] if p not in known_set]
+    if unknown:
+        raise NbglmError(f"validation list {source} names perturbation(s) not in {where}: {_examples(unknown)}; "
+                         "fix the list or the perturbation labels")
+
