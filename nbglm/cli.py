@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from nbglm.config import load_config, to_yaml
+from nbglm.data.cli import add_split_parser, add_synth_parser
 from nbglm.errors import NbglmError
 
 
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config as YAML (what a run would use)")
     add_config_args(p)
     p.set_defaults(func=_cmd_config)
+    add_synth_parser(sub)
+    add_split_parser(sub)
     return parser
 
 

@@ -169,10 +169,15 @@ def derive_gene_embedding(counts: sp.csr_matrix, genes: list[str], dim: int, see
     def left(m: np.ndarray) -> np.ndarray:  # (x - mean).T @ m
         return x.T @ m - np.outer(mean, m.sum(axis=0))
 
+    def orth(m: np.ndarray) -> np.ndarray:  # orthonormal basis via the small Gram matrix (cheaper than QR)
+        w, v = np.linalg.eigh(m.T @ m)
+        keep = w > w.max() * 1e-10
+        return m @ (v[:, keep] / np.sqrt(w[keep]))
+
     rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(right(rng.normal(size=(n_genes, q))))[0]
-    for _ in range(4):  # power iterations sharpen the spectrum
-        basis = np.linalg.qr(right(np.linalg.qr(left(basis))[0]))[0]
+    basis = orth(right(rng.normal(size=(n_genes, q))))
+    for _ in range(3):  # power iterations sharpen the spectrum
+        basis = orth(right(orth(left(basis))))
     _, s, vt = np.linalg.svd(left(basis).T, full_matrices=False)
     loadings = vt[:d].T * s[:d]
     signs = np.sign(loadings[np.abs(loadings).argmax(axis=0), np.arange(d)])  # deterministic sign

@@ -43,11 +43,12 @@ def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, sourc
     """
     if pert_col not in adata.obs.columns:
         raise NbglmError(f"{source} has no obs column '{pert_col}' (available: {_examples(adata.obs.columns, 8)}); "
-                         "set data.pert_name_col")
+                         "set the column with data.pert_name_col (nbglm split: --pert-col)")
     labels = adata.obs[pert_col].astype(str)
     if control is not None and not (labels == control).any():
         raise NbglmError(f"{source}: control label '{control}' not found in obs['{pert_col}'] (labels present "
-                         f"include: {_examples(pd.unique(labels))}); set data.control_name")
+                         f"include: {_examples(pd.unique(labels))}); set the label with data.control_name "
+                         "(nbglm split: --control)")
     if adata.X is None:
         raise NbglmError(f"{source} has no X matrix; X must hold raw UMI counts")
     x = adata.X

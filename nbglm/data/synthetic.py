@@ -203,7 +203,7 @@ def read_synthetic(directory: str | Path) -> SyntheticData:
 
     def table(name: str) -> pd.DataFrame:
         frame = pd.read_csv(d / name, index_col=0).astype(np.float32)
-        frame.index = frame.index.astype(str)
+        frame.index = frame.index.astype(str).rename(None)
         return frame
 
     val = pd.read_csv(d / "val_list.csv", dtype={"target_gene": str})
