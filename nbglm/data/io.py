@@ -83,6 +83,20 @@ def pert_labels(adata: ad.AnnData, pert_col: str, control: str) -> list[str]:
     return list(pd.unique(labels[labels != control]))
 
 
+def val_list(adata: ad.AnnData, pert_col: str, control: str) -> pd.DataFrame:
+    """Held-out list (target_gene, n_cells, median_umi_per_cell) computed from real cells."""
+    labels = adata.obs[pert_col].astype(str).to_numpy()
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    frame = pd.DataFrame({"target_gene": labels, "umi": totals})
+    frame = frame[frame["target_gene"] != control]
+    grouped = frame.groupby("target_gene", sort=False)["umi"]
+    return pd.DataFrame({
+        "target_gene": list(grouped.groups),
+        "n_cells": grouped.size().to_numpy().astype(int),
+        "median_umi_per_cell": grouped.median().to_numpy().astype(float),
+    })
+
+
 def read_val_list(path: str | Path) -> pd.DataFrame:
     """Read the held-out list CSV (target_gene, n_cells, median_umi_per_cell); values checked here,
     names checked against the data/embeddings by the caller."""

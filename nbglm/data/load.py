@@ -12,8 +12,8 @@ import pandas as pd
 from nbglm.config import Config
 from nbglm.data.dataset import Dataset
 from nbglm.data.embeddings import align_genes, derive_gene_embedding, read_embedding, select_perts
-from nbglm.data.io import check_val_perts, pert_labels, read_counts, read_val_list
-from nbglm.data.synthetic import make_synthetic, val_list
+from nbglm.data.io import check_val_perts, pert_labels, read_counts, read_val_list, val_list
+from nbglm.data.synthetic import make_synthetic
 from nbglm.errors import NbglmError
 
 

@@ -12,8 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from nbglm.data.io import pert_labels
-from nbglm.data.synthetic import val_list
+from nbglm.data.io import pert_labels, val_list
 from nbglm.errors import NbglmError
 
 

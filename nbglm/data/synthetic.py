@@ -32,12 +32,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from nbglm.config import SyntheticConfig
+from nbglm.data.io import val_list
 from nbglm.errors import NbglmError
 
 log = logging.getLogger("nbglm")
 
 # Bump when the generator changes, so stale caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 PHASES = ("G1", "S", "G2M")
 PHASE_PROBS = (0.5, 0.3, 0.2)
@@ -69,20 +70,6 @@ def gene_symbols(n_genes: int) -> list[str]:
     return [f"G{i:0{width}d}" for i in range(1, n_genes + 1)]
 
 
-def val_list(adata: ad.AnnData, pert_col: str, control: str) -> pd.DataFrame:
-    """Held-out list (target_gene, n_cells, median_umi_per_cell) computed from real cells."""
-    labels = adata.obs[pert_col].astype(str).to_numpy()
-    totals = np.asarray(adata.X.sum(axis=1)).ravel()
-    frame = pd.DataFrame({"target_gene": labels, "umi": totals})
-    frame = frame[frame["target_gene"] != control]
-    grouped = frame.groupby("target_gene", sort=False)["umi"]
-    return pd.DataFrame({
-        "target_gene": list(grouped.groups),
-        "n_cells": grouped.size().to_numpy().astype(int),
-        "median_umi_per_cell": grouped.median().to_numpy().astype(float),
-    })
-
-
 def _generate(cfg: SyntheticConfig, pert_col: str, control: str) -> SyntheticData:
     rng = np.random.default_rng(cfg.seed)
     n_genes = cfg.n_genes
@@ -106,9 +93,11 @@ def _generate(cfg: SyntheticConfig, pert_col: str, control: str) -> SyntheticDat
     z += rng.normal(0.0, 0.1, (n_genes, LATENT_DIM))
     interaction = rng.normal(0.0, 1.0 / np.sqrt(LATENT_DIM), (LATENT_DIM, LATENT_DIM))
 
-    # Targets are distinct, preferably expressed genes (so the knock-down is visible).
+    # Targets are distinct expressed genes (so the knock-down is visible), mostly program members
+    # (so most perturbations have downstream effects; the rest only knock down their target).
     expressed = np.argsort(-prop)[: max(n_perts, n_genes // 2)]
-    targets = rng.choice(expressed, size=n_perts, replace=False)
+    weight = 0.25 + member[expressed].any(axis=1)
+    targets = rng.choice(expressed, size=n_perts, replace=False, p=weight / weight.sum())
     labels = genes[targets]
 
     raw = z[targets] @ interaction.T @ z.T  # raw[p, g] = z_g^T M z_t
