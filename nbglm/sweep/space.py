@@ -1,0 +1,277 @@
+"""Sweep spec (`sweeps/*.yaml`): parsed and fully validated before Ray starts.
+
+A spec names a base experiment config plus `overrides`, a typed search space over dotted config
+keys, the seeds every sampled config runs with, the metric, per-seed resources and where results
+go. Every problem (unknown key, a space key that is not a config key, a value the config rejects,
+no seeds) is one `NbglmError` line, so a typo never costs a cluster start.
+
+Categorical choices may be lists (MLP depth and width in one knob: `[[], [128], [256, 128]]`).
+Optuna and TensorBoard's HParams only take scalar choices, so a list choice travels through the
+searcher as its YAML flow label (`"[256, 128]"`) and is decoded back when the config is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from nbglm.config import Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml, set_dotted, to_dict
+from nbglm.errors import NbglmError
+
+METRICS = ("overall_score", "des", "pds", "mae")
+SWEEP_MODES = ("train_sample_eval", "sample_eval")  # modes that produce a score to optimise
+
+
+@dataclass
+class SearchSettings:
+    num_samples: int = 8  # sampled configs in total (each runs every seed)
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int | None = 0  # sampler seed; null = nondeterministic
+
+
+@dataclass
+class SpecFields:
+    """The scalar part of a spec (typed like the experiment config); `search.space` and
+    `overrides` are free-form and parsed separately."""
+
+    name: str = "sweep"
+    base_config: str | None = None  # experiment YAML, relative to the spec file; null = defaults
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    metric: Literal["overall_score", "des", "pds", "mae"] = "overall_score"
+    mode: Literal["max", "min"] = "max"
+    resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(cpu=1.0, gpu=0.25))  # per seed
+    max_concurrent: int = 2  # configs in flight at once
+    max_failures: int = 1  # retries of a crashed config trial
+    storage_path: str = "sweep_results"  # results go to <storage_path>/<name>/
+
+
+@dataclass(frozen=True)
+class Param:
+    """One search-space entry over a dotted config key."""
+
+    key: str
+    type: Literal["int", "float", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def labels(self) -> list[Any]:
+        """Choices as the searcher sees them: scalars as they are, lists as their YAML label."""
+        return [_label(c) for c in self.choices]
+
+    def decode(self, value: Any) -> Any:
+        """The config value for what the searcher suggested."""
+        if self.type == "categorical":
+            return dict(zip(self.labels(), self.choices))[value]
+        return value
+
+    def distribution(self) -> Any:
+        import optuna.distributions as od
+
+        if self.type == "int":
+            return od.IntDistribution(int(self.low), int(self.high), log=self.log)
+        if self.type == "float":
+            return od.FloatDistribution(float(self.low), float(self.high), log=self.log)
+        return od.CategoricalDistribution(self.labels())
+
+
+@dataclass
+class SweepSpec(SpecFields):
+    """A validated spec: the scalar fields plus the search settings, space and overrides."""
+
+    path: Path = Path()  # the spec file (base_config is relative to it)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    space: dict[str, Param] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
+    raw: dict = field(default_factory=dict)  # the spec as resolved (after --set), saved with the results
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+    def base_raw(self) -> dict:
+        """The base experiment config with the overrides, as a plain dict (no sampled params)."""
+        raw = read_yaml(self._base_path()) if self.base_config else {}
+        for key, value in self.overrides.items():
+            set_dotted(raw, key, value)
+        return raw
+
+    def resolve_base(self) -> Config:
+        try:
+            return from_dict(self.base_raw())
+        except NbglmError as exc:
+            raise NbglmError(f"base config with overrides: {exc}") from None
+
+    def experiment_dict(self, params: dict[str, Any], base: dict | None = None) -> dict:
+        """The resolved experiment config (plain dict) for one sampled point of the space."""
+        raw = yaml.safe_load(yaml.safe_dump(base if base is not None else to_dict(self.resolve_base())))
+        for key, value in params.items():
+            set_dotted(raw, key, self.space[key].decode(value))
+        return raw
+
+    def optuna_space(self) -> dict[str, Any]:
+        return {key: p.distribution() for key, p in self.space.items()}
+
+    def _base_path(self) -> Path:
+        return (self.path.parent / str(self.base_config)).resolve()
+
+
+def _label(choice: Any) -> Any:
+    return yaml.safe_dump(choice, default_flow_style=True).strip() if isinstance(choice, list) else choice
+
+
+def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> dotted leaves (`{train: {epochs: 5}}` -> `{'train.epochs': 5}`)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _parse_param(key: str, raw: Any, config_keys: list[str]) -> Param:
+    where = f"search.space['{key}']"
+    if key not in config_keys:
+        raise NbglmError(f"{where}: '{key}' is not a config key{_suggest(key, config_keys)}")
+    if not isinstance(raw, dict):
+        raise NbglmError(f"{where} must be a mapping like {{type: int, low: 2, high: 64, log: true}}")
+    allowed = {"type", "low", "high", "log", "choices"}
+    for k in raw:
+        if k not in allowed:
+            raise NbglmError(f"{where}: unknown field '{k}'{_suggest(str(k), sorted(allowed))}")
+    kind = raw.get("type")
+    if kind in ("int", "float"):
+        low, high, log = raw.get("low"), raw.get("high"), raw.get("log", False)
+        if "choices" in raw:
+            raise NbglmError(f"{where}: 'choices' is for type categorical; {kind} takes low and high")
+        number = int if kind == "int" else (int, float)
+        if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, number) or not isinstance(high, number):
+            raise NbglmError(f"{where}: type {kind} needs {kind} 'low' and 'high', got low={low!r} high={high!r}")
+        if not isinstance(log, bool):
+            raise NbglmError(f"{where}: 'log' must be true or false, got {log!r}")
+        if not low < high:
+            raise NbglmError(f"{where}: needs low < high, got low={low} high={high}")
+        if log and low <= 0:
+            raise NbglmError(f"{where}: a log scale needs low > 0, got low={low}")
+        return Param(key, kind, low=low, high=high, log=log)
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if set(raw) - {"type", "choices"}:
+            raise NbglmError(f"{where}: type categorical takes only 'choices'")
+        if not isinstance(choices, list) or not choices:
+            raise NbglmError(f"{where}: type categorical needs a non-empty list 'choices'")
+        param = Param(key, "categorical", choices=tuple(choices))
+        if len(set(map(str, param.labels()))) != len(choices):
+            raise NbglmError(f"{where}: duplicate choices {choices}")
+        return param
+    raise NbglmError(f"{where}: 'type' must be one of int, float, categorical, got {kind!r}")
+
+
+def _check_values(spec: SweepSpec) -> None:
+    """Build the base config once per bound/choice so the config's own checks reject bad values now."""
+    base = to_dict(spec.resolve_base())
+    for key, param in spec.space.items():
+        values = list(param.choices) if param.type == "categorical" else [param.low, param.high]
+        for value in values:
+            raw = yaml.safe_load(yaml.safe_dump(base))
+            set_dotted(raw, key, value)
+            try:
+                from_dict(raw)
+            except NbglmError as exc:
+                raise NbglmError(f"search.space['{key}']: value {value!r} is rejected: {exc}") from None
+
+
+def _set_override(raw: dict, item: str) -> None:
+    """Apply one `--set` to the raw spec; `search.space.<config key>.<field>` addresses a space entry."""
+    key, value = parse_override(item)
+    prefix = "search.space."
+    if key.startswith(prefix):
+        space = raw.setdefault("search", {}).setdefault("space", {})
+        rest = key[len(prefix):]
+        for entry in sorted(space, key=len, reverse=True):
+            if rest == entry:
+                space[entry] = value
+                return
+            if rest.startswith(entry + "."):
+                space[entry][rest[len(entry) + 1:]] = value
+                return
+        space[rest] = value
+        return
+    set_dotted(raw, key, value)
+
+
+def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Read, override (`--set`) and validate a sweep spec; every problem is one NbglmError line."""
+    path = Path(path).resolve()
+    raw = read_yaml(path)
+    for item in sets:
+        _set_override(raw, item)
+    raw = yaml.safe_load(yaml.safe_dump(raw))
+    try:
+        return _parse(path, raw)
+    except NbglmError as exc:
+        msg = str(exc)
+        if msg.startswith(("unknown config key", "config key")):  # the typed parser's wording
+            msg = msg.replace("config key '", "key '", 1)
+        raise NbglmError(f"sweep spec {path.name}: {msg}") from None
+
+
+def _parse(path: Path, raw: dict) -> SweepSpec:
+    body = dict(raw)
+    search_raw = body.pop("search", None) or {}
+    overrides_raw = body.pop("overrides", None) or {}
+    if not isinstance(search_raw, dict):
+        raise NbglmError("'search' must be a mapping with space, num_samples, sampler, seed")
+    if not isinstance(overrides_raw, dict):
+        raise NbglmError("'overrides' must be a mapping of experiment config keys")
+    search_raw = dict(search_raw)
+    space_raw = search_raw.pop("space", None) or {}
+    known = [f.name for f in dataclasses.fields(SpecFields)] + ["search", "overrides"]
+    for key in body:
+        if key not in known:
+            raise NbglmError(f"unknown key '{key}'{_suggest(str(key), known)}")
+    fields = _from_dict(SpecFields, body)
+    search = _from_dict(SearchSettings, search_raw, "search")
+    if not fields.seeds:
+        raise NbglmError("'seeds' is empty: list at least one seed, e.g. seeds: [1, 2, 3]")
+    if len(set(fields.seeds)) != len(fields.seeds):
+        raise NbglmError(f"'seeds' has duplicates: {fields.seeds}")
+    if not fields.name or "/" in fields.name or fields.name in (".", ".."):
+        raise NbglmError(f"'name' must be a plain directory name, got {fields.name!r}")
+    checks = [
+        (search.num_samples >= 1, "search.num_samples must be >= 1"),
+        (fields.max_concurrent >= 1, "max_concurrent must be >= 1"),
+        (fields.max_failures >= 0, "max_failures must be >= 0"),
+        (fields.resources.cpu > 0, "resources.cpu must be > 0 (each seed unit needs some CPU)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise NbglmError(msg)
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise NbglmError("search.space is empty: add at least one entry, e.g. model.rank: {type: int, low: 2, high: 64}")
+    config_keys = all_keys()
+    space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
+    overrides = _flatten(overrides_raw)
+    spec = SweepSpec(**vars(fields), path=path, search=search, space=space, overrides=overrides, raw=raw)
+    if fields.base_config and not spec._base_path().is_file():
+        raise NbglmError(f"base_config not found: {spec._base_path()} (it is relative to the spec file)")
+    base = spec.resolve_base()
+    if base.pipeline.mode not in SWEEP_MODES:
+        raise NbglmError(f"the base config runs pipeline.mode={base.pipeline.mode}; a sweep needs a mode that "
+                         f"scores each run: {' or '.join(SWEEP_MODES)}")
+    _check_values(spec)
+    return spec
