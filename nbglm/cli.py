@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from nbglm.config import load_config, to_yaml
@@ -22,6 +23,24 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from nbglm.pipeline import run_experiment, summary_line  # torch & co. load only for real work
+
+    overrides = list(args.overrides) + ([f"pipeline.address={args.address}"] if args.address else [])
+    cfg = load_config(args.config, overrides)
+    if sys.stdout.isatty():
+        from rich.logging import RichHandler
+
+        logging.getLogger("nbglm").addHandler(RichHandler(show_path=False))
+    result = run_experiment(cfg)
+    print(summary_line(result))
+    if result.failed_seeds:
+        print(f"error: seeds {result.failed_seeds} failed; see {result.bundle}/metrics/multi_seed_metrics.json",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbglm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config as YAML (what a run would use)")
     add_config_args(p)
     p.set_defaults(func=_cmd_config)
+    p = sub.add_parser("run", help="run one experiment (train -> sample -> evaluate) and write its bundle")
+    add_config_args(p)
+    p.add_argument("--address", help="Ray address for pipeline.mode=multi_seed (default: start a local Ray)")
+    p.set_defaults(func=_cmd_run)
     add_synth_parser(sub)
     add_split_parser(sub)
     return parser
