@@ -143,9 +143,10 @@ class LowRankNBGLM(nn.Module):
         eff = self.effects(uniq[1:] if has_ctrl else uniq)
         if has_ctrl:
             eff = F.pad(eff, (0, 0, 1, 0))  # the control row: no effect
-        log_mu = self.log_mu_ctrl + eff[inv] + log_sf.unsqueeze(1)
+        # index_select, not eff[inv]: its backward sums in a fixed order, so CPU fits are reproducible.
+        log_mu = self.log_mu_ctrl + eff.index_select(0, inv) + log_sf.unsqueeze(1)
         if self.cycle is not None and phase_idx is not None:
-            log_mu = log_mu + F.pad(self.cycle, (1, 0)).T[phase_idx]
+            log_mu = log_mu + F.pad(self.cycle, (1, 0)).T.index_select(0, phase_idx)
         return log_mu
 
     def pert_index(self, names: Sequence[str]) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""Sampling predicted cells for the held-out perturbations -> AnnData (the pred.h5ad layout).
+
+Per held-out perturbation: n_cells library sizes are drawn log-normally around its median UMI
+(rescaled so their median is exactly that median), the model's mean profile is scaled to each
+library size, and counts are drawn from it. The model fixes the composition of a cell; the drawn
+library size fixes its depth, so the requested median UMI holds whatever the size-factor setting.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from nbglm.config import Config
+from nbglm.data import Dataset
+from nbglm.errors import NbglmError
+from nbglm.model import PHASES, LowRankNBGLM
+
+
+def _column(frame: pd.DataFrame, name: str, default: float) -> np.ndarray:
+    """A numeric column of the held-out list with missing values (or a missing column) = default."""
+    if name not in frame.columns:
+        return np.full(len(frame), default, dtype=np.float64)
+    return pd.to_numeric(frame[name], errors="coerce").fillna(default).to_numpy(dtype=np.float64)
+
+
+def _control_cells(data: Dataset) -> ad.AnnData:
+    """Real control cells for the output: from the test data when there is one, else from training."""
+    source = data.test if data.test is not None else data.train
+    mask = (source.obs[data.pert_col].astype(str) == data.control).to_numpy()
+    if not mask.any() and source is data.test:
+        source = data.train
+        mask = (source.obs[data.pert_col].astype(str) == data.control).to_numpy()
+    return source[mask]
+
+
+def _phase_probs(strategy: str, data: Dataset) -> np.ndarray:
+    """Probabilities of G1/S/G2M for the predicted cells' cycle offsets."""
+    if strategy == "ignore":
+        return np.array([1.0, 0.0, 0.0])
+    if strategy.startswith("fixed_"):
+        return np.eye(len(PHASES))[PHASES.index(strategy.removeprefix("fixed_"))]
+    obs = data.train.obs
+    if data.phase_col is None or data.phase_col not in obs.columns:
+        raise NbglmError(f"sampling.phase_strategy={strategy} needs a phase column in the training data: "
+                         "set data.phase_column, or use phase_strategy ignore / fixed_G1 / fixed_S / fixed_G2M")
+    if strategy == "control":
+        obs = obs[obs[data.pert_col].astype(str) == data.control]
+    counts = obs[data.phase_col].astype(str).value_counts()
+    freq = np.array([counts.get(p, 0) for p in PHASES], dtype=np.float64)
+    if freq.sum() == 0:
+        raise NbglmError(f"no G1/S/G2M labels in '{data.phase_col}' for phase_strategy={strategy}")
+    return freq / freq.sum()
+
+
+def library_sizes(rng: np.random.Generator, n: int, median: float, cv: float) -> np.ndarray:
+    """n log-normal library sizes with coefficient of variation `cv`, rescaled to median `median`."""
+    sigma = np.sqrt(np.log1p(cv**2))
+    sizes = np.exp(rng.normal(0.0, sigma, n))
+    return sizes * (median / np.median(sizes))
+
+
+@torch.inference_mode()
+def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -> ad.AnnData:
+    """Predicted cells for every held-out perturbation of `data`, plus real control cells.
+
+    Returns float32 CSR integer counts, genes in training order, obs[pert_col] = perturbation
+    (control label for the appended real controls). Cells are drawn in batches of
+    sampling.batch_cells, so memory is bounded by batch_cells x n_genes whatever the total.
+    """
+    scfg = cfg.sampling
+    model.check_genes(data.gene_names)
+    perts = [str(p) for p in data.heldout["target_gene"]]
+    pert_idx = model.pert_index(perts)
+    controls = _control_cells(data)
+    median_default = scfg.median_umi_default
+    if median_default is None:
+        if controls.n_obs == 0:
+            raise NbglmError("sampling.median_umi_default is null but there are no control cells to take it from")
+        median_default = float(np.median(np.asarray(controls.X.sum(axis=1)).ravel()))
+    n_cells = np.round(_column(data.heldout, "n_cells", scfg.n_cells_default)).astype(np.int64)
+    medians = _column(data.heldout, "median_umi_per_cell", median_default)
+    if (n_cells < 1).any() or (medians <= 0).any():
+        bad = perts[int(np.flatnonzero((n_cells < 1) | (medians <= 0))[0])]
+        raise NbglmError(f"held-out perturbation {bad} has n_cells < 1 or median_umi_per_cell <= 0 in the held-out list")
+
+    rng = np.random.default_rng(seed)
+    was_training = model.training
+    model.eval()
+    profile = (model.log_mu_ctrl + model.effects(pert_idx)).cpu()  # log mean at unit size factor, G1
+    cycle = None if model.cycle is None else torch.nn.functional.pad(model.cycle, (1, 0)).T.cpu()
+    theta = model.theta.cpu().numpy().astype(np.float32)
+    model.train(was_training)
+
+    cell_pert = np.repeat(np.arange(len(perts)), n_cells)
+    depth = np.concatenate([library_sizes(rng, n, m, scfg.library_size_cv) for n, m in zip(n_cells, medians)])
+    phase = (rng.choice(len(PHASES), size=len(cell_pert), p=_phase_probs(scfg.phase_strategy, data))
+             if cycle is not None else None)
+    gamma = scfg.sampler == "gp_mixture" or scfg.gamma_heterogeneity.enable
+    r0 = scfg.gamma_heterogeneity.r0
+
+    blocks = []
+    for start in range(0, len(cell_pert), scfg.batch_cells):
+        sl = slice(start, start + scfg.batch_cells)
+        log_mu = profile[cell_pert[sl]]
+        if cycle is not None:
+            log_mu = log_mu + cycle[phase[sl]]
+        scale = depth[sl] * (rng.gamma(r0, 1.0 / r0, len(depth[sl])) if gamma else 1.0)
+        mu = torch.softmax(log_mu, dim=1).numpy() * scale[:, None].astype(np.float32)
+        if scfg.sampler == "nb":
+            mu = rng.standard_gamma(np.broadcast_to(theta, mu.shape), dtype=np.float32) * (mu / theta)
+        blocks.append(sp.csr_matrix(rng.poisson(mu).astype(np.float32)))
+
+    pred_obs = pd.DataFrame({data.pert_col: np.array(perts, dtype=object)[cell_pert]},
+                            index=[f"pred_{i}" for i in range(len(cell_pert))])
+    ctrl_obs = pd.DataFrame({data.pert_col: data.control}, index=controls.obs_names.astype(str))
+    x = sp.vstack(blocks + [sp.csr_matrix(controls.X, dtype=np.float32)], format="csr", dtype=np.float32)
+    obs = pd.concat([pred_obs, ctrl_obs])
+    obs[data.pert_col] = pd.Categorical(obs[data.pert_col])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(model.gene_names)))

@@ -1,0 +1,213 @@
+"""Fitting: held-out quality on the synthetic data, concise vs whole, determinism, errors, checkpoints."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from nbglm.config import Config, load_config
+from nbglm.data import Dataset, load_dataset, make_synthetic
+from nbglm.errors import NbglmError
+from nbglm.model import CONTROL_IDX, LOSSES, LowRankNBGLM, nb_nll
+from nbglm.train import _prepare, _Pseudobulk, fit, load_checkpoint, resolve_device, save_checkpoint
+
+# Reduced synthetic data (500 genes, ~40 cells per perturbation): ~2 s per concise fit on 2 cores.
+SMALL = ["data.synthetic.n_genes=500", "data.synthetic.cells_per_pert=40", "data.synthetic.n_control=600",
+         "train.epochs=15", "train.lr=2e-3"]
+
+
+def small_cfg(*overrides: str) -> Config:
+    return load_config(None, [*SMALL, *overrides])
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    return load_dataset(small_cfg())
+
+
+@pytest.fixture(scope="module")
+def true_lfc(data: Dataset) -> np.ndarray:
+    cfg = small_cfg()
+    syn = make_synthetic(cfg.data.synthetic, cfg.data.pert_name_col, cfg.data.control_name)
+    return syn.true_lfc.loc[data.heldout_perts].to_numpy()
+
+
+@pytest.fixture(scope="module")
+def concise(data: Dataset) -> LowRankNBGLM:
+    return fit(small_cfg(), data).model
+
+
+def heldout_effects(model: LowRankNBGLM, data: Dataset) -> np.ndarray:
+    with torch.no_grad():
+        return model.effects(model.pert_index(data.heldout_perts)).numpy()
+
+
+def heldout_cells(data: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pert labels' rows, log size factors vs the training median, dense counts) of held-out cells."""
+    test = data.test[data.test.obs[data.pert_col].astype(str) != data.control]
+    ref = np.median(np.asarray(data.train.X.sum(axis=1)).ravel())
+    y = torch.as_tensor(test.X.toarray())
+    log_sf = (y.sum(1) / float(ref)).log()
+    return test.obs[data.pert_col].astype(str).tolist(), log_sf, y
+
+
+def heldout_nb_nll(model: LowRankNBGLM, data: Dataset, control_only: bool = False) -> float:
+    labels, log_sf, y = heldout_cells(data)
+    with torch.no_grad():
+        pert = torch.full((len(labels),), CONTROL_IDX) if control_only else model.pert_index(labels)
+        return float(nb_nll(model(pert, log_sf), y, model.theta).mean())
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def test_heldout_lfc_correlates_with_truth(data: Dataset, true_lfc: np.ndarray, concise: LowRankNBGLM) -> None:
+    r = pearson(heldout_effects(concise, data), true_lfc)
+    # Control: the same fit with perturbation embeddings shuffled among perturbations.
+    emb = data.pert_emb.copy()
+    emb[:] = emb.to_numpy()[np.random.default_rng(0).permutation(len(emb))]
+    shuffled = fit(small_cfg(), replace(data, pert_emb=emb)).model
+    r_shuffled = pearson(heldout_effects(shuffled, data), true_lfc)
+    assert r > 0.45, r
+    assert r > r_shuffled + 0.3, (r, r_shuffled)
+
+
+def test_heldout_nb_nll_beats_the_control_mean_model(data: Dataset, concise: LowRankNBGLM) -> None:
+    trained, control = heldout_nb_nll(concise, data), heldout_nb_nll(concise, data, control_only=True)
+    assert trained < control - 0.005, (trained, control)
+
+
+def test_concise_and_whole_reach_similar_heldout_error(data: Dataset, true_lfc: np.ndarray,
+                                                       concise: LowRankNBGLM) -> None:
+    # ~4,800 cells / 512 = 10 minibatch steps per epoch, as many as concise's default 20 x 15 / 2.
+    whole = fit(small_cfg("train.fit_mode=whole", "train.batch_size=512", "train.epochs=30"), data).model
+    nll_c, nll_w = heldout_nb_nll(concise, data), heldout_nb_nll(whole, data)
+    assert abs(nll_c - nll_w) / nll_w < 0.005, (nll_c, nll_w)
+    mae_c = np.abs(heldout_effects(concise, data) - true_lfc).mean()
+    mae_w = np.abs(heldout_effects(whole, data) - true_lfc).mean()
+    assert abs(mae_c - mae_w) / mae_w < 0.1, (mae_c, mae_w)
+
+
+@pytest.mark.parametrize("loss", ["poisson_nll", "poisson_deviance"])
+def test_concise_poisson_gradient_equals_full_pass_over_cells(data: Dataset, loss: str) -> None:
+    """Pseudobulk sums are exact sufficient statistics for the Poisson losses."""
+    cfg = small_cfg(f"model.losses.primary={loss}", "model.gp_dropout=0", "model.use_cycle=true")
+    model, cells = _prepare(cfg, data)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    bulk = _Pseudobulk(cells, torch.device("cpu"))
+    grad_bulk = torch.autograd.grad(bulk.loss(model, loss), model.V)[0]
+    y = torch.as_tensor(cells.x.toarray())
+    log_mu = model(torch.as_tensor(cells.pert), torch.as_tensor(np.log(cells.sf), dtype=torch.float32),
+                   torch.as_tensor(cells.phase))
+    grad_cells = torch.autograd.grad(LOSSES[loss](log_mu, y).mean(), model.V)[0]
+    torch.testing.assert_close(grad_bulk, grad_cells, rtol=1e-3, atol=1e-7)
+
+
+def test_cycle_offsets_are_learned(data: Dataset) -> None:
+    model = fit(small_cfg("model.use_cycle=true"), data).model
+    ctrl = data.train[data.train.obs[data.pert_col] == data.control]
+    phase = ctrl.obs["phase"].astype(str).to_numpy()
+    x = ctrl.X.toarray() / np.asarray(ctrl.X.sum(axis=1))
+    observed = np.log(x[phase == "S"].mean(0) + 1e-6) - np.log(x[phase == "G1"].mean(0) + 1e-6)
+    expressed = x.mean(0) > 1e-3
+    learned = model.cycle.detach().numpy()[:, 0]
+    assert pearson(learned[expressed], observed[expressed]) > 0.8
+
+
+@pytest.mark.parametrize("mode", ["concise", "whole"])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains_in_both_modes(data: Dataset, mode: str, loss: str) -> None:
+    seen = []
+    cfg = small_cfg(f"train.fit_mode={mode}", f"model.losses.primary={loss}", "train.epochs=2",
+                    "train.steps_per_epoch=3", "train.batch_size=2048", "model.learn_theta=true",
+                    "model.regularization.l1=1e-4", "model.regularization.l2=1e-3")
+    result = fit(cfg, data, on_epoch_end=lambda epoch, m: seen.append((epoch, m)))
+    assert [e for e, _ in seen] == [1, 2] and len(result.history) == 2
+    assert all(np.isfinite(m["loss"]) and m["lr"] > 0 for _, m in seen)
+    assert result.wall_time_s > 0
+    assert torch.isfinite(result.model.theta).all()
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr(data: Dataset) -> None:
+    cfg = small_cfg("train.epochs=10", "train.steps_per_epoch=2", "train.lr_schedule.warmup_frac=0.2",
+                    "train.lr_schedule.min_lr=1e-5")
+    lrs = [h["lr"] for h in fit(cfg, data).history]
+    assert lrs[0] < lrs[1] == pytest.approx(2e-3)  # warm-up ends after 4 of 20 steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert lrs[-1] == pytest.approx(1e-5)
+
+
+def test_same_seed_same_parameters(data: Dataset) -> None:
+    def params(*extra: str) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in fit(small_cfg("train.epochs=2", *extra), data).model.parameters()]
+
+    for mode in ("concise", "whole"):
+        a, b = params(f"train.fit_mode={mode}"), params(f"train.fit_mode={mode}")
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        c = params(f"train.fit_mode={mode}", "experiment.seed=7")
+        assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_nan_loss_stops_with_an_error_naming_the_epoch(data: Dataset) -> None:
+    with pytest.raises(NbglmError, match=r"diverged at epoch 1 .*lower train.lr"):
+        fit(small_cfg("train.lr=1e10", "train.lr_schedule.warmup_frac=0"), data)
+
+
+def test_use_cycle_without_phase_column_is_an_error(data: Dataset) -> None:
+    with pytest.raises(NbglmError, match="no phase column"):
+        fit(small_cfg("model.use_cycle=true"), replace(data, phase_col=None))
+    train = data.train.copy()
+    train.obs["phase"] = train.obs["phase"].astype(str).replace("S", "M")
+    with pytest.raises(NbglmError, match=r"values \['M'\]"):
+        fit(small_cfg("model.use_cycle=true"), replace(data, train=train))
+
+
+def test_device_errors() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(NbglmError, match="experiment.device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(NbglmError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_zero_count_cells_and_perts_without_embedding_are_left_out(data: Dataset) -> None:
+    train = data.train.copy()
+    x = train.X.tolil()
+    x[5] = 0  # one empty cell
+    train.X = sp.csr_matrix(x)
+    emb = data.pert_emb.drop(index=data.train_perts[0])
+    model, cells = _prepare(small_cfg(), replace(data, train=train, pert_emb=emb))
+    labels = train.obs[data.pert_col].astype(str)
+    expected = ((labels != data.control) & (labels != data.train_perts[0])).sum() - (labels.iloc[5] != data.control)
+    assert cells.x.shape[0] == expected
+    assert (cells.pert != CONTROL_IDX).all() and np.isfinite(np.log(cells.sf)).all()
+
+
+def test_checkpoint_round_trip_reproduces_predictions(tmp_path: Path, data: Dataset) -> None:
+    cfg = small_cfg("train.epochs=2", "model.use_cycle=true", "model.learn_theta=true", "model.rank=null")
+    model = fit(cfg, data).model
+    path = save_checkpoint(tmp_path / "ckpt" / "model.pt", model, cfg)
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left
+    loaded = load_checkpoint(path)
+    assert loaded.gene_names == data.gene_names and loaded.pert_names == list(data.pert_emb.index)
+    pert = loaded.pert_index(data.heldout_perts + data.train_perts[:3])
+    log_sf, phase = torch.linspace(-1, 1, len(pert)), torch.arange(len(pert)) % 3
+    with torch.no_grad():
+        assert torch.equal(model(pert, log_sf, phase), loaded(pert, log_sf, phase))
+    assert torch.equal(model.theta, loaded.theta) and torch.equal(model.G, loaded.G)
+
+
+def test_checkpoint_errors(tmp_path: Path) -> None:
+    with pytest.raises(NbglmError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(NbglmError, match="cannot read checkpoint"):
+        load_checkpoint(bad)
