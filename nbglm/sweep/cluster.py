@@ -1,0 +1,103 @@
+"""Getting onto Ray: reuse the Ray this process already has, attach to a cluster, or start a local one.
+
+Only the code that initialised Ray shuts it down, so a test session (or a notebook) can hold one
+Ray and run many multi-seed runs and sweeps on it. Attaching ships the `nbglm` package to the
+workers in a `runtime_env`; an unreachable address is one line, not a minute-long hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+
+import nbglm
+from nbglm.errors import NbglmError
+
+log = logging.getLogger("nbglm")
+
+_AUTH_HINT = ("if the cluster uses token auth, set RAY_AUTH_MODE=token and provide its token "
+              "(RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+
+
+def package_runtime_env() -> dict:
+    """Ship this checkout's `nbglm` to every worker of an attached cluster."""
+    return {"py_modules": [str(Path(nbglm.__file__).resolve().parent)], "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (seconds) on HOST:PORT or ray://HOST:PORT that nothing listens on."""
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise NbglmError(f"bad Ray address '{address}': expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise NbglmError(f"cannot reach Ray at {address} ({exc.strerror or exc}); start the cluster "
+                         "(`ray start --head`) or fix --address") from None
+
+
+def connect(address: str | None) -> bool:
+    """Make sure Ray is up; True when this call initialised it (the caller then shuts it down).
+
+    No address starts a local Ray sized to the machine (its real CPUs and GPUs, no GPU declared
+    when there is none). Token auth, on by default for a new local Ray, needs nothing from us.
+    """
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(address="local", include_dashboard=False)
+        return True
+    _check_reachable(address)
+    try:
+        ray.init(address=address, runtime_env=package_runtime_env())
+    except Exception as exc:  # ConnectionError, AuthenticationError, ...: one line for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hint = "start one with `ray start --head`" if address == "auto" else _AUTH_HINT
+        raise NbglmError(f"could not attach to Ray at {address}: {first} ({hint})") from None
+    return True
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[bool]:
+    """`connect` for the duration of a block; shut down only a Ray this block initialised."""
+    started = connect(address)
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def unit_resources(cpu: float, gpu: float, n_units: int = 1) -> tuple[float, float]:
+    """(cpu, gpu) that one seed unit requests on this cluster, checked against what exists.
+
+    A GPU request on a cluster without GPUs falls back to 0 with one warning instead of waiting
+    forever; a request no node (or, for `n_units` held together, the cluster) can meet is an error.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    node_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    total = ray.cluster_resources()
+    if gpu > 0 and total.get("GPU", 0.0) == 0:
+        log.warning("resources.gpu=%g but the Ray cluster has no GPU: seed units run with gpu=0 on CPU", gpu)
+        gpu = 0.0
+    if gpu > node_gpu:
+        raise NbglmError(f"resources.gpu={gpu:g} per seed unit but the largest node has {node_gpu:g} GPU(s); "
+                         "lower resources.gpu")
+    if cpu > node_cpu:
+        raise NbglmError(f"resources.cpu={cpu:g} per seed unit but the largest node has {node_cpu:g} CPU(s); "
+                         "lower resources.cpu")
+    for name, need, have in (("cpu", cpu, total.get("CPU", 0.0)), ("gpu", gpu, total.get("GPU", 0.0))):
+        if n_units * need > have + 1e-9:
+            raise NbglmError(f"one config runs {n_units} seed units of resources.{name}={need:g} at once "
+                             f"({n_units * need:g} in all) but the cluster has {have:g}; lower resources.{name} "
+                             "or use fewer seeds")
+    return cpu, gpu

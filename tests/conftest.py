@@ -1,0 +1,33 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[object]:
+    """One local Ray for the whole session: 2 CPUs and 2 *logical* GPUs, so fractional-GPU packing is
+    tested on a machine without one. The multi-seed runner and the sweep driver find it initialised,
+    reuse it and leave it running.
+
+    Ray 2.60 starts a local cluster with token auth on and, lacking a token, writes one to
+    ~/.ray/auth_token; a per-session token in RAY_AUTH_TOKEN keeps auth on without touching $HOME
+    (and reaches the sweep driver subprocesses the tests spawn).
+    """
+    import ray
+
+    own_token = not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
+    if own_token:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if own_token:
+            os.environ.pop("RAY_AUTH_TOKEN", None)
