@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,208 @@ def test_flagship_spec_is_valid() -> None:
     spec = load_spec(ROOT / "sweeps" / "rank_search.yaml")
     assert len(spec.seeds) == 3 and spec.metric == "overall_score" and spec.mode == "max"
     assert {"model.rank", "train.lr"} <= set(spec.space)
+
+
+# --- sweeps on Ray ------------------------------------------------------------------------------
+
+
+def _csv(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _num(value: str) -> float | None:
+    return float(value) if value not in ("", None) else None
+
+
+def _peak_overlap(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at the same instant."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    peak = running = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def _sweep_sets(tmp_path: Path, *extra: str) -> list[str]:
+    return [f"storage_path={tmp_path}", *extra]
+
+
+def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_local, tmp_path: Path) -> None:
+    import collections
+    import statistics
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nbglm.config import load_config
+    from nbglm.sweep.runner import run_sweep
+
+    rows = run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "seeds=[1,2,3,4]", "search.num_samples=2", "max_concurrent=2",
+                                             "resources.cpu=0.2", "resources.gpu=0.25"))
+    sweep_dir = tmp_path / "smoke"
+    configs = _csv(sweep_dir / "results" / "configs.csv")
+    trials = _csv(sweep_dir / "results" / "trials.csv")
+    assert len(configs) == 2 and len(trials) == 8 and len(rows) == 2
+    assert all(c["status"] == "ok" and c["n_seeds_ok"] == "4" for c in configs)
+    assert len({(t["trial_id"], t["seed"]) for t in trials}) == 8
+
+    # 8 units of 0.25 GPU, two configs' placement groups held together: 4 units on each logical GPU
+    assert collections.Counter(t["gpu_ids"] for t in trials) == {"0": 4, "1": 4}
+    spans = {}
+    for c in configs:
+        units = [t for t in trials if t["trial_id"] == c["trial_id"]]
+        intervals = [(float(t["start"]), float(t["end"])) for t in units]
+        assert _peak_overlap(intervals) >= 2, f"seed units of {c['trial_id']} did not run concurrently"
+        spans[c["trial_id"]] = (min(a for a, _ in intervals), max(b for _, b in intervals))
+    (a0, a1), (b0, b1) = spans.values()
+    assert a0 < b1 and b0 < a1, "the two configs did not run at the same time"
+
+    for c in configs:
+        trial_dir = sweep_dir / f"config_{c['trial_id']}"
+        for m in ("overall_score", "des", "pds", "mae"):
+            per_seed = [json.loads((trial_dir / f"seed_{s}" / "metrics" / "metrics.json").read_text())[m]
+                        for s in (1, 2, 3, 4)]
+            assert _num(c[f"{m}_mean"]) == pytest.approx(statistics.fmean(per_seed))
+            assert _num(c[f"{m}_std"]) == pytest.approx(statistics.stdev(per_seed))
+            assert (_num(c[f"{m}_min"]), _num(c[f"{m}_max"])) == pytest.approx((min(per_seed), max(per_seed)))
+        events = EventAccumulator(str(trial_dir))
+        events.Reload()
+        assert {"_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(events.PluginTagToContent("hparams"))
+        assert len(events.Scalars("loss/seed_1")) == 3  # one point per epoch
+        assert events.Scalars("seed_mean/overall_score")[0].value == pytest.approx(_num(c["overall_score_mean"]), rel=1e-5)
+
+    root = EventAccumulator(str(sweep_dir))
+    root.Reload()
+    assert "_hparams_/experiment" in root.PluginTagToContent("hparams")  # one HParams table for all configs
+
+    best = max(configs, key=lambda c: _num(c["overall_score_mean"]))
+    best_cfg = load_config(sweep_dir / "results" / "best_config.yaml")
+    assert best_cfg.model.rank == int(best["model.rank"])
+    assert best_cfg.model.g_mlp_hidden == yaml.safe_load(best["model.g_mlp_hidden"])
+    assert best_cfg.train.epochs == 3
+    assert ray_local.is_initialized()  # the driver reused the session's Ray and left it up
+
+
+def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, tmp_path: Path) -> None:
+    from nbglm.sweep.runner import run_sweep
+
+    sets = _sweep_sets(tmp_path, "search.num_samples=1", "max_failures=1", "overrides.debug.fail_first_attempt=true")
+    run_sweep(SMOKE, sets=sets)
+    sweep_dir = tmp_path / "smoke"
+    configs = _csv(sweep_dir / "results" / "configs.csv")
+    trials = _csv(sweep_dir / "results" / "trials.csv")
+    assert [c["status"] for c in configs] == ["ok"] and [t["status"] for t in trials] == ["ok", "ok"]
+    trial_dir = sweep_dir / f"config_{configs[0]['trial_id']}"
+    assert (trial_dir / "attempts").read_text() == "2"  # crashed once, retried once
+
+    with pytest.raises(NbglmError, match="already holds a sweep"):
+        run_sweep(SMOKE, sets=sets)
+    records = [json.loads((trial_dir / "seeds" / f"seed_{s}.json").read_text()) for s in (1, 2)]
+    run_sweep(SMOKE, sets=sets, resume=True)  # nothing left to do: no trial runs again
+    assert [json.loads((trial_dir / "seeds" / f"seed_{s}.json").read_text()) for s in (1, 2)] == records
+    assert _csv(sweep_dir / "results" / "configs.csv") == configs
+
+
+def test_a_config_whose_seeds_all_fail_is_reported_failed(ray_local, tmp_path: Path) -> None:
+    from nbglm.sweep.runner import main
+
+    code = main([str(SMOKE), *(f"--set={s}" for s in _sweep_sets(
+        tmp_path, "search.num_samples=1", "max_failures=0", "overrides.debug.fail_seeds=[1,2]"))])
+    assert code == 1  # no config scored
+    configs = _csv(tmp_path / "smoke" / "results" / "configs.csv")
+    trials = _csv(tmp_path / "smoke" / "results" / "trials.csv")
+    assert len(configs) == 1 and configs[0]["status"] == "failed" and configs[0]["n_seeds_ok"] == "0"
+    assert "injected failure of seed 1" in configs[0]["error"]
+    assert [t["status"] for t in trials] == ["failed", "failed"]
+    assert all("injected failure" in t["error"] for t in trials)
+    assert not (tmp_path / "smoke" / "results" / "best_config.yaml").exists()
+
+
+def test_resources_beyond_the_cluster_are_one_line_errors(ray_local, tmp_path: Path) -> None:
+    from nbglm.sweep.runner import run_sweep
+
+    with pytest.raises(NbglmError, match="largest node has 2 GPU"):
+        run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "resources.gpu=3"))
+    with pytest.raises(NbglmError, match=r"2 seed units of resources.gpu=1.5 at once \(3 in all\) but the cluster has 2"):
+        run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "resources.gpu=1.5"))
+
+
+def test_unreachable_address_is_a_fast_one_line_error() -> None:
+    from nbglm.sweep.cluster import _check_reachable
+
+    with pytest.raises(NbglmError, match="cannot reach Ray at 127.0.0.1:1"):
+        _check_reachable("127.0.0.1:1")
+    with pytest.raises(NbglmError, match="bad Ray address"):
+        _check_reachable("localhost")
+
+
+def _kill_processes_with_env(name: str, value: str) -> None:
+    """SIGKILL every process of ours whose environment has name=value (the killed driver's Ray)."""
+    import os
+    import signal
+
+    needle = f"{name}={value}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to clean up the killed driver's Ray")
+def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_local, tmp_path: Path) -> None:
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from nbglm.sweep.aggregate import read_record
+    from nbglm.sweep.runner import run_sweep
+
+    sets = _sweep_sets(tmp_path, "search.num_samples=4", "max_concurrent=1")
+    sweep_dir = tmp_path / "smoke"
+    ray_tmp = tempfile.mkdtemp(prefix="nbr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), str(SMOKE), *(f"--set={s}" for s in sets)],
+                              cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # kill once one config has finished and the next one is running
+            finished = [d for d in sweep_dir.glob("config_*") if all(read_record(d, s) for s in (1, 2))]
+            started = list(sweep_dir.glob("config_*/attempts"))
+            if finished and len(started) > len(finished):
+                break
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the driver made no progress"
+            time.sleep(0.1)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        _kill_processes_with_env("RAY_TMPDIR", ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        log.close()
+    before = {d.name.removeprefix("config_"): [read_record(d, s) for s in (1, 2)] for d in finished}
+
+    run_sweep(SMOKE, sets=sets, resume=True)
+    configs = _csv(sweep_dir / "results" / "configs.csv")
+    trials = _csv(sweep_dir / "results" / "trials.csv")
+    assert len(configs) == 4 and len({c["trial_id"] for c in configs}) == 4  # the searcher went on to num_samples
+    assert all(c["status"] == "ok" for c in configs)
+    assert len(trials) == 8 and len({(t["trial_id"], t["seed"]) for t in trials}) == 8
+    for trial_id, records in before.items():  # finished before the kill: kept, not run again
+        assert trial_id in {c["trial_id"] for c in configs}
+        assert [read_record(sweep_dir / f"config_{trial_id}", s) for s in (1, 2)] == records

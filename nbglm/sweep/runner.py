@@ -1,0 +1,209 @@
+"""Sweep driver: `python launch.py SPEC [--address auto|HOST:PORT|ray://...] [--resume] [--set k=v ...]`.
+
+The spec is validated and the dataset and ground-truth DE cache are built before Ray starts; both
+go into the object store once. Results land in `<storage_path>/<name>/` (printed at start and end):
+Tune's experiment state and one directory per config (its seeds' sub-bundles, records and
+TensorBoard events), plus `results/` rewritten after every finished config.
+
+`--resume` continues a sweep whose driver died: `Tuner.restore` brings back the trials and the
+Optuna study, finished configs are kept, unfinished ones rerun only their unfinished seeds, and the
+searcher samples the remaining configs. The experiment state is saved every second, so at most a
+config started within that second of a crash is sampled afresh (its directory moves to orphaned/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.search import ConcurrencyLimiter
+
+from nbglm import atomic
+from nbglm.config import to_dict
+from nbglm.errors import NbglmError
+from nbglm.multiseed import shared_inputs
+from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
+from nbglm.sweep.cluster import ray_session, unit_resources
+from nbglm.sweep.space import SweepSpec, load_spec
+from nbglm.sweep.trainable import FinalOnlyOptunaSearch, SweepContext, train_config, trial_dirname
+
+SAVED_SPEC = "sweep.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="launch.py", description="Run an Optuna x seeds sweep on Ray Tune.")
+    p.add_argument("spec", help="sweep spec YAML, e.g. sweeps/rank_search.yaml")
+    p.add_argument("--address", help="attach to a Ray cluster (auto, HOST:PORT or ray://HOST:PORT); "
+                   "default: start a local Ray for this sweep")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in <storage_path>/<name>")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key (repeatable): --set search.num_samples=4 --set overrides.train.epochs=5")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rows = run_sweep(args.spec, address=args.address, resume=args.resume, sets=args.sets)
+    except NbglmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0 if any(r["n_seeds_ok"] for r in rows) else 1
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(dict.fromkeys([*a, *b])):
+            diff = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+            if diff:
+                return diff
+        return None
+    return key or "<root>" if a != b else None
+
+
+def _check_directory(spec: SweepSpec, base: dict, resume: bool) -> None:
+    """A new sweep must not overwrite an old one; a resumed one must be the same sweep."""
+    sweep_dir = spec.sweep_dir
+    saved = sweep_dir / SAVED_SPEC
+    has_state = tune.Tuner.can_restore(str(sweep_dir)) if sweep_dir.is_dir() else False
+    if not resume:
+        if has_state:
+            raise NbglmError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or pick "
+                             "another --set name=... / storage_path")
+        return
+    if not has_state:
+        raise NbglmError(f"nothing to resume in {sweep_dir} (no Tune experiment state); run without --resume")
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        diff = _first_difference(old, {"spec": spec.raw, "base_config": base})
+        if diff:
+            raise NbglmError(f"the spec differs from the one {sweep_dir} was started with (at '{diff}'); "
+                             "resume with the same spec and --set values")
+
+
+@contextmanager
+def _tune_env() -> Iterator[None]:
+    """Tune settings read from the environment at fit time: save the experiment state every second
+    (resume loses at most that), and no automatic TensorBoard logger (TrialBoard writes one that
+    shows seeds and seed means, which Tune's per-trial logger cannot)."""
+    wanted = {"TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    old = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _last_line(text: str | None) -> str | None:
+    """The exception line of a traceback text (what a results table shows)."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else None
+
+
+def _trial_error(trial: Any) -> str | None:
+    path = trial.error_file
+    return _last_line(Path(path).read_text()) if path and Path(path).is_file() else None
+
+
+class ExportCallback(tune.Callback):
+    """Rewrite results/ whenever a config finishes, so the export is readable mid-sweep."""
+
+    def __init__(self, spec: SweepSpec, base: dict) -> None:
+        self.spec, self.base = spec, base
+
+    def _export(self, trials: list) -> None:
+        infos = [TrialInfo(t.trial_id, Path(t.path).name, dict(t.config), t.status,
+                           _trial_error(t) if t.status == "ERROR" else None) for t in trials]
+        export(self.spec.sweep_dir, self.spec, self.base, infos)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._export(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._export(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Also move aside the directory of a config the driver started in the last second before
+        a crash: the restored state never knew it, so the searcher sampled a new one instead."""
+        sweep_dir = self.spec.sweep_dir
+        known = {Path(t.path).name for t in trials}
+        for orphan in [d for d in sweep_dir.glob("config_*") if d.name not in known]:
+            (sweep_dir / "orphaned").mkdir(exist_ok=True)
+            orphan.rename(sweep_dir / "orphaned" / orphan.name)
+        self._export(trials)
+
+
+def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool = False,
+              sets: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """Run (or resume) the sweep of `spec_path`; returns the rows of results/configs.csv."""
+    spec = load_spec(spec_path, sets)
+    base_cfg = spec.resolve_base()
+    base = to_dict(base_cfg)
+    sweep_dir = spec.sweep_dir
+    print(f"sweep '{spec.name}': results in {sweep_dir}", flush=True)
+
+    _check_directory(spec, base, resume)
+    data, de_cache = shared_inputs(base_cfg, None)
+    n = len(spec.seeds)
+    with ray_session(address):
+        cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu, n_units=n)
+        ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu,
+                           data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None)
+        bundles = [{}] + [{"CPU": cpu, "GPU": gpu}] * n  # empty head: the trainable only coordinates
+        trainable = tune.with_resources(tune.with_parameters(train_config, ctx=ctx), tune.PlacementGroupFactory(bundles))
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            sampler_cls = optuna.samplers.TPESampler if spec.search.sampler == "tpe" else optuna.samplers.RandomSampler
+            searcher = FinalOnlyOptunaSearch(spec.optuna_space(), metric=spec.metric, mode=spec.mode,
+                                             sampler=sampler_cls(seed=spec.search.seed))
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+                                            num_samples=spec.search.num_samples, reuse_actors=True,
+                                            trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=str(sweep_dir.parent),
+                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                    callbacks=[ExportCallback(spec, base), CSVLoggerCallback(), JsonLoggerCallback()],
+                ),
+            )
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(sweep_dir / SAVED_SPEC, yaml.safe_dump({"spec": spec.raw, "base_config": base}, sort_keys=False))
+            write_hparams_experiment(sweep_dir, spec)
+        with _tune_env():
+            grid = tuner.fit()
+    rows = _final_export(spec, base, grid)
+    print_table(spec, rows)
+    print(f"sweep '{spec.name}': results in {sweep_dir}/results (trials.csv, configs.csv, best_config.yaml); "
+          f"tensorboard --logdir {sweep_dir}", flush=True)
+    return rows
+
+
+def _final_export(spec: SweepSpec, base: dict, grid: Any) -> list[dict]:
+    """The export from the final ResultGrid (what the callback last wrote, plus the rows); a trial
+    without its final report was interrupted (Ctrl-C) and is left for --resume."""
+    infos = [TrialInfo(Path(r.path).name.removeprefix("config_"), Path(r.path).name, dict(r.config),
+                       "ERROR" if r.error else "TERMINATED" if r.metrics.get("final") else "UNFINISHED",
+                       _last_line(str(r.error)) if r.error else None)
+             for r in grid]
+    return export(spec.sweep_dir, spec, base, infos)

@@ -1,0 +1,142 @@
+"""Sweep trainable: one Ray Tune trial per sampled config; the config's seeds run inside it.
+
+Design: each trial reserves a placement group with an empty head bundle (the trainable only
+coordinates, so it holds no CPU) plus one `{CPU: c, GPU: g}` bundle per seed, and runs every seed
+as the multi-seed runner's seed unit (`nbglm.multiseed.seed_unit`) pinned to its own bundle. So the
+seeds of one config run concurrently, each on its fractional GPU, and the units of several configs
+pack onto the same GPUs.
+
+Why not one trial per (config, seed) grouped by Tune's `Repeater`: the Repeater keeps the grouping
+in searcher memory and has no working save/restore (ray-project/ray#11918, open), so after a driver
+crash a resumed sweep loses or re-runs seed groups, and a partial group could reach the searcher as
+a config's score. With one trial per config, Tune's own trial state is the unit of resume and of
+`max_failures`, and the searcher only ever sees the seed mean, reported once at the end. Each
+finished seed's record is written straight into the trial directory, so a retried or resumed trial
+reruns only the seeds that had not finished.
+
+Live progress: while the seeds train, the trainable forwards their per-epoch losses to TensorBoard
+and, at most once a second, to `tune.report` with the metric keys present but NaN (Tune's strict
+metric check wants them in every result); `FinalOnlyOptunaSearch` ignores those intermediate
+results, so Optuna is told only the final seed mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from nbglm import atomic
+from nbglm.config import from_dict
+from nbglm.multiseed import METRICS, UnitPool, launch_unit, seed_stats
+from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
+from nbglm.sweep.space import SweepSpec
+
+REPORT_EVERY_S = 1.0
+
+
+class FinalOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that learns only from a trial's final result (the seed mean).
+
+    Intermediate results carry training progress with a NaN metric; no pruner is used, so Optuna
+    has no use for them, and ignoring them keeps NaNs out of its study.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None
+
+
+@dataclass
+class SweepContext:
+    """What every trial of one sweep shares; `tune.with_parameters` stores it once.
+
+    `data` and `de_cache` are object refs (put once per sweep): passed on as task arguments they
+    reach each seed unit straight from the object store, never through the trainable.
+    """
+
+    spec: SweepSpec
+    base: dict  # resolved base experiment config
+    sweep_dir: str
+    cpu: float  # per seed unit, after the no-GPU fallback
+    gpu: float
+    data: Any
+    de_cache: Any
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial directory names (Tune's default embeds every parameter)."""
+    return f"config_{trial.trial_id}"
+
+
+def _next_attempt(trial_dir: Path) -> int:
+    """Count this start of the trial (first run, `max_failures` retry or resume) in the trial dir."""
+    path = trial_dir / "attempts"
+    attempt = (int(path.read_text()) if path.is_file() else 0) + 1
+    atomic.write_text(path, str(attempt))
+    return attempt
+
+
+def _result(records: dict[int, dict], latest: dict[int, tuple[int, float]], final: bool) -> dict[str, Any]:
+    """One `tune.report` payload; the same keys every time so CSV/JSON logs stay rectangular."""
+    stats = seed_stats(list(records.values())) if final else None
+    losses = [loss for _, loss in latest.values()]
+    out: dict[str, Any] = {  # progress first: Tune's console table shows the leading keys
+        "epoch": max((e for e, _ in latest.values()), default=-1),
+        "loss": sum(losses) / len(losses) if losses else math.nan,
+        "n_seeds_done": len(records),
+        "n_seeds_ok": sum(r["status"] == "ok" for r in records.values()),
+    }
+    for m in METRICS:
+        out[m] = stats[m]["mean"] if stats and stats[m]["mean"] is not None else math.nan
+        out[f"{m}_std"] = stats[m]["std"] if stats and stats[m]["std"] is not None else math.nan
+    out["final"] = final
+    return out
+
+
+def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
+    """Tune function trainable for one sampled config: run its seeds, stream progress, report the mean."""
+    spec = ctx.spec
+    trial_dir = Path(ctx.sweep_dir) / Path(tune.get_context().get_trial_dir()).name
+    cfg = from_dict(spec.experiment_dict(config, ctx.base))
+    attempt = _next_attempt(trial_dir)
+    if cfg.debug.fail_first_attempt and attempt == 1:
+        raise RuntimeError("debug.fail_first_attempt: injected crash of the trial's first attempt")
+    records = {s: r for s in spec.seeds if (r := read_record(trial_dir, s)) and r["status"] == "ok"}
+    board = TrialBoard(trial_dir)
+    pg = ray.util.get_current_placement_group()
+    offset = len(pg.bundle_specs) - len(spec.seeds)  # 0 with the empty head bundle
+    pool = UnitPool()
+    for i, seed in enumerate(spec.seeds):
+        if seed not in records:
+            unit_dir = trial_dir / f"seed_{seed}"
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + i)
+            pool.submit(seed, unit_dir, launch_unit(cfg, seed, ctx.data, ctx.de_cache, unit_dir,
+                                                    cpu=ctx.cpu, gpu=ctx.gpu, scheduling_strategy=strategy))
+    latest: dict[int, tuple[int, float]] = {}
+    last_report = time.monotonic()
+    while len(pool):
+        for event in pool.poll(timeout=REPORT_EVERY_S):
+            if event[0] == "epoch":
+                _, seed, epoch, metrics = event
+                latest[seed] = (epoch, float(metrics["loss"]))
+                board.epoch(seed, epoch, float(metrics["loss"]))
+            else:
+                record = records[event[1]] = event[2]
+                atomic.write_json(record_path(trial_dir, record["seed"]), record)
+                board.seed_done(record)
+        if latest and time.monotonic() - last_report >= REPORT_EVERY_S:
+            tune.report(_result(records, latest, final=False))
+            last_report = time.monotonic()
+    ordered = [records[s] for s in spec.seeds]
+    board.finish(hparam_values(spec, config), seed_stats(ordered))
+    if not any(r["status"] == "ok" for r in ordered):
+        first = ordered[0]
+        raise RuntimeError(f"all {len(ordered)} seeds failed; seed {first['seed']}: {first['error']}")
+    tune.report(_result(records, latest, final=True))

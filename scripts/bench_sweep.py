@@ -1,0 +1,84 @@
+"""Benchmark the sweep machinery: the same N configs x seeds run (b) as a sweep on a local Ray and
+(a) sequentially with `run_experiment` in this process, side by side.
+
+    python scripts/bench_sweep.py [--configs 2] [--set KEY=VALUE ...]
+
+Prints both wall times, the speed-up, and Ray's overhead per seed unit: sweep time x parallelism /
+sum of the bare (sequential) unit times, minus 1 -- the fraction of a unit's own run time that the
+sweep spends on top of it (trial and worker start-up, scheduling, object transfer, reporting).
+Parallelism is what the machine can really run at once: min(CPU cores, seed units in flight).
+`--set` takes sweep-spec overrides, e.g. --set overrides.train.epochs=40.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Sized so that one seed unit takes ~20 s on one core of a 2-core machine.
+DEFAULTS = [
+    "overrides.data.synthetic.n_genes=500", "overrides.data.synthetic.n_train_perts=40",
+    "overrides.data.synthetic.n_test_perts=10", "overrides.data.synthetic.cells_per_pert=60",
+    "overrides.data.synthetic.n_control=400", "overrides.train.epochs=20", "overrides.sampling.n_cells_default=60",
+    "search.sampler=random", "resources.gpu=0", "max_concurrent=1",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default=str(ROOT / "sweeps" / "rank_search.yaml"))
+    parser.add_argument("--configs", type=int, default=2, help="number of sampled configs (each runs every seed)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    from nbglm.config import from_dict, to_dict
+    from nbglm.multiseed import shared_inputs
+    from nbglm.pipeline import run_experiment, with_seed
+    from nbglm.sweep.runner import run_sweep
+    from nbglm.sweep.space import load_spec
+
+    work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    sets = [*DEFAULTS, f"search.num_samples={args.configs}", f"storage_path={work}", *args.sets]
+    spec = load_spec(args.spec, sets)
+    shared_inputs(spec.resolve_base(), None)  # warm the synthetic-data cache so neither side pays for creating it
+
+    t0 = time.perf_counter()
+    rows = run_sweep(args.spec, sets=sets)
+    sweep_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    base_cfg = spec.resolve_base()
+    base = to_dict(base_cfg)
+    data, de_cache = shared_inputs(base_cfg, None)
+    bare = []
+    for row in rows:
+        cfg = from_dict(spec.experiment_dict({k: row[k] for k in spec.space}, base))
+        for seed in spec.seeds:
+            t_unit = time.perf_counter()
+            run_experiment(with_seed(cfg, seed), data, de_cache=de_cache,
+                           bundle_dir=work / "sequential" / row["trial_id"] / f"seed_{seed}")
+            bare.append(time.perf_counter() - t_unit)
+    sequential_s = time.perf_counter() - t0
+
+    units = len(bare)
+    in_flight = min(spec.max_concurrent, args.configs) * len(spec.seeds)
+    parallelism = min(os.cpu_count() or 1, in_flight)
+    overhead = sweep_s * parallelism / sum(bare) - 1
+    print(f"\n{args.configs} configs x {len(spec.seeds)} seeds = {units} seed units; {os.cpu_count()} CPU cores; "
+          f"torch threads in (a): default; resources per unit in (b): cpu={spec.resources.cpu:g} gpu={spec.resources.gpu:g}")
+    print(f"(a) sequential, one process : {sequential_s:7.1f} s  (bare unit mean {sum(bare) / units:.1f} s, "
+          f"min {min(bare):.1f}, max {max(bare):.1f})")
+    print(f"(b) sweep on local Ray      : {sweep_s:7.1f} s  (incl. Ray start, {in_flight} units in flight)")
+    print(f"speed-up (a)/(b)            : {sequential_s / sweep_s:7.2f} x")
+    print(f"Ray overhead per unit       : {overhead:7.1%} of a bare unit "
+          f"(= {sweep_s:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
+    print(f"results: {work}")
+
+
+if __name__ == "__main__":
+    main()
