@@ -22,6 +22,7 @@ from nbglm import atomic
 from nbglm.config import Config, to_yaml
 from nbglm.data import Dataset, load_dataset
 from nbglm.errors import NbglmError
+from nbglm.model import LowRankNBGLM
 from nbglm.metrics import GroundTruthCache, evaluate, load_de_cache
 from nbglm.sample import sample_heldout
 from nbglm.train import FitResult, fit, load_checkpoint, save_checkpoint
@@ -162,11 +163,9 @@ def _read_pred(path: str, data: Dataset) -> ad.AnnData:
     return pred
 
 
-def _load_pretrained(path: str, data: Dataset):
+def _load_pretrained(path: str, data: Dataset) -> LowRankNBGLM:
     model = load_checkpoint(path)
-    if list(model.gene_names) != data.gene_names:
-        raise NbglmError(f"checkpoint {path} was trained on other genes than the data "
-                         f"({len(model.gene_names)} vs {len(data.gene_names)}): use the data it was trained on")
+    model.check_genes(data.gene_names)
     return model
 
 
