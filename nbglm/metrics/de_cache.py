@@ -1,0 +1,148 @@
+"""Ground-truth cache: the real data's side of the VCC metrics, computed once per test set.
+
+The real file's pseudobulks, DE table and the baseline's scores do not depend on the model, so a
+sweep computes them once (``nbglm build-de-cache``) and every trial only summarises its own
+prediction. The cache records the genes, perturbations and cell counts it was built from and
+refuses to score other data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO
+
+import anndata as ad
+import numpy as np
+
+from nbglm.errors import NbglmError
+from nbglm.metrics.vcc import FileSummary, baseline_summary, group_codes, score, summarize_adata
+
+CACHE_VERSION = 1
+_ARRAYS = "ground_truth.npz"
+_META = "meta.json"
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a cache was built from: enough to refuse other data without reading its matrix."""
+
+    pert_col: str
+    control: str
+    genes: tuple[str, ...]
+    perts: tuple[str, ...]
+    n_cells: tuple[int, ...]  # control first, then perts in order
+
+    @classmethod
+    def of(cls, adata: ad.AnnData, pert_col: str, control: str) -> DataIdentity:
+        if pert_col not in adata.obs.columns:
+            raise NbglmError(f"real has no obs column {pert_col!r}; set the perturbation column")
+        labels = adata.obs[pert_col].to_numpy(str)
+        if control not in labels:
+            raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
+        perts, groups = group_codes(labels, control)
+        counts = np.bincount(groups, minlength=perts.size + 1)
+        return cls(pert_col, control, tuple(adata.var_names.astype(str)), tuple(perts.tolist()), tuple(counts.tolist()))
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self)).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class GroundTruthCache:
+    """The real data summarised once, plus the baseline's scores when training data was given."""
+
+    identity: DataIdentity
+    real: FileSummary
+    baseline: dict[str, float] | None
+
+    def check(self, real: ad.AnnData, pert_col: str, control: str) -> None:
+        """Raise a one-line NbglmError unless `real` is the data this cache was built from."""
+        other = DataIdentity.of(real, pert_col, control)
+        mine = self.identity
+        rebuild = "rebuild it with `nbglm build-de-cache`"
+        if (other.pert_col, other.control) != (mine.pert_col, mine.control):
+            raise NbglmError(
+                f"the DE cache was built with perturbation column {mine.pert_col!r} and control {mine.control!r}, "
+                f"not {other.pert_col!r} and {other.control!r}; {rebuild}"
+            )
+        if other.genes != mine.genes:
+            what = "in another order" if set(other.genes) == set(mine.genes) else f"different ({len(mine.genes)} cached vs {len(other.genes)})"
+            raise NbglmError(f"the DE cache was built from other genes (genes {what}); {rebuild}")
+        if other.perts != mine.perts:
+            missing, extra = set(other.perts) - set(mine.perts), set(mine.perts) - set(other.perts)
+            raise NbglmError(
+                f"the DE cache was built from other perturbations (not cached: {sorted(missing)[:5]}; "
+                f"cached but absent: {sorted(extra)[:5]}); {rebuild}"
+            )
+        if other.fingerprint != mine.fingerprint:
+            raise NbglmError(f"the DE cache was built from data with other cell counts per perturbation; {rebuild}")
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the cache to `directory` (arrays as npz, the rest as JSON), each file atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays = {name: getattr(self.real, name) for name in FileSummary.__dataclass_fields__}
+        atomic_write(directory / _ARRAYS, lambda f: np.savez(f, **arrays))
+        meta = {
+            "version": CACHE_VERSION,
+            "identity": asdict(self.identity),
+            "fingerprint": self.identity.fingerprint,
+            "baseline": self.baseline,
+        }
+        atomic_write(directory / _META, lambda f: f.write(json.dumps(meta).encode()))
+        return directory
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write through a temp file in the same directory, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_de_cache(
+    real: ad.AnnData,
+    train: ad.AnnData | None = None,
+    *,
+    pert_col: str = "target_gene",
+    control: str = "non-targeting",
+) -> GroundTruthCache:
+    """Summarise `real` and, with `train`, score the cell-mean baseline against it."""
+    identity = DataIdentity.of(real, pert_col, control)
+    summary = summarize_adata(real, pert_col, control, "real")
+    baseline = None
+    if train is not None:
+        scores = score(baseline_summary(train, real, pert_col, control), summary)
+        baseline = {name: result.mean for name, result in scores.items()}
+    return GroundTruthCache(identity, summary, baseline)
+
+
+def load_de_cache(directory: str | Path) -> GroundTruthCache:
+    """Read a cache written by :meth:`GroundTruthCache.save`."""
+    directory = Path(directory)
+    meta_path, arrays_path = directory / _META, directory / _ARRAYS
+    if not meta_path.is_file() or not arrays_path.is_file():
+        raise NbglmError(f"no DE cache in {directory} (expected {_META} and {_ARRAYS}); build one with `nbglm build-de-cache`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("version") != CACHE_VERSION:
+        raise NbglmError(f"the DE cache in {directory} has format version {meta.get('version')}, expected {CACHE_VERSION}; rebuild it")
+    identity = DataIdentity(**{k: v if isinstance(v, str) else tuple(v) for k, v in meta["identity"].items()})
+    if identity.fingerprint != meta["fingerprint"]:
+        raise NbglmError(f"the DE cache in {directory} is inconsistent (fingerprint mismatch); rebuild it")
+    with np.load(arrays_path, allow_pickle=False) as npz:
+        real = FileSummary(**{name: npz[name] for name in FileSummary.__dataclass_fields__})
+    if tuple(real.genes.tolist()) != identity.genes or tuple(real.perts.tolist()) != identity.perts:
+        raise NbglmError(f"the DE cache in {directory} is inconsistent (arrays and metadata disagree); rebuild it")
+    return GroundTruthCache(identity, real, meta["baseline"])

@@ -1,0 +1,304 @@
+"""The Virtual Cell Challenge metrics (DES, PDS, MAE) and the baseline-scaled overall score.
+
+Numbers match cell-eval 0.8 (profile ``vcc``, ``score_agg_metrics``) on the same files: inputs
+are normalised as cell-eval does, DE is pdex's Wilcoxon test (see :mod:`nbglm.metrics.de`), and
+each metric follows cell-eval's definition, including its float32 casts where they decide ties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.spatial.distance import cdist
+
+from nbglm.errors import NbglmError
+from nbglm.metrics.de import benjamini_hochberg, group_sums, log2_fold_change, rank_sum_test
+
+FDR_THRESHOLD = 0.05
+_LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
+_FRACTION_EPS = 1e-3  # cell-eval calls data with a fractional part above this "not counts"
+
+Matrix = np.ndarray | sp.csr_matrix
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """What the metrics need from one file, in log1p space: pseudobulks and DE against control.
+
+    Rows of the per-perturbation arrays follow `perts` (sorted labels, control excluded).
+    """
+
+    genes: np.ndarray
+    perts: np.ndarray
+    n_cells: np.ndarray
+    control_mean: np.ndarray
+    pert_mean: np.ndarray
+    pvalue: np.ndarray
+    fdr: np.ndarray
+    log2_fold_change: np.ndarray
+
+
+@dataclass(frozen=True)
+class MetricResult:
+    """One metric: its value per perturbation and, as `mean`, what the leaderboard reports."""
+
+    per_perturbation: pd.Series
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_perturbation.mean())
+
+
+def _labels(adata: ad.AnnData, pert_col: str, which: str) -> np.ndarray:
+    if pert_col not in adata.obs.columns:
+        raise NbglmError(f"{which} has no obs column {pert_col!r} (columns: {', '.join(map(str, adata.obs.columns))}); set the perturbation column")
+    return adata.obs[pert_col].to_numpy(str)
+
+
+def _stored_values(x: Matrix) -> np.ndarray:
+    return x.data if sp.issparse(x) else x
+
+
+def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
+    """X in log1p space as cell-eval sees it: counts are normalised, log1p data is kept.
+
+    Integer counts are scaled per cell to the median total count of the file and log1p'd, with
+    scanpy's ``normalize_total`` arithmetic (float32 stays float32; the median is over all cells
+    for sparse X and over cells with counts for dense X, as scanpy does). Fractional data with
+    min >= 0 and max < 15 is taken as log1p already. Anything else is an error.
+    """
+    x = adata.X
+    if x is None:
+        raise NbglmError(f"{which} has no expression matrix (X is empty)")
+    x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
+    if x.dtype == np.float16:
+        x = x.astype(np.float32)
+    values = _stored_values(x)
+    if values.size and np.isnan(values).any():
+        raise NbglmError(f"{which} has NaN values in X: remove or impute them before evaluating")
+    if values.size and values.min() < 0:
+        raise NbglmError(f"{which} has negative values in X (min {values.min():.3g}): expected raw counts or log1p-normalised data")
+    if values.size and np.any(values - np.trunc(values) > _FRACTION_EPS):
+        if values.max() >= _LOG1P_MAX:
+            raise NbglmError(
+                f"{which} X is neither integer counts nor log1p data: fractional values up to {values.max():.3g} (log1p data stays below {_LOG1P_MAX:g})"
+            )
+        return x
+    return _normalize_log1p(x)
+
+
+def _normalize_log1p(x: Matrix) -> Matrix:
+    """scanpy ``normalize_total`` (target: median total count) then ``log1p``, same dtypes."""
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    if sp.issparse(x):
+        rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+        totals = np.bincount(rows, weights=x.data, minlength=x.shape[0]).astype(x.dtype)
+        target = np.median(totals)
+    else:
+        totals = x.sum(axis=1)
+        target = np.median(totals[totals > 0])
+    scale = totals / target
+    scale += scale == 0
+    if sp.issparse(x):
+        data = np.log1p(x.data / np.repeat(scale, np.diff(x.indptr)))
+        return sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape)
+    return np.log1p(x / scale[:, None])
+
+
+def check_pair(pred: ad.AnnData, real: ad.AnnData, pert_col: str, control: str) -> None:
+    """Raise a one-line NbglmError unless pred and real can be compared."""
+    pred_genes, real_genes = pred.var_names.to_numpy(str), real.var_names.to_numpy(str)
+    if not np.array_equal(pred_genes, real_genes):
+        if set(pred_genes) == set(real_genes) and len(pred_genes) == len(real_genes):
+            raise NbglmError("pred has the same genes as real but in another order: reorder it with pred[:, real.var_names]")
+        only_pred, only_real = np.setdiff1d(pred_genes, real_genes), np.setdiff1d(real_genes, pred_genes)
+        raise NbglmError(
+            f"pred and real have different genes ({pred.n_vars} vs {real.n_vars}; "
+            f"{only_pred.size} only in pred, e.g. {_some(only_pred)}; {only_real.size} only in real, e.g. {_some(only_real)})"
+        )
+    pred_perts = set(_labels(pred, pert_col, "pred"))
+    real_perts = set(_labels(real, pert_col, "real"))
+    for which, perts in (("real", real_perts), ("pred", pred_perts)):
+        if control not in perts:
+            raise NbglmError(f"control label {control!r} not found in {which}.obs[{pert_col!r}] (labels include {_some(sorted(perts))}); set the control label")
+    if pred_perts != real_perts:
+        raise NbglmError(
+            f"pred and real have different perturbations: only in pred: {_some(sorted(pred_perts - real_perts))}; "
+            f"only in real: {_some(sorted(real_perts - pred_perts))}"
+        )
+    if len(real_perts) < 2:
+        raise NbglmError(f"real has no perturbations besides the control {control!r}")
+
+
+def _some(items: np.ndarray | list[str], n: int = 5) -> str:
+    items = list(items)
+    if not items:
+        return "none"
+    return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def group_codes(labels: np.ndarray, control: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted perturbation names (control excluded) and each cell's group: 0 = control, i = perts[i-1]."""
+    names, codes = np.unique(labels, return_inverse=True)
+    ctrl = int(np.searchsorted(names, control))
+    perts = np.delete(names, ctrl)
+    codes = codes + 1
+    codes[codes == ctrl + 1] = 0
+    codes[codes > ctrl + 1] -= 1
+    return perts, codes
+
+
+def summarize(
+    x: Matrix,
+    groups: np.ndarray,
+    genes: np.ndarray,
+    perts: np.ndarray,
+    group_weights: np.ndarray | None = None,
+) -> FileSummary:
+    """Pseudobulks and DE of one log1p matrix whose cells are in `groups` (0 = control)."""
+    n_groups = perts.size + 1
+    rows = np.bincount(groups, minlength=n_groups)
+    if (rows == 0).any():
+        raise NbglmError(f"no cells for {_some(np.append(['control'], perts)[rows == 0])}")
+    mean = group_sums(x, groups, n_groups) / rows[:, None]
+    test = rank_sum_test(x, groups, n_groups, group_weights)
+    weights = np.ones(n_groups) if group_weights is None else np.asarray(group_weights)
+    return FileSummary(
+        genes=genes,
+        perts=perts,
+        n_cells=(rows * weights)[1:].astype(np.int64),
+        control_mean=mean[0],
+        pert_mean=mean[1:],
+        pvalue=test.pvalue,
+        fdr=benjamini_hochberg(test.pvalue),
+        log2_fold_change=log2_fold_change(mean[1:], mean[0]),
+    )
+
+
+def summarize_adata(adata: ad.AnnData, pert_col: str, control: str, which: str) -> FileSummary:
+    """Normalise one AnnData as cell-eval does and summarise it."""
+    perts, groups = group_codes(_labels(adata, pert_col, which), control)
+    return summarize(to_log1p(adata, which), groups, adata.var_names.to_numpy(str), perts)
+
+
+def _significant(s: FileSummary) -> np.ndarray:
+    # cell-eval stores the FDR as float32 and compares it with 0.05 in float32.
+    return s.fdr.astype(np.float32) < np.float32(FDR_THRESHOLD)
+
+
+def des(pred: FileSummary, real: FileSummary) -> MetricResult:
+    """DE overlap (cell-eval ``overlap_at_N``): share of real's significant genes among pred's top N.
+
+    N is the number of genes significant in real (FDR < 0.05); pred's significant genes are
+    ranked by |log2 fold change| (float32, ties in gene order) and the top N kept.
+    """
+    real_sig, pred_sig = _significant(real), _significant(pred)
+    pred_abs = np.abs(pred.log2_fold_change).astype(np.float32)
+    values = np.zeros(real.perts.size)
+    for i in range(real.perts.size):
+        n = int(real_sig[i].sum())
+        candidates = np.flatnonzero(pred_sig[i])
+        if n == 0 or candidates.size == 0:
+            continue
+        top = candidates[np.argsort(-pred_abs[i, candidates], kind="stable")[:n]]
+        values[i] = np.count_nonzero(real_sig[i, top]) / n
+    return MetricResult(pd.Series(values, index=real.perts))
+
+
+def pds(pred: FileSummary, real: FileSummary) -> MetricResult:
+    """Perturbation discrimination (cell-eval ``discrimination_score_l1``).
+
+    Each file's effect is its pseudobulk minus its own control pseudobulk. For perturbation p,
+    the L1 distance (the gene named p left out) from pred's effect to every real effect ranks
+    the real perturbations; PDS_p = 1 - rank(p) / N, ties in name order.
+    """
+    real_effect = real.pert_mean - real.control_mean
+    pred_effect = pred.pert_mean - pred.control_mean
+    dist = cdist(pred_effect, real_effect, metric="cityblock")  # (pred p, real q)
+    for p, gene in zip(*np.nonzero(real.perts[:, None] == real.genes[None, :]), strict=True):
+        dist[p] -= np.abs(real_effect[:, gene] - pred_effect[p, gene])
+    own = np.diag(dist)[:, None]
+    rank = (dist < own).sum(axis=1) + np.tril(dist == own, k=-1).sum(axis=1)
+    return MetricResult(pd.Series(1.0 - rank / real.perts.size, index=real.perts))
+
+
+def mae(pred: FileSummary, real: FileSummary) -> MetricResult:
+    """Mean absolute error between pred and real pseudobulks, over all genes (cell-eval ``mae``)."""
+    return MetricResult(pd.Series(np.abs(pred.pert_mean - real.pert_mean).mean(axis=1), index=real.perts))
+
+
+METRICS: dict[str, Callable[[FileSummary, FileSummary], MetricResult]] = {"des": des, "pds": pds, "mae": mae}
+# How cell-eval scales each metric against the baseline: towards 1 (best 1) or 0 (best 0).
+BEST_VALUE = {"des": 1.0, "pds": 1.0, "mae": 0.0}
+
+
+def score(pred: FileSummary, real: FileSummary) -> dict[str, MetricResult]:
+    """All three VCC metrics of pred against real."""
+    return {name: metric(pred, real) for name, metric in METRICS.items()}
+
+
+def scaled_scores(scores: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
+    """Each metric relative to the baseline, as cell-eval ``score_agg_metrics``: NaN -> 0, clipped at 0."""
+    out = {}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name, best in BEST_VALUE.items():
+            user, base = np.float64(scores[name]), np.float64(baseline[name])
+            value = 1.0 - user / base if best == 0.0 else (user - base) / (1.0 - base)
+            out[name] = float(max(0.0, 0.0 if np.isnan(value) else value))
+    return out
+
+
+def overall_score(scores: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """Mean of the baseline-scaled DES, PDS and MAE (the VCC leaderboard shows 100x this)."""
+    return float(np.mean(list(scaled_scores(scores, baseline).values())))
+
+
+def _baseline_vector(train: ad.AnnData, pert_col: str) -> np.ndarray:
+    """Mean over the training groups' log1p pseudobulks, control included as cell-eval does."""
+    names, groups = np.unique(_labels(train, pert_col, "train"), return_inverse=True)
+    mean = group_sums(to_log1p(train, "train"), groups, names.size) / np.bincount(groups)[:, None]
+    return mean.mean(axis=0).astype(np.float32)
+
+
+def cell_mean_baseline(train: ad.AnnData, real: ad.AnnData, *, pert_col: str = "target_gene", control: str = "non-targeting") -> ad.AnnData:
+    """The cell-mean baseline as a prediction of `real` (cell-eval ``build_base_mean_adata``).
+
+    Every cell of every perturbation in `real` (as many cells as real has) gets the mean of the
+    training data's group pseudobulks (log1p); real's control cells (log1p) are appended.
+    """
+    if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
+        raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
+    labels = _labels(real, pert_col, "real")
+    if control not in labels:
+        raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
+    vector = _baseline_vector(train, pert_col)
+    x = to_log1p(real, "real")
+    is_ctrl = labels == control
+    ctrl = x[np.flatnonzero(is_ctrl)]
+    ctrl = ctrl.toarray() if sp.issparse(ctrl) else ctrl
+    pert_labels = labels[~is_ctrl]
+    out = ad.AnnData(
+        X=np.vstack([np.broadcast_to(vector, (pert_labels.size, vector.size)), ctrl]),
+        obs=pd.DataFrame({pert_col: np.concatenate([pert_labels, labels[is_ctrl]])}, index=[f"baseline_{i}" for i in range(labels.size)]),
+        var=pd.DataFrame(index=real.var_names.copy()),
+    )
+    return out
+
+
+def baseline_summary(train: ad.AnnData, real: ad.AnnData, pert_col: str, control: str) -> FileSummary:
+    """Summary of :func:`cell_mean_baseline` without building it: one row per perturbation."""
+    perts, groups = group_codes(_labels(real, pert_col, "real"), control)
+    x = to_log1p(real, "real")
+    ctrl = x[np.flatnonzero(groups == 0)]
+    vector = _baseline_vector(train, pert_col)
+    rows = np.broadcast_to(vector, (perts.size, vector.size))
+    compact = sp.vstack([sp.csr_matrix(ctrl), sp.csr_matrix(rows)], format="csr")
+    compact_groups = np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, perts.size + 1)])
+    weights = np.concatenate([[1.0], np.bincount(groups, minlength=perts.size + 1)[1:]])
+    return summarize(compact, compact_groups, real.var_names.to_numpy(str), perts, weights)

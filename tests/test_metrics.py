@@ -1,0 +1,370 @@
+"""VCC metrics: agreement with cell-eval 0.8 and scipy, the ground-truth cache, input checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy.stats import false_discovery_control, mannwhitneyu
+
+from nbglm.errors import NbglmError
+from nbglm.metrics import (
+    benjamini_hochberg,
+    build_de_cache,
+    cell_mean_baseline,
+    evaluate,
+    load_de_cache,
+    overall_score,
+    rank_sum_test,
+    summarize_adata,
+)
+from nbglm.metrics.cli import add_build_de_cache_parser, add_eval_parser
+
+cell_eval = pytest.importorskip("cell_eval")
+
+CONTROL = "non-targeting"
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scperturb_testdata_jurkat_crispr.h5ad"
+TOL = 1e-6
+CELL_EVAL_NAMES = {"des": "overlap_at_N", "pds": "discrimination_score_l1", "mae": "mae"}
+
+
+def make_counts(
+    seed: int, n_perts: int = 8, n_genes: int = 120, n_cells: int = 30, n_control: int = 60, effect: float = 1.0, floor: bool = False
+) -> ad.AnnData:
+    """Small integer counts with many ties; some perturbations are named after genes.
+
+    With `floor`, every gene has a count in one cell of every group, so no log2 fold change is
+    infinite and no two |log2 FC| tie exactly (cell-eval orders such ties arbitrarily).
+    """
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes)]
+    perts = [genes[3 * i] if i % 2 == 0 else f"KO{i}" for i in range(n_perts)]
+    base = rng.gamma(0.6, 1.0, n_genes)
+    blocks, labels = [], []
+    for pert, n in [(CONTROL, n_control)] + [(p, n_cells) for p in perts]:
+        mean = base.copy()
+        if pert != CONTROL:
+            hit = rng.choice(n_genes, 10, replace=False)
+            mean[hit] *= np.exp(effect * rng.choice([-2.0, 2.0], 10))
+        library = rng.choice([0.5, 1.0, 1.0, 2.0], n)  # few library sizes: ties after normalising
+        block = rng.poisson(library[:, None] * mean[None, :])
+        if floor:
+            block[rng.integers(0, n, n_genes), np.arange(n_genes)] += 1
+        blocks.append(block)
+        labels += [pert] * n
+    x = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
+    obs = pd.DataFrame({"target_gene": labels}, index=[f"c{seed}_{i}" for i in range(len(labels))])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes))
+
+
+def cell_eval_run(pred: ad.AnnData, real: ad.AnnData, control: str, outdir: Path):
+    """cell-eval's `vcc` profile: (per-perturbation frame, aggregate frame, evaluator)."""
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = cell_eval.MetricsEvaluator(
+            adata_pred=pred.copy(), adata_real=real.copy(), control_pert=control, pert_col="target_gene",
+            outdir=str(outdir), num_threads=1,
+        )
+        results, agg = evaluator.compute(profile="vcc", write_csv=False)
+    logging.disable(logging.NOTSET)
+    return results.to_pandas().set_index("perturbation"), agg, evaluator
+
+
+def des_bounds(pred, real) -> tuple[np.ndarray, np.ndarray]:
+    """Least and greatest DES per perturbation over every order of exactly tied |log2 FC|.
+
+    cell-eval orders tied |log2 FC| (typically +-inf from genes with a zero mean in one group)
+    with an unstable sort, so where such a tie straddles the top-N cut its DES is one of these
+    values; we break ties in gene order. Elsewhere the bounds coincide.
+    """
+    real_sig = real.fdr.astype(np.float32) < np.float32(0.05)
+    pred_sig = pred.fdr.astype(np.float32) < np.float32(0.05)
+    lo, hi = np.zeros(real.perts.size), np.zeros(real.perts.size)
+    for i in range(real.perts.size):
+        n = int(real_sig[i].sum())
+        score = np.abs(pred.log2_fold_change[i]).astype(np.float32)[pred_sig[i]]
+        is_real = real_sig[i][pred_sig[i]]
+        if n == 0 or score.size == 0:
+            continue
+        cut = np.sort(score)[::-1][min(n, score.size) - 1]
+        above, tied = score > cut, score == cut
+        slots = min(n, score.size) - int(above.sum())
+        sure = int((above & is_real).sum())
+        tied_real = int((tied & is_real).sum())
+        lo[i] = (sure + max(0, slots - int((tied & ~is_real).sum()))) / n
+        hi[i] = (sure + min(slots, tied_real)) / n
+    return lo, hi
+
+
+def assert_matches_cell_eval(ours: dict, results: pd.DataFrame, pred=None, real=None) -> None:
+    """PDS and MAE within TOL; DES within TOL, or (given the summaries) within its tie bounds."""
+    for name, column in (("pds", "discrimination_score_l1"), ("mae", "mae")):
+        for pert, row in results.iterrows():
+            assert ours["per_perturbation"][pert][name] == pytest.approx(row[column], abs=TOL), (name, pert)
+        assert ours[name] == pytest.approx(results[column].mean(), abs=TOL), name
+    theirs = results["overlap_at_N"]
+    if pred is None:
+        for pert, value in theirs.items():
+            assert ours["per_perturbation"][pert]["des"] == pytest.approx(value, abs=TOL), pert
+        assert ours["des"] == pytest.approx(theirs.mean(), abs=TOL)
+        return
+    lo, hi = des_bounds(pred, real)
+    for i, pert in enumerate(real.perts):
+        assert lo[i] - TOL <= ours["per_perturbation"][pert]["des"] <= hi[i] + TOL
+        assert lo[i] - TOL <= theirs[pert] <= hi[i] + TOL, pert
+        if lo[i] == hi[i]:
+            assert ours["per_perturbation"][pert]["des"] == pytest.approx(theirs[pert], abs=TOL), pert
+
+
+def summaries(pred: ad.AnnData, real: ad.AnnData, control: str) -> tuple:
+    return summarize_adata(pred, "target_gene", control, "pred"), summarize_adata(real, "target_gene", control, "real")
+
+
+def significant_sets(evaluator, which: str) -> dict[str, set[str]]:
+    frame = getattr(evaluator.de_comparison, which).filter_to_significant(0.05).to_pandas()
+    return {str(p): set(map(str, g.feature)) for p, g in frame.groupby("target", observed=True)}
+
+
+def our_significant_sets(summary) -> dict[str, set[str]]:
+    sig = summary.fdr.astype(np.float32) < np.float32(0.05)
+    return {str(p): set(summary.genes[sig[i]]) for i, p in enumerate(summary.perts) if sig[i].any()}
+
+
+def cell_eval_overall(user_agg, base_agg) -> float:
+    scored = cell_eval.score_agg_metrics(user_agg, base_agg).to_pandas().set_index("metric")
+    return float(scored.loc["avg_score", "from_baseline"])
+
+
+# --- Wilcoxon and BH against scipy -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rank_sum_equals_scipy_on_tie_heavy_data(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_groups, n_genes = 4, 25
+    groups = np.repeat(np.arange(n_groups), rng.integers(3, 25, n_groups))
+    rng.shuffle(groups)
+    x = rng.poisson(rng.uniform(0, 2, n_genes), (groups.size, n_genes)) * rng.choice([0.5, 1.0], (groups.size, 1))
+    x[:, 0] = 0.0  # an all-zero gene
+    x = x.astype([np.float32, np.float64][seed % 2])
+    result = rank_sum_test(sp.csr_matrix(x) if seed % 3 else x, groups, n_groups)
+    for g in range(1, n_groups):
+        for j in range(n_genes):
+            pert, ctrl = x[groups == g, j].astype(np.float64), x[groups == 0, j].astype(np.float64)
+            ref = mannwhitneyu(pert, ctrl, method="asymptotic", use_continuity=True)
+            assert result.u_statistic[g - 1, j] == ref.statistic
+            expected = 1.0 if np.isnan(ref.pvalue) else ref.pvalue
+            assert result.pvalue[g - 1, j] == pytest.approx(expected, rel=1e-12, abs=1e-300)
+
+
+def test_rank_sum_group_weights_equal_repeated_rows() -> None:
+    rng = np.random.default_rng(7)
+    control = rng.poisson(1.0, (40, 30)).astype(np.float32)
+    rows = rng.poisson(1.0, (3, 30)).astype(np.float32)
+    rows[0, :5] = control[0, :5]  # ties between a weighted row and control
+    weights = np.array([1.0, 5.0, 12.0, 7.0])
+    compact = rank_sum_test(np.vstack([control, rows]), np.r_[np.zeros(40, int), 1, 2, 3], 4, weights)
+    expanded_x = np.vstack([control] + [np.repeat(rows[i : i + 1], int(weights[i + 1]), axis=0) for i in range(3)])
+    expanded_groups = np.concatenate([np.zeros(40, int)] + [np.full(int(weights[i + 1]), i + 1) for i in range(3)])
+    expanded = rank_sum_test(expanded_x, expanded_groups, 4)
+    np.testing.assert_allclose(compact.u_statistic, expanded.u_statistic)
+    np.testing.assert_allclose(compact.pvalue, expanded.pvalue, rtol=1e-12)
+
+
+def test_benjamini_hochberg_equals_scipy() -> None:
+    rng = np.random.default_rng(3)
+    p = np.round(rng.uniform(0, 1, (5, 200)) ** 3, 3)  # rounding makes ties
+    np.testing.assert_array_equal(benjamini_hochberg(p), np.stack([false_discovery_control(row) for row in p]))
+
+
+# --- agreement with cell-eval ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_cell_eval_on_tie_heavy_counts(seed: int, tmp_path: Path) -> None:
+    real, pred = make_counts(2 * seed), make_counts(2 * seed + 1, effect=0.5)
+    results, _, evaluator = cell_eval_run(pred, real, CONTROL, tmp_path)
+    ours = evaluate(pred, real, control=CONTROL)
+    pred_summary, real_summary = summaries(pred, real, CONTROL)
+    assert_matches_cell_eval(ours, results, pred_summary, real_summary)
+    assert our_significant_sets(real_summary) == significant_sets(evaluator, "real")
+    assert our_significant_sets(pred_summary) == significant_sets(evaluator, "pred")
+
+
+def test_matches_cell_eval_on_log1p_input(tmp_path: Path) -> None:
+    real, pred = make_counts(10), make_counts(11)
+    for adata in (real, pred):
+        adata.X = np.log1p(adata.X.toarray() / 3.0)  # dense, fractional: used as is
+    results, _, _ = cell_eval_run(pred, real, CONTROL, tmp_path)
+    assert_matches_cell_eval(evaluate(pred, real, control=CONTROL), results, *summaries(pred, real, CONTROL))
+
+
+def test_perfect_prediction(tmp_path: Path) -> None:
+    real = make_counts(20, effect=2.0)
+    ours = evaluate(real.copy(), real, control=CONTROL)
+    assert (ours["des"], ours["pds"], ours["mae"]) == (1.0, 1.0, 0.0)
+    results, _, _ = cell_eval_run(real.copy(), real, CONTROL, tmp_path)
+    assert_matches_cell_eval(ours, results)
+
+
+def test_baseline_prediction_scores_zero_and_overall_matches_cell_eval(tmp_path: Path) -> None:
+    real, train, pred = make_counts(30, floor=True), make_counts(31, n_perts=12), make_counts(32, floor=True)
+    baseline = cell_mean_baseline(train, real, control=CONTROL)
+    on_baseline = evaluate(baseline, real, control=CONTROL, train=train)
+    assert on_baseline["overall_score"] == 0.0
+    for name in ("des", "pds", "mae"):
+        assert on_baseline[name] == pytest.approx(on_baseline["baseline"][name], abs=1e-12)
+
+    ours = evaluate(pred, real, control=CONTROL, train=train)
+    user_results, user_agg, _ = cell_eval_run(pred, real, CONTROL, tmp_path / "user")
+    base_results, base_agg, _ = cell_eval_run(baseline, real, CONTROL, tmp_path / "base")
+    assert_matches_cell_eval(ours, user_results)
+    assert_matches_cell_eval(on_baseline, base_results)
+    assert ours["overall_score"] == pytest.approx(cell_eval_overall(user_agg, base_agg), abs=TOL)
+
+
+def test_baseline_vector_matches_cell_eval() -> None:
+    real, train = make_counts(40), make_counts(41, n_perts=12)
+    ours = cell_mean_baseline(train, real, control=CONTROL)
+    theirs = cell_eval.build_base_mean_adata(train.copy(), pert_col="target_gene", control_pert=CONTROL)
+    pert_rows = ours.obs["target_gene"].to_numpy() != CONTROL
+    their_rows = theirs.obs["target_gene"].to_numpy() != CONTROL
+    their_x = theirs.X.toarray() if sp.issparse(theirs.X) else np.asarray(theirs.X)
+    np.testing.assert_allclose(ours.X[pert_rows][0], their_x[their_rows][0], atol=1e-6)
+    assert ours.obs["target_gene"].value_counts().to_dict() == real.obs["target_gene"].value_counts().to_dict()
+
+
+@pytest.fixture(scope="module")
+def jurkat() -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
+    """(real, train, pred): 5 held-out targets, the rest for training, controls split in two."""
+    if not REAL_DATA.is_file():
+        pytest.skip(f"real test data not found at {REAL_DATA}")
+    data = ad.read_h5ad(REAL_DATA)
+    labels = data.obs["target_gene"].to_numpy(str)
+    held_out = ["EGR1", "JUN", "LCK", "NFKB1", "RELA"]
+    control_idx = np.flatnonzero(labels == "control")
+    is_real = np.isin(labels, held_out)
+    is_real[control_idx[::2]] = True
+    real, train = data[is_real].copy(), data[~is_real].copy()
+    rng = np.random.default_rng(0)
+    counts = real.X.toarray()
+    real_labels = real.obs["target_gene"].to_numpy(str)
+    noisy = []
+    for label in real_labels:
+        row = counts[rng.choice(np.flatnonzero(real_labels == label))]
+        noisy.append(row if label == "control" else rng.binomial(row.astype(np.int64), 0.8) + rng.poisson(0.02, row.size))
+    pred = ad.AnnData(X=sp.csr_matrix(np.asarray(noisy, dtype=np.float32)), obs=real.obs[["target_gene"]].copy(), var=real.var[[]].copy())
+    return real, train, pred
+
+
+def test_matches_cell_eval_on_real_data(jurkat, tmp_path: Path) -> None:
+    real, train, pred = jurkat
+    ours = evaluate(pred, real, control="control", train=train)
+    user_results, user_agg, evaluator = cell_eval_run(pred, real, "control", tmp_path / "user")
+    pred_summary, real_summary = summaries(pred, real, "control")
+    assert_matches_cell_eval(ours, user_results, pred_summary, real_summary)
+    assert our_significant_sets(real_summary) == significant_sets(evaluator, "real")
+    assert our_significant_sets(pred_summary) == significant_sets(evaluator, "pred")
+
+    baseline = cell_mean_baseline(train, real, control="control")
+    base_results, base_agg, _ = cell_eval_run(baseline, real, "control", tmp_path / "base")
+    base_summary = summarize_adata(baseline, "target_gene", "control", "baseline")
+    assert_matches_cell_eval(evaluate(baseline, real, control="control"), base_results, base_summary, real_summary)
+    # The overall score from the same three metrics and baseline scores as cell-eval's:
+    means = {name: float(user_results[column].mean()) for name, column in CELL_EVAL_NAMES.items()}
+    base = {name: float(base_results[column].mean()) for name, column in CELL_EVAL_NAMES.items()}
+    assert overall_score(means, base) == pytest.approx(cell_eval_overall(user_agg, base_agg), abs=1e-12)
+    unambiguous = all(np.array_equal(*des_bounds(s, real_summary)) for s in (pred_summary, base_summary))
+    if unambiguous:
+        assert ours["overall_score"] == pytest.approx(cell_eval_overall(user_agg, base_agg), abs=TOL)
+
+
+# --- the ground-truth cache ---------------------------------------------------------------------
+
+
+def test_cache_round_trip_gives_the_same_scores(jurkat, tmp_path: Path) -> None:
+    real, train, pred = jurkat
+    direct = evaluate(pred, real, control="control", train=train)
+    build_de_cache(real, train, control="control").save(tmp_path / "cache")
+    cached = evaluate(pred, real, control="control", cache=load_de_cache(tmp_path / "cache"))
+    assert cached == direct
+
+
+def test_cache_refuses_other_data(tmp_path: Path) -> None:
+    real = make_counts(50)
+    build_de_cache(real, control=CONTROL).save(tmp_path)
+    cache = load_de_cache(tmp_path)
+    fewer_genes = real[:, 1:].copy()
+    other_perts = real[real.obs["target_gene"] != real.obs["target_gene"].iloc[-1]].copy()
+    fewer_cells = real[1:].copy()
+    for other, message in ((fewer_genes, "other genes"), (other_perts, "other perturbations"), (fewer_cells, "cell counts")):
+        with pytest.raises(NbglmError, match=message):
+            evaluate(other.copy(), other, control=CONTROL, cache=cache)
+    with pytest.raises(NbglmError, match="control"):
+        cache.check(real, "target_gene", "ctrl")
+    with pytest.raises(NbglmError, match="no DE cache"):
+        load_de_cache(tmp_path / "missing")
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+
+def _with_x(adata: ad.AnnData, x) -> ad.AnnData:
+    out = adata.copy()
+    out.X = x
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a[:, 1:].copy(), "different genes"),
+        (lambda a: a[:, ::-1].copy(), "another order"),
+        (lambda a: a[a.obs["target_gene"] != "KO1"].copy(), "different perturbations"),
+        (lambda a: a[a.obs["target_gene"] != CONTROL].copy(), "control label"),
+        (lambda a: _with_x(a, np.where(np.eye(*a.shape, dtype=bool), np.nan, a.X.toarray())), "NaN"),
+        (lambda a: _with_x(a, -a.X.toarray()), "negative"),
+        (lambda a: _with_x(a, a.X.toarray() * 20.5), "neither integer counts nor log1p"),
+        (lambda a: ad.AnnData(X=a.X, obs=a.obs.rename(columns={"target_gene": "guide"}), var=a.var), "no obs column"),
+    ],
+)
+def test_bad_inputs_are_one_line_errors(change, message: str) -> None:
+    real = make_counts(60)
+    with pytest.raises(NbglmError, match=message) as info:
+        evaluate(change(real), real, control=CONTROL)
+    assert "\n" not in str(info.value)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nbglm")
+    sub = parser.add_subparsers(required=True)
+    add_eval_parser(sub)
+    add_build_de_cache_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
+    real, train, pred = make_counts(70), make_counts(71, n_perts=12), make_counts(72)
+    for name, adata in (("real", real), ("train", train), ("pred", pred)):
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+    common = ["--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad")]
+    assert _cli(["eval", *common, "--train", str(tmp_path / "train.h5ad"), "--output", str(tmp_path / "m.json")]) == 0
+    assert _cli(["build-de-cache", "--real", str(tmp_path / "real.h5ad"), "--train", str(tmp_path / "train.h5ad"), "--output", str(tmp_path / "cache")]) == 0
+    assert _cli(["eval", *common, "--de-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads((tmp_path / "c.json").read_text())
+    assert "overall score" in capsys.readouterr().out
+    with pytest.raises(NbglmError, match="pred file not found"):
+        _cli(["eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(tmp_path / "real.h5ad")])
