@@ -19,11 +19,12 @@ from typing import Any
 import anndata as ad
 
 from nbglm import atomic
+from nbglm.baselines import BASELINES, predict_baseline
 from nbglm.config import Config, to_yaml
 from nbglm.data import Dataset, load_dataset
 from nbglm.errors import NbglmError
-from nbglm.model import LowRankNBGLM
 from nbglm.metrics import GroundTruthCache, evaluate, load_de_cache
+from nbglm.model import LowRankNBGLM
 from nbglm.sample import sample_heldout
 from nbglm.train import FitResult, fit, load_checkpoint, save_checkpoint
 
@@ -49,6 +50,9 @@ class ExperimentResult:
 def check_mode_inputs(cfg: Config) -> None:
     """Fail before any work when the mode lacks an input it needs, naming the key to set."""
     mode = cfg.pipeline.mode
+    if cfg.model.name in BASELINES and mode in {"sample_eval", "sample"}:
+        raise NbglmError(f"model.name={cfg.model.name} is a baseline with no checkpoint: "
+                         "use pipeline.mode=train_sample_eval or train_sample")
     if mode in {"sample_eval", "sample"}:
         ckpt = cfg.pipeline.pretrained_ckpt
         if not ckpt:
@@ -132,11 +136,11 @@ def run_experiment(
     with _run_log(bundle):
         log.info("run %s mode=%s seed=%d bundle=%s", cfg.experiment.name, mode, seed, bundle)
         if pred is None:
-            if model is None:
+            if model is None and cfg.model.name not in BASELINES:
                 fitted = _train(cfg, data, bundle, on_epoch_end)
                 model, history, timings["train_s"] = fitted.model, fitted.history, fitted.wall_time_s
             t0 = time.perf_counter()
-            pred = sample_heldout(model, data, cfg, seed=seed)
+            pred = predict_baseline(cfg, data, seed) if model is None else sample_heldout(model, data, cfg, seed=seed)
             write_h5ad(pred, bundle / "preds" / "pred.h5ad")
             timings["sample_s"] = time.perf_counter() - t0
             log.info("sampled %d cells in %.1fs", pred.n_obs, timings["sample_s"])

@@ -27,14 +27,20 @@ def _column(frame: pd.DataFrame, name: str, default: float) -> np.ndarray:
     return pd.to_numeric(frame[name], errors="coerce").fillna(default).to_numpy(dtype=np.float64)
 
 
-def _control_cells(data: Dataset) -> ad.AnnData:
-    """Real control cells for the output: from the test data when there is one, else from training."""
-    source = data.test if data.test is not None else data.train
-    mask = (source.obs[data.pert_col].astype(str) == data.control).to_numpy()
-    if not mask.any() and source is data.test:
-        source = data.train
-        mask = (source.obs[data.pert_col].astype(str) == data.control).to_numpy()
-    return source[mask]
+def _is_control(adata: ad.AnnData, data: Dataset) -> np.ndarray:
+    return (adata.obs[data.pert_col].astype(str) == data.control).to_numpy()
+
+
+def control_source(data: Dataset) -> ad.AnnData:
+    """The file whose real control cells go with predictions: the test data if it has any, else training."""
+    if data.test is not None and _is_control(data.test, data).any():
+        return data.test
+    return data.train
+
+
+def control_cells(data: Dataset) -> ad.AnnData:
+    source = control_source(data)
+    return source[_is_control(source, data)]
 
 
 def _phase_probs(strategy: str, data: Dataset) -> np.ndarray:
@@ -75,7 +81,7 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
     model.check_genes(data.gene_names)
     perts = [str(p) for p in data.heldout["target_gene"]]
     pert_idx = model.pert_index(perts)
-    controls = _control_cells(data)
+    controls = control_cells(data)
     median_default = scfg.median_umi_default
     if median_default is None:
         if controls.n_obs == 0:
