@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from nbglm.config import load_config
-from nbglm.multiseed import METRICS, run_multi_seed
+from nbglm.multiseed import run_multi_seed
+from nbglm.sweep.units import METRICS
 
 TINY = [
     "data.synthetic.n_genes=100", "data.synthetic.n_train_perts=12", "data.synthetic.n_test_perts=4",

@@ -19,7 +19,7 @@ from typing import Any
 
 from nbglm import atomic
 from nbglm.config import from_dict, to_yaml
-from nbglm.multiseed import METRICS, seed_stats
+from nbglm.sweep.units import METRICS, seed_stats
 from nbglm.sweep.space import SweepSpec
 
 _DONE = {"TERMINATED", "ERROR"}

@@ -27,6 +27,7 @@ import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
 from nbglm import atomic
 from nbglm.config import to_dict
@@ -35,9 +36,20 @@ from nbglm.multiseed import shared_inputs
 from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
 from nbglm.sweep.cluster import ray_session, unit_resources
 from nbglm.sweep.space import SweepSpec, load_spec
-from nbglm.sweep.trainable import FinalOnlyOptunaSearch, SweepContext, train_config, trial_dirname
+from nbglm.sweep.trainable import SweepContext, train_config, trial_dirname
 
 SAVED_SPEC = "sweep.yaml"
+
+
+class FinalOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that learns only from a trial's final result (the seed mean).
+
+    Intermediate results carry training progress with a NaN metric; no pruner is used, so Optuna
+    has no use for them, and ignoring them keeps NaNs out of its study.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

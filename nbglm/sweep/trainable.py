@@ -2,7 +2,7 @@
 
 Design: each trial reserves a placement group with an empty head bundle (the trainable only
 coordinates, so it holds no CPU) plus one `{CPU: c, GPU: g}` bundle per seed, and runs every seed
-as the multi-seed runner's seed unit (`nbglm.multiseed.seed_unit`) pinned to its own bundle. So the
+as the multi-seed runner's seed unit (`nbglm.sweep.units.seed_unit`) pinned to its own bundle. So the
 seeds of one config run concurrently, each on its fractional GPU, and the units of several configs
 pack onto the same GPUs.
 
@@ -16,8 +16,8 @@ reruns only the seeds that had not finished.
 
 Live progress: while the seeds train, the trainable forwards their per-epoch losses to TensorBoard
 and, at most once a second, to `tune.report` with the metric keys present but NaN (Tune's strict
-metric check wants them in every result); `FinalOnlyOptunaSearch` ignores those intermediate
-results, so Optuna is told only the final seed mean.
+metric check wants them in every result); the driver's `FinalOnlyOptunaSearch` ignores those
+intermediate results, so Optuna is told only the final seed mean.
 """
 
 from __future__ import annotations
@@ -30,27 +30,15 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nbglm import atomic
 from nbglm.config import from_dict
-from nbglm.multiseed import METRICS, UnitPool, launch_unit, seed_stats
+from nbglm.sweep.units import METRICS, UnitPool, launch_unit, seed_stats
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
 from nbglm.sweep.space import SweepSpec
 
 REPORT_EVERY_S = 1.0
-
-
-class FinalOnlyOptunaSearch(OptunaSearch):
-    """OptunaSearch that learns only from a trial's final result (the seed mean).
-
-    Intermediate results carry training progress with a NaN metric; no pruner is used, so Optuna
-    has no use for them, and ignoring them keeps NaNs out of its study.
-    """
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        return None
 
 
 @dataclass

@@ -1,0 +1,152 @@
+"""Seed units: one `run_experiment` for one seed, run as a Ray task; shared by `multi_seed` and sweeps.
+
+A unit runs on the dataset and DE cache the caller put in the object store once (refs passed as
+task arguments arrive zero-copy, whatever the number of units), writes its own sub-bundle, and
+requests the caller's resources (fractional GPU allowed, or a placement-group bundle). It is a
+streaming-generator task: it yields per-epoch progress while it trains and its record last, which
+is how the sweep trainable reports live loss. A seed that raises becomes a `failed` record carrying
+its error, so the other units still finish.
+
+This module imports no torch: the sweep's coordinating trainable uses it too, and the pipeline is
+imported inside the unit, before its clock starts, so `start`/`end` time the experiment alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import shutil
+import statistics
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from nbglm import atomic
+from nbglm.config import Config
+from nbglm.errors import NbglmError
+
+METRICS = ("overall_score", "des", "pds", "mae")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the single line a results table can hold."""
+    text = str(exc) if isinstance(exc, NbglmError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:500]
+
+
+def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> Iterator[tuple]:
+    """Run one seed; yield ("epoch", seed, epoch, {'loss', 'lr'}) per epoch, then ("done", seed, record).
+
+    The experiment runs in a thread so the generator can hand epochs to the caller while it trains.
+    """
+    from nbglm.pipeline import run_experiment, with_seed
+
+    ctx = ray.get_runtime_context()
+    record: dict[str, Any] = {
+        "seed": seed, "status": "ok", "error": None, **{m: None for m in METRICS},
+        "wall_s": None, "start": time.time(), "end": None, "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])], "pid": os.getpid(),
+        "bundle": bundle_dir,
+    }
+    events: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            if seed in cfg.debug.fail_seeds:
+                raise RuntimeError(f"debug.fail_seeds: injected failure of seed {seed}")
+            result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
+                                    on_epoch_end=lambda epoch, m: events.put(("epoch", seed, epoch, dict(m))))
+            record.update({m: result.metrics.get(m) for m in METRICS}, timings=result.timings)
+            if not cfg.pipeline.keep_preds:
+                shutil.rmtree(result.bundle / "preds", ignore_errors=True)
+        except Exception as exc:
+            record.update(status="failed", error=one_line(exc))
+            atomic.write_text(Path(bundle_dir) / "logs" / "error.txt", traceback.format_exc())
+        finally:
+            record["end"] = time.time()
+            record["wall_s"] = record["end"] - record["start"]
+            events.put(("done", seed, record))
+
+    threading.Thread(target=work, name=f"seed-{seed}", daemon=True).start()
+    while True:
+        item = events.get()
+        yield item
+        if item[0] == "done":
+            return
+
+
+seed_unit = ray.remote(_unit)
+
+
+def launch_unit(cfg: Config, seed: int, data_ref: Any, de_cache_ref: Any, bundle_dir: Path, *,
+                cpu: float, gpu: float, scheduling_strategy: Any = None) -> Any:
+    """Start one seed unit as a Ray task; returns its ObjectRefGenerator."""
+    options: dict[str, Any] = {"num_cpus": cpu, "num_gpus": gpu}
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
+    return seed_unit.options(**options).remote(cfg, seed, data_ref, de_cache_ref, str(bundle_dir))
+
+
+def failed_record(seed: int, exc: BaseException, bundle_dir: Path) -> dict:
+    """The record of a unit whose worker or node died (Ray has already retried it)."""
+    return {"seed": seed, "status": "failed", "error": one_line(exc), **{m: None for m in METRICS},
+            "wall_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
+            "bundle": str(bundle_dir)}
+
+
+class UnitPool:
+    """Seed units in flight; `poll` hands back what they yielded (epochs, then one final record)."""
+
+    def __init__(self) -> None:
+        self._live: dict[Any, tuple[int, Path]] = {}  # ObjectRefGenerator -> (seed, bundle dir)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def submit(self, seed: int, bundle_dir: Path, generator: Any) -> None:
+        self._live[generator] = (seed, bundle_dir)
+
+    def poll(self, timeout: float) -> list[tuple]:
+        """Events from every unit with news, waiting at most `timeout` seconds for the first."""
+        live = list(self._live)
+        if not live:
+            return []
+        ready, _ = ray.wait(live, num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(live, num_returns=len(live), timeout=0)
+        events = []
+        for gen in ready:
+            seed, bundle_dir = self._live[gen]
+            try:
+                item = ray.get(next(gen))
+            except StopIteration:
+                del self._live[gen]
+                continue
+            except Exception as exc:  # the task itself failed: worker or node lost
+                item = ("done", seed, failed_record(seed, exc, bundle_dir))
+            if item[0] == "done":
+                del self._live[gen]
+            events.append(item)
+        return events
+
+
+def seed_stats(records: list[dict], metrics: tuple[str, ...] = METRICS) -> dict[str, dict]:
+    """mean/std/min/max (std: sample, n-1; null below 2 seeds) of each metric over the ok seeds."""
+    out = {}
+    for m in metrics:
+        vals = [float(r[m]) for r in records if r["status"] == "ok" and r.get(m) is not None
+                and math.isfinite(float(r[m]))]
+        out[m] = {
+            "mean": statistics.fmean(vals) if vals else None,
+            "std": statistics.stdev(vals) if len(vals) >= 2 else None,
+            "min": min(vals) if vals else None,
+            "max": max(vals) if vals else None,
+            "n": len(vals),
+        }
+    return out
