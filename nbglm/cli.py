@@ -9,6 +9,7 @@ import sys
 from nbglm.config import load_config, to_yaml
 from nbglm.data.cli import add_split_parser, add_synth_parser
 from nbglm.errors import NbglmError
+from nbglm.metrics.cli import add_build_de_cache_parser, add_eval_parser
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
     add_synth_parser(sub)
     add_split_parser(sub)
+    add_eval_parser(sub)
+    add_build_de_cache_parser(sub)
     return parser
 
 
