@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -21,13 +22,10 @@ import scipy.sparse as sp
 from scipy.special import erfc
 from scipy.stats import false_discovery_control
 
-# Sorted keys are reduced in slices of about this many entries: big enough to amortise the
-# per-slice Python overhead, small enough for the passes over a slice to stay in cache.
-_SLICE = 1 << 17
-# Keys are sorted in parts of about this many entries, one thread each.
-_SORT_PART = 1 << 21
-# Keys and sums are built from row blocks of about this many entries, bounding temporaries.
-_ROW_BLOCK = 1 << 22
+# Keys are built, and sorted keys reduced, in pieces of about this many entries: big enough to
+# amortise the per-piece Python overhead, small enough for the passes over a piece to stay in
+# cache and for its temporaries to be reused instead of freshly mapped.
+_PIECE = 1 << 19
 _F32_VALUE_BITS = 31  # bit patterns of non-negative float32 values sort like the values
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
@@ -35,10 +33,15 @@ Matrix = np.ndarray | sp.spmatrix | sp.sparray
 
 @dataclass(frozen=True)
 class RankSum:
-    """Mann-Whitney U of each perturbation's cells (rows) against control, per gene (columns)."""
+    """Mann-Whitney U of each perturbation's cells (rows) against control, per gene (columns).
+
+    `group_sums` (groups x genes, control first) are the column sums over each group's rows,
+    which the ranking gets for free; divided by the row counts they are the pseudobulks.
+    """
 
     u_statistic: np.ndarray
     pvalue: np.ndarray
+    group_sums: np.ndarray
 
 
 def n_threads() -> int:
@@ -46,10 +49,30 @@ def n_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _as_positive_csr_or_dense(x: Matrix) -> sp.csr_matrix | np.ndarray:
-    """CSR without stored zeros (they belong to the zero block), or a dense array."""
+def _in_threads(work: Callable[[int, int], None], edges: np.ndarray) -> None:
+    """Run work(edges[i], edges[i+1]) for every piece, the pieces split into one run per thread.
+
+    numpy releases the GIL inside each call; one long run per thread keeps the Python between
+    calls from contending for it.
+    """
+    n_runs = max(1, min(n_threads(), edges.size - 1))
+    bounds = np.linspace(0, edges.size - 1, n_runs + 1).astype(int)
+
+    def run(i: int) -> None:
+        for a, b in zip(edges[bounds[i] : bounds[i + 1]], edges[bounds[i] + 1 : bounds[i + 1] + 1], strict=True):
+            work(int(a), int(b))
+
+    if n_runs == 1:
+        run(0)
+        return
+    with ThreadPoolExecutor(n_runs) as pool:
+        list(pool.map(run, range(n_runs)))
+
+
+def _positive_csr(x: Matrix) -> sp.csr_matrix:
+    """CSR without stored zeros: zeros are the one tie block that is never sorted."""
     if not sp.issparse(x):
-        return np.asarray(x)
+        return sp.csr_matrix(np.asarray(x))
     x = sp.csr_matrix(x)
     if (x.data == 0).any():
         x = x.copy()
@@ -57,33 +80,16 @@ def _as_positive_csr_or_dense(x: Matrix) -> sp.csr_matrix | np.ndarray:
     return x
 
 
-def _row_blocks(x: sp.csr_matrix | np.ndarray) -> list[tuple[int, int]]:
-    """Row ranges holding about `_ROW_BLOCK` stored entries each."""
-    n_rows = x.shape[0]
-    row_end = x.indptr[1:] if sp.issparse(x) else np.arange(1, n_rows + 1) * x.shape[1]
-    cuts = np.searchsorted(row_end, np.arange(_ROW_BLOCK, int(row_end[-1]) if n_rows else 0, _ROW_BLOCK))
-    edges = np.unique(np.concatenate([[0], cuts + 1, [n_rows]]).clip(0, n_rows))
-    return list(zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True))
-
-
-def _entries(
-    x: sp.csr_matrix | np.ndarray, groups: np.ndarray, r0: int, r1: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Positive values of rows [r0, r1) with their gene and group."""
-    if sp.issparse(x):
-        lo, hi = x.indptr[r0], x.indptr[r1]
-        row_group = np.repeat(groups[r0:r1], np.diff(x.indptr[r0 : r1 + 1]))
-        return x.data[lo:hi], x.indices[lo:hi], row_group
-    rows, genes = np.nonzero(x[r0:r1])
-    return x[r0:r1][rows, genes], genes, groups[r0 + rows]
-
-
 @dataclass(frozen=True)
 class _Layout:
-    """Bit layout of the keys ``gene | value | group`` (below bit 63, so keys are int64)."""
+    """Bit layout of the keys ``gene | value | group`` (below bit 63, so keys are int64).
+
+    Values are float32 bit patterns or, for other dtypes, ranks among the distinct values.
+    """
 
     value_bits: int
     group_bits: int
+    uniques: np.ndarray | None
 
     @property
     def gene_shift(self) -> int:
@@ -93,39 +99,49 @@ class _Layout:
     def group_mask(self) -> int:
         return (1 << self.group_bits) - 1
 
+    def values(self, keys: np.ndarray) -> np.ndarray:
+        """The matrix values the keys encode."""
+        if self.uniques is None:
+            bits = (keys >> self.group_bits).astype(np.uint32)
+            bits &= (1 << self.value_bits) - 1
+            return bits.view(np.float32)
+        return self.uniques[(keys >> self.group_bits) & ((1 << self.value_bits) - 1)]
 
-def _build_keys(
-    x: sp.csr_matrix | np.ndarray, groups: np.ndarray, layout: _Layout, uniques: np.ndarray | None
-) -> np.ndarray:
-    """Keys of all positive entries, built per row block into one array."""
-    blocks = _row_blocks(x)
-    parts: list[np.ndarray] = []
-    for r0, r1 in blocks:
-        values, genes, row_group = _entries(x, groups, r0, r1)
-        key = genes.astype(np.int64)
+
+def _pieces(bounds: np.ndarray, size: int) -> np.ndarray:
+    """Indices into the increasing `bounds` cutting [0, bounds[-1]) into ~`size` pieces."""
+    cut = np.searchsorted(bounds, np.arange(0, int(bounds[-1]), size), side="right") - 1
+    return np.unique(np.concatenate([[0], cut, [bounds.size - 1]]))
+
+
+def _build_keys(x: sp.csr_matrix, groups: np.ndarray, layout: _Layout) -> np.ndarray:
+    """Keys of all stored entries, built in row pieces (threads) into one array."""
+    keys = np.empty(x.nnz, dtype=np.int64)
+    rows = _pieces(x.indptr, _PIECE)
+
+    def build(r0: int, r1: int) -> None:
+        lo, hi = x.indptr[r0], x.indptr[r1]
+        key = keys[lo:hi]
+        key[:] = x.indices[lo:hi]
         key <<= layout.gene_shift
-        if uniques is None:
-            code = values.view(np.uint32).astype(np.int64)
-        else:  # value codes that sort and tie exactly like the values
-            code = np.searchsorted(uniques, values).astype(np.int64)
-        code <<= layout.group_bits
-        key |= code
-        key |= row_group
-        parts.append(key)
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        values = x.data[lo:hi]
+        code = values.view(np.uint32) if layout.uniques is None else np.searchsorted(layout.uniques, values)
+        key |= code.astype(np.int64) << layout.group_bits
+        key |= np.repeat(groups[r0:r1], np.diff(x.indptr[r0 : r1 + 1]))
+
+    _in_threads(build, rows)
+    return keys
 
 
-def _sort_in_parts(keys: np.ndarray) -> None:
-    """Sort in place; big arrays are partitioned at quantiles and the parts sorted in threads."""
-    n_parts = keys.size // _SORT_PART
-    if n_parts < 2:
+def _sort(keys: np.ndarray) -> None:
+    """Sort in place: split at the median (a linear partition), then sort the halves in threads."""
+    if n_threads() < 2 or keys.size < 4 * _PIECE:
         keys.sort()
         return
-    kth = np.arange(1, n_parts) * keys.size // n_parts
-    keys.partition(kth)
-    edges = np.concatenate([[0], kth, [keys.size]])
-    with ThreadPoolExecutor(n_threads()) as pool:
-        list(pool.map(lambda a, b: keys[a:b].sort(), edges[:-1], edges[1:]))
+    half = keys.size // 2
+    keys.partition(half)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(np.ndarray.sort, (keys[:half], keys[half:])))
 
 
 def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -138,12 +154,13 @@ def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _slice_sums(
     keys: np.ndarray, gene_nnz: np.ndarray, n_groups: int, group_w: np.ndarray, layout: _Layout
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rank sums over the sorted keys of a run of whole genes (rows of the outputs: groups).
 
     Returns the entry counts, the summed control entries ranked strictly below each entry (a tied
-    control entry counts one half; control rows meaningless), and the tie-correction terms: for a
-    perturbation, what its entries add to the control's ties; for control, the control's ties.
+    control entry counts one half; control rows meaningless), the tie-correction terms (for a
+    perturbation, what its entries add to the control's ties; for control, the control's ties)
+    and the sums of the values.
     Only ties that involve control or two entries of one group matter; they are rare enough to
     be found from the control entries and the runs of equal keys, without a pass over all ties.
     """
@@ -213,7 +230,8 @@ def _slice_sums(
     count = np.bincount(cell, minlength=n_genes * n_groups).reshape(shape).T
     below_sum = np.bincount(cell, weights=below, minlength=n_genes * n_groups).reshape(shape).T
     below_sum = below_sum - count * ctrl_before_gene
-    return count, below_sum, ties.reshape(shape).T
+    sums = np.bincount(cell, weights=layout.values(keys), minlength=n_genes * n_groups).reshape(shape).T
+    return count, below_sum, ties.reshape(shape).T, sums
 
 
 def _ramp(length: np.ndarray) -> np.ndarray:
@@ -235,35 +253,34 @@ def rank_sum_test(
     (U of the perturbation) as pdex computes it.
     """
     groups = np.asarray(groups, dtype=np.int64)
-    x = _as_positive_csr_or_dense(x)
+    x = _positive_csr(x)
     n_genes = x.shape[1]
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
 
-    uniques = None
-    if x.dtype != np.float32:
-        stored = x.data if sp.issparse(x) else x[x > 0]
-        uniques = np.unique(stored)
+    uniques = None if x.dtype == np.float32 else np.unique(x.data)
     layout = _Layout(
         value_bits=_F32_VALUE_BITS if uniques is None else max(1, int(uniques.size).bit_length()),
         group_bits=max(1, int(n_groups - 1).bit_length()),
+        uniques=uniques,
     )
     if max(1, int(n_genes - 1).bit_length()) + layout.gene_shift > 63:
         raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
 
-    keys = _build_keys(x, groups, layout, uniques)
-    _sort_in_parts(keys)
+    keys = _build_keys(x, groups, layout)
+    _sort(keys)
     gene_edge = np.searchsorted(keys, np.arange(n_genes + 1, dtype=np.int64) << layout.gene_shift)
-    slice_gene = np.searchsorted(gene_edge, np.arange(0, keys.size, _SLICE), side="right") - 1
-    cut = np.unique(np.concatenate([[0], slice_gene, [n_genes]]))
+    cut = _pieces(gene_edge, _PIECE)
 
     count = np.empty((n_groups, n_genes), dtype=np.int64)
-    below = np.empty((n_groups, n_genes))
-    ties = np.empty((n_groups, n_genes))
-    for g0, g1 in zip(cut[:-1], cut[1:], strict=True):
+    below, ties, sums = (np.empty((n_groups, n_genes)) for _ in range(3))
+
+    def reduce(g0: int, g1: int) -> None:
         part = keys[gene_edge[g0] : gene_edge[g1]]
         out = _slice_sums(part, np.diff(gene_edge[g0 : g1 + 1]), n_groups, group_w, layout)
-        count[:, g0:g1], below[:, g0:g1], ties[:, g0:g1] = out
+        count[:, g0:g1], below[:, g0:g1], ties[:, g0:g1], sums[:, g0:g1] = out
+
+    _in_threads(reduce, cut)
 
     w = group_w[1:, None]
     n_ctrl = n_per_group[0]
@@ -273,7 +290,7 @@ def rank_sum_test(
     u1 = w * group_w[0] * below[1:] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
     z_all = zeros + ctrl_zeros
     tie_term = (z_all * z_all * z_all - z_all) + (ties[0] + ties[1:])
-    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term))
+    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), sums)
 
 
 def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:
@@ -305,15 +322,6 @@ def log2_fold_change(mean_log1p: np.ndarray, ctrl_mean_log1p: np.ndarray) -> np.
 def group_sums(x: Matrix, groups: np.ndarray, n_groups: int) -> np.ndarray:
     """Per-group column sums in float64 (exact for float32 input, so pseudobulks are order-free)."""
     groups = np.asarray(groups, dtype=np.int64)
-    n_genes = x.shape[1]
-    if not sp.issparse(x):
-        indicator = sp.csr_matrix((np.ones(groups.size), (groups, np.arange(groups.size))), shape=(n_groups, groups.size))
-        return np.asarray(indicator @ np.asarray(x))
-    x = sp.csr_matrix(x)
-    sums = np.zeros(n_groups * n_genes)
-    for r0, r1 in _row_blocks(x):
-        values, genes, row_group = _entries(x, groups, r0, r1)
-        row_group *= n_genes
-        row_group += genes
-        sums += np.bincount(row_group, weights=values, minlength=sums.size)
-    return sums.reshape(n_groups, n_genes)
+    indicator = sp.csr_matrix((np.ones(groups.size), (groups, np.arange(groups.size))), shape=(n_groups, groups.size))
+    out = indicator @ x
+    return out.toarray() if sp.issparse(out) else np.asarray(out)

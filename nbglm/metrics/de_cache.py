@@ -51,7 +51,8 @@ class DataIdentity:
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self)).encode()).hexdigest()
+        parts = (self.pert_col, self.control, "\t".join(self.genes), "\t".join(self.perts), ",".join(map(str, self.n_cells)))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anndata as ad
+import numpy as np
 
 from nbglm.errors import NbglmError
 from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache
@@ -54,7 +55,7 @@ def evaluate(
         "n_perturbations": int(cache.real.perts.size),
         "n_genes": int(cache.real.genes.size),
         "per_perturbation": {
-            str(pert): {name: float(result.per_perturbation.iloc[i]) for name, result in scores.items()}
-            for i, pert in enumerate(cache.real.perts)
+            str(pert): dict(zip(scores, map(float, values), strict=True))
+            for pert, values in zip(cache.real.perts, np.column_stack([r.per_perturbation.to_numpy() for r in scores.values()]), strict=True)
         },
     }
