@@ -5,14 +5,17 @@
 
 Prints both wall times, the speed-up, and Ray's overhead per seed unit: sweep time x parallelism /
 sum of the bare (sequential) unit times, minus 1 -- the fraction of a unit's own run time that the
-sweep spends on top of it (trial and worker start-up, scheduling, object transfer, reporting).
-Parallelism is what the machine can really run at once: min(CPU cores, seed units in flight).
+sweep spends on top of it. Parallelism is what the machine can really run at once: min(CPU cores,
+seed units in flight). The same ratio over the span from the first unit's start to the last unit's
+end separates the per-trial cost (scheduling, trial hand-over, reporting, cores shared by concurrent
+units) from the once-per-sweep start-up (Ray start, Tune set-up, first worker processes).
 `--set` takes sweep-spec overrides, e.g. --set overrides.train.epochs=40.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import tempfile
 import time
@@ -20,19 +23,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Sized so that one seed unit takes ~20 s on one core of a 2-core machine.
+# The default-sized synthetic dataset and its 50 epochs: one seed unit takes ~20 s on one core.
 DEFAULTS = [
-    "overrides.data.synthetic.n_genes=500", "overrides.data.synthetic.n_train_perts=40",
-    "overrides.data.synthetic.n_test_perts=10", "overrides.data.synthetic.cells_per_pert=60",
-    "overrides.data.synthetic.n_control=400", "overrides.train.epochs=20", "overrides.sampling.n_cells_default=60",
-    "search.sampler=random", "resources.gpu=0", "max_concurrent=1",
+    "overrides.data.synthetic.n_genes=2000", "overrides.data.synthetic.n_train_perts=120",
+    "overrides.data.synthetic.n_test_perts=30", "overrides.data.synthetic.cells_per_pert=100",
+    "overrides.data.synthetic.n_control=1500", "overrides.train.epochs=50", "overrides.sampling.n_cells_default=100",
+    "search.sampler=random", "resources.cpu=0.5", "resources.gpu=0", "max_concurrent=1",
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(ROOT / "sweeps" / "rank_search.yaml"))
-    parser.add_argument("--configs", type=int, default=2, help="number of sampled configs (each runs every seed)")
+    parser.add_argument("--configs", type=int, default=4, help="number of sampled configs (each runs every seed)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for (a); 1 = what each seed unit gets in the sweep (Ray sets "
+                             "OMP_NUM_THREADS=1 for fractional-CPU tasks), so (a) gives the bare unit times")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
 
@@ -51,6 +57,9 @@ def main() -> None:
     rows = run_sweep(args.spec, sets=sets)
     sweep_s = time.perf_counter() - t0
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     base_cfg = spec.resolve_base()
     base = to_dict(base_cfg)
@@ -70,13 +79,21 @@ def main() -> None:
     parallelism = min(os.cpu_count() or 1, in_flight)
     overhead = sweep_s * parallelism / sum(bare) - 1
     print(f"\n{args.configs} configs x {len(spec.seeds)} seeds = {units} seed units; {os.cpu_count()} CPU cores; "
-          f"torch threads in (a): default; resources per unit in (b): cpu={spec.resources.cpu:g} gpu={spec.resources.gpu:g}")
+          f"torch threads in (a): {args.threads}; resources per unit in (b): cpu={spec.resources.cpu:g} "
+          f"gpu={spec.resources.gpu:g}")
     print(f"(a) sequential, one process : {sequential_s:7.1f} s  (bare unit mean {sum(bare) / units:.1f} s, "
           f"min {min(bare):.1f}, max {max(bare):.1f})")
-    print(f"(b) sweep on local Ray      : {sweep_s:7.1f} s  (incl. Ray start, {in_flight} units in flight)")
+    in_sweep = list(csv.DictReader((work / spec.name / "results" / "trials.csv").open()))
+    span = max(float(r["end"]) for r in in_sweep) - min(float(r["start"]) for r in in_sweep)
+    unit_mean = sum(float(r["wall_s"]) for r in in_sweep) / len(in_sweep)
+    print(f"(b) sweep on local Ray      : {sweep_s:7.1f} s  (incl. Ray start; {in_flight} units in flight, "
+          f"unit mean {unit_mean:.1f} s while sharing the cores)")
     print(f"speed-up (a)/(b)            : {sequential_s / sweep_s:7.2f} x")
     print(f"Ray overhead per unit       : {overhead:7.1%} of a bare unit "
           f"(= {sweep_s:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
+    print(f"  once per sweep            : {sweep_s - span:7.1f} s  (before the first unit starts and after the last ends)")
+    print(f"  per trial (first unit start to last unit end): {span * parallelism / sum(bare) - 1:.1%} "
+          f"(= {span:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
     print(f"results: {work}")
 
 

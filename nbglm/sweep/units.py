@@ -136,10 +136,10 @@ class UnitPool:
         return events
 
 
-def seed_stats(records: list[dict], metrics: tuple[str, ...] = METRICS) -> dict[str, dict]:
+def seed_stats(records: list[dict]) -> dict[str, dict]:
     """mean/std/min/max (std: sample, n-1; null below 2 seeds) of each metric over the ok seeds."""
     out = {}
-    for m in metrics:
+    for m in METRICS:
         vals = [float(r[m]) for r in records if r["status"] == "ok" and r.get(m) is not None
                 and math.isfinite(float(r[m]))]
         out[m] = {
