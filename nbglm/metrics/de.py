@@ -25,7 +25,9 @@ from scipy.stats import false_discovery_control
 # Keys are built, and sorted keys reduced, in pieces of about this many entries: big enough to
 # amortise the per-piece Python overhead, small enough for the passes over a piece to stay in
 # cache and for its temporaries to be reused instead of freshly mapped.
-_PIECE = 1 << 19
+_PIECE = 1 << 17
+# Key arrays at least this long are sorted in two halves, one thread each.
+_SPLIT_SORT = 1 << 20
 _F32_VALUE_BITS = 31  # bit patterns of non-negative float32 values sort like the values
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
@@ -84,12 +86,14 @@ def _positive_csr(x: Matrix) -> sp.csr_matrix:
 class _Layout:
     """Bit layout of the keys ``gene | value | group`` (below bit 63, so keys are int64).
 
-    Values are float32 bit patterns or, for other dtypes, ranks among the distinct values.
+    Values are float32 bit patterns or, for other dtypes, ranks among the distinct values
+    (`uniques`, with `codes` the rank of each stored value).
     """
 
     value_bits: int
     group_bits: int
-    uniques: np.ndarray | None
+    uniques: np.ndarray | None = None
+    codes: np.ndarray | None = None
 
     @property
     def gene_shift(self) -> int:
@@ -124,8 +128,7 @@ def _build_keys(x: sp.csr_matrix, groups: np.ndarray, layout: _Layout) -> np.nda
         key = keys[lo:hi]
         key[:] = x.indices[lo:hi]
         key <<= layout.gene_shift
-        values = x.data[lo:hi]
-        code = values.view(np.uint32) if layout.uniques is None else np.searchsorted(layout.uniques, values)
+        code = x.data[lo:hi].view(np.uint32) if layout.codes is None else layout.codes[lo:hi]
         key |= code.astype(np.int64) << layout.group_bits
         key |= np.repeat(groups[r0:r1], np.diff(x.indptr[r0 : r1 + 1]))
 
@@ -135,7 +138,7 @@ def _build_keys(x: sp.csr_matrix, groups: np.ndarray, layout: _Layout) -> np.nda
 
 def _sort(keys: np.ndarray) -> None:
     """Sort in place: split at the median (a linear partition), then sort the halves in threads."""
-    if n_threads() < 2 or keys.size < 4 * _PIECE:
+    if n_threads() < 2 or keys.size < _SPLIT_SORT:
         keys.sort()
         return
     half = keys.size // 2
@@ -258,12 +261,12 @@ def rank_sum_test(
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
 
-    uniques = None if x.dtype == np.float32 else np.unique(x.data)
-    layout = _Layout(
-        value_bits=_F32_VALUE_BITS if uniques is None else max(1, int(uniques.size).bit_length()),
-        group_bits=max(1, int(n_groups - 1).bit_length()),
-        uniques=uniques,
-    )
+    group_bits = max(1, int(n_groups - 1).bit_length())
+    if x.dtype == np.float32:
+        layout = _Layout(_F32_VALUE_BITS, group_bits)
+    else:
+        uniques, codes = np.unique(x.data, return_inverse=True)
+        layout = _Layout(max(1, int(uniques.size).bit_length()), group_bits, uniques, codes)
     if max(1, int(n_genes - 1).bit_length()) + layout.gene_shift > 63:
         raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
 

@@ -82,8 +82,8 @@ def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
     if not values.size:
         return x
     low, high = values.min(), values.max()
-    if np.isnan(low):
-        raise NbglmError(f"{which} has NaN values in X: remove or impute them before evaluating")
+    if not np.isfinite(low) or not np.isfinite(high):
+        raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
     if low < 0:
         raise NbglmError(f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data")
     if _has_fraction(values):
@@ -277,8 +277,10 @@ def overall_score(scores: Mapping[str, float], baseline: Mapping[str, float]) ->
     return float(np.mean(list(scaled_scores(scores, baseline).values())))
 
 
-def _baseline_vector(train: ad.AnnData, pert_col: str) -> np.ndarray:
+def _baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str) -> np.ndarray:
     """Mean over the training groups' log1p pseudobulks, control included as cell-eval does."""
+    if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
+        raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
     names, groups = np.unique(_labels(train, pert_col, "train"), return_inverse=True)
     mean = group_sums(to_log1p(train, "train"), groups, names.size) / np.bincount(groups)[:, None]
     return mean.mean(axis=0).astype(np.float32)
@@ -290,23 +292,20 @@ def cell_mean_baseline(train: ad.AnnData, real: ad.AnnData, *, pert_col: str = "
     Every cell of every perturbation in `real` (as many cells as real has) gets the mean of the
     training data's group pseudobulks (log1p); real's control cells (log1p) are appended.
     """
-    if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
-        raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
     labels = _labels(real, pert_col, "real")
     if control not in labels:
         raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
-    vector = _baseline_vector(train, pert_col)
+    vector = _baseline_vector(train, real, pert_col)
     x = to_log1p(real, "real")
     is_ctrl = labels == control
     ctrl = x[np.flatnonzero(is_ctrl)]
     ctrl = ctrl.toarray() if sp.issparse(ctrl) else ctrl
     pert_labels = labels[~is_ctrl]
-    out = ad.AnnData(
+    return ad.AnnData(
         X=np.vstack([np.broadcast_to(vector, (pert_labels.size, vector.size)), ctrl]),
         obs=pd.DataFrame({pert_col: np.concatenate([pert_labels, labels[is_ctrl]])}, index=[f"baseline_{i}" for i in range(labels.size)]),
         var=pd.DataFrame(index=real.var_names.copy()),
     )
-    return out
 
 
 def baseline_summary(train: ad.AnnData, real: ad.AnnData, pert_col: str, control: str) -> FileSummary:
@@ -314,7 +313,7 @@ def baseline_summary(train: ad.AnnData, real: ad.AnnData, pert_col: str, control
     perts, groups = group_codes(_labels(real, pert_col, "real"), control)
     x = to_log1p(real, "real")
     ctrl = x[np.flatnonzero(groups == 0)]
-    vector = _baseline_vector(train, pert_col)
+    vector = _baseline_vector(train, real, pert_col)
     rows = np.broadcast_to(vector, (perts.size, vector.size))
     compact = sp.vstack([sp.csr_matrix(ctrl), sp.csr_matrix(rows)], format="csr")
     compact_groups = np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, perts.size + 1)])
