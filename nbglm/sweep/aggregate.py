@@ -135,7 +135,8 @@ def print_table(spec: SweepSpec, config_rows: list[dict], top: int = 10) -> None
 
     for i, r in enumerate(scored[:top] + failed, 1):
         std = r[f"{spec.metric}_std"]
-        params = ", ".join(f"{k.split('.')[-1]}={r[k]}" for k in spec.space)
+        params = ", ".join(f"{k.split('.')[-1]}={r[k]:.3g}" if isinstance(r[k], float) else f"{k.split('.')[-1]}={r[k]}"
+                           for k in spec.space)
         table.add_row(str(i), r["trial_id"], r["status"], f"{r['n_seeds_ok']}/{r['n_seeds']}",
                       num(r[f"{spec.metric}_mean"]) + ("" if std is None else f" +- {std:.4f}"),
                       *[num(r[f"{m}_mean"]) for m in METRICS if m != spec.metric],
