@@ -10,6 +10,7 @@ from nbglm.config import load_config, to_yaml
 from nbglm.data.cli import add_split_parser, add_synth_parser
 from nbglm.errors import NbglmError
 from nbglm.metrics.cli import add_build_de_cache_parser, add_eval_parser
+from nbglm.report import add_report_parser
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_split_parser(sub)
     add_eval_parser(sub)
     add_build_de_cache_parser(sub)
+    add_report_parser(sub)
     return parser
 
 

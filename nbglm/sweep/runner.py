@@ -33,6 +33,7 @@ from nbglm import atomic
 from nbglm.config import to_dict
 from nbglm.errors import NbglmError
 from nbglm.multiseed import shared_inputs
+from nbglm.report import report_after_sweep
 from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
 from nbglm.sweep.cluster import ray_session, unit_resources
 from nbglm.sweep.space import SweepSpec, load_spec
@@ -206,6 +207,7 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
             grid = tuner.fit()
     rows = _final_export(spec, base, grid)
     print_table(spec, rows)
+    report_after_sweep(sweep_dir)  # figures + report.html; a failure is a warning, never a failed sweep
     print(f"sweep '{spec.name}': results in {sweep_dir}/results (trials.csv, configs.csv, best_config.yaml); "
           f"tensorboard --logdir {sweep_dir}", flush=True)
     return rows
