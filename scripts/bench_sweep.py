@@ -45,8 +45,10 @@ def main() -> None:
     from nbglm.config import from_dict, to_dict
     from nbglm.multiseed import shared_inputs
     from nbglm.pipeline import run_experiment, with_seed
-    from nbglm.sweep.runner import run_sweep
+    from nbglm.sweep import runner
     from nbglm.sweep.space import load_spec
+
+    runner.report_after_sweep = lambda sweep_dir: None  # the HTML report (baselines, figures) is not sweep machinery
 
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     sets = [*DEFAULTS, f"search.num_samples={args.configs}", f"storage_path={work}", *args.sets]
@@ -54,7 +56,7 @@ def main() -> None:
     shared_inputs(spec.resolve_base(), None)  # warm the synthetic-data cache so neither side pays for creating it
 
     t0 = time.perf_counter()
-    rows = run_sweep(args.spec, sets=sets)
+    rows = runner.run_sweep(args.spec, sets=sets)
     sweep_s = time.perf_counter() - t0
 
     import torch

@@ -1,4 +1,7 @@
-"""Hyperparameter sweeps on Ray Tune + Optuna: spec (space.py), trainable, driver (runner.py), export.
+"""Hyperparameter sweeps on Ray Tune + Optuna, and the seed units the multi-seed mode shares.
 
-Ray and Optuna are imported only inside this package (and nbglm.multiseed), never by the layers below.
+space.py (spec parsing and validation), units.py (one seed as a Ray task), trainable.py (one Tune
+trial per config), runner.py (the `launch.py` driver), aggregate.py (export and TensorBoard),
+cluster.py (local or attached Ray). Ray and Optuna are imported only inside this package (and
+nbglm.multiseed), never by the layers below.
 """
