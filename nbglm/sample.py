@@ -80,6 +80,8 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
     scfg = cfg.sampling
     model.check_genes(data.gene_names)
     perts = [str(p) for p in data.heldout["target_gene"]]
+    if not perts:
+        raise NbglmError("the held-out list is empty: there are no perturbations to sample")
     pert_idx = model.pert_index(perts)
     controls = control_cells(data)
     median_default = scfg.median_umi_default

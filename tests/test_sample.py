@@ -24,6 +24,15 @@ def small_cfg(*overrides: str) -> Config:
     return load_config(None, [*SMALL, *overrides])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors gain nothing from threads, and thread sync crawls on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data() -> Dataset:
     return load_dataset(small_cfg())
@@ -31,7 +40,7 @@ def data() -> Dataset:
 
 @pytest.fixture(scope="module")
 def model(data: Dataset) -> LowRankNBGLM:
-    return fit(small_cfg("model.use_cycle=true"), data).model
+    return fit(small_cfg("model.use_cycle=true", "train.epochs=5"), data).model
 
 
 def labels(pred) -> np.ndarray:
