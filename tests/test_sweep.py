@@ -171,6 +171,8 @@ def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, t
 
     with pytest.raises(NbglmError, match="already holds a sweep"):
         run_sweep(SMOKE, sets=sets)
+    with pytest.raises(NbglmError, match=r"spec differs .*\(at 'spec.overrides.train.epochs'\)"):
+        run_sweep(SMOKE, sets=[*sets, "overrides.train.epochs=4"], resume=True)
     records = [json.loads((trial_dir / "seeds" / f"seed_{s}.json").read_text()) for s in (1, 2)]
     run_sweep(SMOKE, sets=sets, resume=True)  # nothing left to do: no trial runs again
     assert [json.loads((trial_dir / "seeds" / f"seed_{s}.json").read_text()) for s in (1, 2)] == records
