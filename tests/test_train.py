@@ -12,7 +12,8 @@ from nbglm.config import Config, load_config
 from nbglm.data import Dataset, load_dataset, make_synthetic
 from nbglm.errors import NbglmError
 from nbglm.model import CONTROL_IDX, LOSSES, LowRankNBGLM, nb_nll
-from nbglm.train import _prepare, _Pseudobulk, fit, load_checkpoint, resolve_device, save_checkpoint
+from nbglm.train import (_Cells, _prepare, _Pseudobulk, _WholeBatches, fit, load_checkpoint, resolve_device,
+                         save_checkpoint)
 
 # Reduced synthetic data (500 genes, ~40 cells per perturbation): ~2 s per concise fit on 2 cores.
 SMALL = ["data.synthetic.n_genes=500", "data.synthetic.cells_per_pert=40", "data.synthetic.n_control=600",
@@ -116,6 +117,19 @@ def test_concise_poisson_gradient_equals_full_pass_over_cells(data: Dataset, los
                    torch.as_tensor(cells.phase))
     grad_cells = torch.autograd.grad(LOSSES[loss](log_mu, y).mean(), model.V)[0]
     torch.testing.assert_close(grad_bulk, grad_cells, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.6])
+def test_whole_batches_hold_the_cells_dense_or_sparse(density: float) -> None:
+    x = sp.random(300, 50, density=density, format="csr", dtype=np.float32, random_state=0)
+    cells = _Cells(x=x, pert=np.arange(300), sf=np.ones(300), phase=None)  # pert = row, to check rows
+    batches = _WholeBatches(cells, torch.device("cpu"), batch_size=64, seed=0)
+    assert (batches.x is None) == (density < 1 / 3)
+    order = []
+    for pert, _, _, y in batches.epoch():
+        assert torch.equal(y, torch.as_tensor(x[pert.numpy()].toarray()))
+        order.append(pert)
+    assert sorted(torch.cat(order).tolist()) == list(range(300))  # every cell once per epoch
 
 
 def test_cycle_offsets_are_learned(data: Dataset) -> None:
