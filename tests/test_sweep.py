@@ -35,6 +35,15 @@ def test_spec_sets_space_and_list_choices_round_trip() -> None:
 def test_relative_storage_path_resolves_under_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert load_spec(SMOKE).sweep_dir == tmp_path / "sweep_results" / "smoke"
+    assert load_spec(SMOKE, [f"storage_path=file://{tmp_path}/shared"]).sweep_dir == tmp_path / "shared" / "smoke"
+
+
+def test_a_missing_checkpoint_is_one_line_before_ray_starts(tmp_path: Path) -> None:
+    from nbglm.sweep.runner import run_sweep
+
+    with pytest.raises(NbglmError, match="checkpoint not found: /nonexistent/model.pt"):
+        run_sweep(SMOKE, sets=[f"storage_path={tmp_path}", "overrides.pipeline.mode=sample_eval",
+                               "overrides.pipeline.pretrained_ckpt=/nonexistent/model.pt"])
 
 
 @pytest.mark.parametrize(
@@ -58,6 +67,7 @@ def test_relative_storage_path_resolves_under_the_working_directory(tmp_path: Pa
         ("resources.cpu=0", "resources.cpu must be > 0"),
         ("max_failures=-1", "max_failures must be >= 0"),
         ("name=a/b", "plain directory name"),
+        ("storage_path=s3://bucket/sweeps", "only local paths and file:// are supported"),
     ],
 )
 def test_bad_specs_are_one_line_errors(override: str, needle: str) -> None:

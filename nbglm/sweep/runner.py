@@ -33,6 +33,7 @@ from nbglm import atomic
 from nbglm.config import to_dict
 from nbglm.errors import NbglmError
 from nbglm.multiseed import shared_inputs
+from nbglm.pipeline import check_mode_inputs
 from nbglm.report import report_after_sweep
 from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
 from nbglm.sweep.cluster import ray_session, unit_resources
@@ -174,7 +175,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     print(f"sweep '{spec.name}': results in {sweep_dir}", flush=True)
 
     _check_directory(spec, base, resume)
-    data, de_cache = shared_inputs(base_cfg, None)
+    check_mode_inputs(base_cfg)  # a missing checkpoint is one line here, not a failed seed per config
+    data, de_cache = shared_inputs(base_cfg, None)  # read here, shipped to every node via the object store
     n = len(spec.seeds)
     with ray_session(address):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu, n_units=n)

@@ -93,7 +93,7 @@ class SweepSpec(SpecFields):
 
     @property
     def sweep_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.name
+        return Path(self.storage_path.removeprefix("file://")).expanduser().resolve() / self.name
 
     def base_raw(self) -> dict:
         """The base experiment config with the overrides, as a plain dict (no sampled params)."""
@@ -250,6 +250,11 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
         raise NbglmError("'seeds' is empty: list at least one seed, e.g. seeds: [1, 2, 3]")
     if len(set(fields.seeds)) != len(fields.seeds):
         raise NbglmError(f"'seeds' has duplicates: {fields.seeds}")
+    scheme, sep, _ = fields.storage_path.partition("://")
+    if sep and scheme != "file":
+        raise NbglmError(f"storage_path {fields.storage_path!r}: only local paths and file:// are supported: every "
+                         "node writes seed records straight into the sweep directory, so on a cluster use a path all "
+                         "nodes mount (NFS, or the bucket mounted with s3fs/gcsfuse)")
     if not fields.name or "/" in fields.name or fields.name in (".", ".."):
         raise NbglmError(f"'name' must be a plain directory name, got {fields.name!r}")
     checks = [
