@@ -50,6 +50,7 @@ def main() -> None:
 
     runner.report_after_sweep = lambda sweep_dir: None  # the HTML report (baselines, figures) is not sweep machinery
 
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     sets = [*DEFAULTS, f"search.num_samples={args.configs}", f"storage_path={work}", *args.sets]
     spec = load_spec(args.spec, sets)
@@ -96,6 +97,8 @@ def main() -> None:
     print(f"  once per sweep            : {sweep_s - span:7.1f} s  (before the first unit starts and after the last ends)")
     print(f"  per trial (first unit start to last unit end): {span * parallelism / sum(bare) - 1:.1%} "
           f"(= {span:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
+    print(f"load average (1/5/15 min) before: {' '.join(f'{x:.1f}' for x in load_before)}, after: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} -- other processes on the machine skew both sides")
     print(f"results: {work}")
 
 

@@ -8,6 +8,7 @@ workers in a `runtime_env`; an unreachable address is one line, not a minute-lon
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,13 +21,17 @@ from nbglm.errors import NbglmError
 
 log = logging.getLogger("nbglm")
 
-_AUTH_HINT = ("if the cluster uses token auth, set RAY_AUTH_MODE=token and provide its token "
-              "(RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+_ATTACH_HINT = ("is a cluster running there (`ray start --head`)? With token auth, set RAY_AUTH_MODE=token "
+                "and provide the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
 
 
 def package_runtime_env() -> dict:
     """Ship this checkout's `nbglm` to every worker of an attached cluster."""
     return {"py_modules": [str(Path(nbglm.__file__).resolve().parent)], "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _check_reachable(address: str) -> None:
@@ -47,21 +52,25 @@ def _check_reachable(address: str) -> None:
 def connect(address: str | None) -> bool:
     """Make sure Ray is up; True when this call initialised it (the caller then shuts it down).
 
-    No address starts a local Ray sized to the machine (its real CPUs and GPUs, no GPU declared
-    when there is none). Token auth, on by default for a new local Ray, needs nothing from us.
+    No address (and no RAY_ADDRESS in the environment, which Ray's own tools also honour) starts a
+    local Ray sized to the machine (its real CPUs and GPUs, no GPU declared when there is none).
+    Token auth, on by default for a new local Ray, needs nothing from us; an attached cluster's
+    token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, with RAY_AUTH_MODE=token.
     """
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        ray.init(address="local", include_dashboard=False)
+        try:
+            ray.init(address="local", include_dashboard=False)
+        except Exception as exc:  # e.g. no writable ~/.ray for the auth token, no room in /tmp
+            raise NbglmError(f"could not start a local Ray: {_first_line(exc)}") from None
         return True
     _check_reachable(address)
     try:
         ray.init(address=address, runtime_env=package_runtime_env())
     except Exception as exc:  # ConnectionError, AuthenticationError, ...: one line for the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        hint = "start one with `ray start --head`" if address == "auto" else _AUTH_HINT
-        raise NbglmError(f"could not attach to Ray at {address}: {first} ({hint})") from None
+        raise NbglmError(f"could not attach to Ray at {address}: {_first_line(exc)} ({_ATTACH_HINT})") from None
     return True
 
 
