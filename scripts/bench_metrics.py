@@ -3,13 +3,15 @@
     python scripts/bench_metrics.py            # 30 perts x 2,000 genes x 150 cells, then 50 x 18,080 x 300
     python scripts/bench_metrics.py --quick    # the small size only
 
-Each side runs in its own child process (so their peak RSS do not mix): it loads the two h5ad
-files, makes one untimed warm-up call, then times `--repeats` calls, reloading the files before
-each call (cell-eval normalises its inputs in place) outside the timed region. Sides: cell-eval
-0.8 (`MetricsEvaluator(...).compute(profile="vcc")`, all CPUs), nbglm `evaluate(pred, real)`, and
-nbglm with a ground-truth cache built beforehand (`evaluate(pred, real, cache=...)`). Reported:
-the median time per call, the speed-ups over cell-eval, each child's peak RSS (ru_maxrss), the
-load average, and the largest difference between the two tools' DES/PDS/MAE means.
+Three sides, each in its own child process so that their peak RSS (ru_maxrss) do not mix:
+cell-eval 0.8 (``MetricsEvaluator(...).compute(profile="vcc")``, all CPUs), nbglm
+``evaluate(pred, real)``, and nbglm with a ground-truth cache built beforehand
+(``evaluate(pred, real, cache=...)``). Each child loads the two h5ad files and makes one untimed
+warm-up call; then the timed calls are interleaved across the children, one at a time, so that a
+change in machine load hits every side alike. Files are re-read before every call, outside the
+timed region (cell-eval normalises its inputs in place). Reported: median and min seconds per
+call, speed-ups over cell-eval, peak RSS, the load average, and the largest difference between
+the two tools' DES/PDS/MAE means.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from pathlib import Path
 import numpy as np
 
 CONTROL = "non-targeting"
-SIZES = {"small": (30, 2_000, 150), "vcc": (50, 18_080, 300)}
+SIZES = {"small": (30, 2_000, 150, 2_000), "vcc": (50, 18_080, 300, 10_000)}  # perts, genes, cells, depth
+SIDES = ("cell-eval", "nbglm", "nbglm+cache")
 METRIC_COLUMNS = {"des": "overlap_at_N", "pds": "discrimination_score_l1", "mae": "mae"}
 
 
 def synthetic_pair(n_perts: int, n_genes: int, n_cells: int, depth: int, seed: int = 0):
-    """Real and predicted Perturb-seq counts: NB cells, 2x as many control cells, shared effects."""
+    """Real and predicted counts: gamma-Poisson cells, twice as many control cells, shared effects."""
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -42,9 +45,7 @@ def synthetic_pair(n_perts: int, n_genes: int, n_cells: int, depth: int, seed: i
     genes = [f"GENE{i}" for i in range(n_genes)]
     perts = [genes[i * 7] if i % 2 == 0 else f"KO{i}" for i in range(n_perts)]
     base = rng.lognormal(0.0, 1.5, n_genes)
-    base /= base.sum()
-    effects = {p: rng.choice(n_genes, 50, replace=False) for p in perts}
-    scale = {p: rng.lognormal(0.0, 1.0, 50) for p in perts}
+    effects = {p: (rng.choice(n_genes, 50, replace=False), rng.lognormal(0.0, 1.0, 50)) for p in perts}
 
     def cells(file_seed: int, noise: float):
         file_rng = np.random.default_rng(file_seed)
@@ -52,10 +53,9 @@ def synthetic_pair(n_perts: int, n_genes: int, n_cells: int, depth: int, seed: i
         for pert, n in [(CONTROL, 2 * n_cells)] + [(p, n_cells) for p in perts]:
             profile = base.copy()
             if pert != CONTROL:
-                profile[effects[pert]] *= scale[pert] * file_rng.lognormal(0.0, noise, 50)
-            profile /= profile.sum()
-            library = file_rng.lognormal(np.log(depth), 0.3, n)
-            mu = library[:, None] * profile[None, :]
+                hit, scale = effects[pert]
+                profile[hit] *= scale * file_rng.lognormal(0.0, noise, hit.size)
+            mu = file_rng.lognormal(np.log(depth), 0.3, n)[:, None] * (profile / profile.sum())[None, :]
             blocks.append(sp.csr_matrix(file_rng.poisson(file_rng.gamma(2.0, mu / 2.0)).astype(np.float32)))
             labels += [pert] * n
         obs = pd.DataFrame({"target_gene": labels}, index=[f"cell{i}" for i in range(len(labels))])
@@ -64,8 +64,8 @@ def synthetic_pair(n_perts: int, n_genes: int, n_cells: int, depth: int, seed: i
     return cells(seed + 1, 0.0), cells(seed + 2, 0.5)
 
 
-def worker(side: str, real_path: str, pred_path: str, cache_dir: str, repeats: int) -> None:
-    """Child process: warm up, time `repeats` calls, print one JSON line."""
+def worker(side: str, real_path: str, pred_path: str, cache_dir: str) -> None:
+    """Child: warm up, then one timed call per "go" line on stdin; "stop" reports and exits."""
     import logging
     import warnings
 
@@ -76,9 +76,9 @@ def worker(side: str, real_path: str, pred_path: str, cache_dir: str, repeats: i
     if side == "cell-eval":
         from cell_eval import MetricsEvaluator
 
-        def call(pred, real):
+        def call(pred, real) -> dict[str, float]:
             outdir = tempfile.mkdtemp()
-            evaluator = MetricsEvaluator(adata_pred=pred, adata_real=real, control_pert=CONTROL, pert_col="target_gene", outdir=outdir)
+            evaluator = MetricsEvaluator(pred, real, control_pert=CONTROL, pert_col="target_gene", outdir=outdir)
             results, _ = evaluator.compute(profile="vcc", write_csv=False)
             return {name: float(results[column].mean()) for name, column in METRIC_COLUMNS.items()}
     else:
@@ -86,65 +86,94 @@ def worker(side: str, real_path: str, pred_path: str, cache_dir: str, repeats: i
 
         cache = load_de_cache(cache_dir) if side == "nbglm+cache" else None
 
-        def call(pred, real):
+        def call(pred, real) -> dict[str, float]:
             out = evaluate(pred, real, control=CONTROL, cache=cache)
             return {name: out[name] for name in METRIC_COLUMNS}
 
-    times, means = [], {}
-    for i in range(repeats + 1):
+    def timed() -> tuple[float, dict[str, float]]:
         pred, real = ad.read_h5ad(pred_path), ad.read_h5ad(real_path)
         start = time.perf_counter()
         means = call(pred, real)
-        if i:  # the first call is the warm-up
-            times.append(time.perf_counter() - start)
-        del pred, real
+        return time.perf_counter() - start, means
+
+    _, means = timed()
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            break
+        seconds, means = timed()
+        print(json.dumps({"seconds": seconds}), flush=True)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"side": side, "times": times, "means": means, "peak_mib": peak_mib}))
+    print(json.dumps({"means": means, "peak_mib": peak_mib}), flush=True)
 
 
-def run_side(side: str, paths: dict[str, str], repeats: int) -> dict:
-    command = [sys.executable, __file__, "--worker", side, paths["real"], paths["pred"], paths["cache"], str(repeats)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _reply(child: subprocess.Popen, side: str, log: Path) -> str:
+    line = child.stdout.readline()
+    if not line:
+        raise SystemExit(f"{side} failed:\n{log.read_text()[-3000:]}")
+    return line
 
 
-def bench(name: str, depth: int, repeats: int, workdir: Path) -> None:
+def bench(name: str, repeats: int, workdir: Path) -> None:
     from nbglm.metrics import build_de_cache
 
-    n_perts, n_genes, n_cells = SIZES[name]
+    n_perts, n_genes, n_cells, depth = SIZES[name]
     real, pred = synthetic_pair(n_perts, n_genes, n_cells, depth)
-    paths = {"real": str(workdir / f"{name}_real.h5ad"), "pred": str(workdir / f"{name}_pred.h5ad"), "cache": str(workdir / f"{name}_cache")}
-    real.write_h5ad(paths["real"])
-    pred.write_h5ad(paths["pred"])
-    build_de_cache(real, control=CONTROL).save(paths["cache"])
+    real_path, pred_path, cache_dir = (str(workdir / f"{name}_{part}") for part in ("real.h5ad", "pred.h5ad", "cache"))
+    real.write_h5ad(real_path)
+    pred.write_h5ad(pred_path)
+    build_de_cache(real, control=CONTROL).save(cache_dir)
     density = real.X.nnz / (real.n_obs * real.n_vars)
-    print(f"\n{n_perts} perts x {n_genes:,} genes x {n_cells} cells (+{2 * n_cells} control), {real.n_obs:,} cells/file, "
-          f"{real.X.nnz:,} nonzeros/file ({density:.0%}); {repeats} timed call(s) after 1 warm-up; load avg {os.getloadavg()[0]:.2f}")
-    rows = {side: run_side(side, paths, repeats) for side in ("cell-eval", "nbglm", "nbglm+cache")}
-    reference = statistics.median(rows["cell-eval"]["times"])
+    print(
+        f"\n{n_perts} perts x {n_genes:,} genes x {n_cells} cells (+{2 * n_cells} control cells): "
+        f"{real.n_obs:,} cells and {real.X.nnz:,} nonzeros ({density:.0%}) per file; "
+        f"1 warm-up + {repeats} timed calls per side, interleaved",
+        flush=True,
+    )
+    del real, pred
+    children, logs = {}, {side: workdir / f"{name}_{side}.log" for side in SIDES}
+    for side in SIDES:  # started one after the other so that the warm-ups do not overlap
+        command = [sys.executable, __file__, "--worker", side, real_path, pred_path, cache_dir]
+        with open(logs[side], "w") as log:  # stderr to a file: progress bars must not fill a pipe
+            pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": log}
+            children[side] = subprocess.Popen(command, text=True, **pipes)
+        _reply(children[side], side, logs[side])
+    times: dict[str, list[float]] = {side: [] for side in SIDES}
+    loads = []
+    for round_ in range(repeats):
+        for side in SIDES[round_ % 3 :] + SIDES[: round_ % 3]:  # rotate the order every round
+            loads.append(os.getloadavg()[0])
+            children[side].stdin.write("go\n")
+            children[side].stdin.flush()
+            times[side].append(json.loads(_reply(children[side], side, logs[side]))["seconds"])
+    final = {}
+    for side, child in children.items():
+        child.stdin.write("stop\n")
+        child.stdin.flush()
+        final[side] = json.loads(_reply(child, side, logs[side]))
+        child.wait()
+    reference = statistics.median(times["cell-eval"])
     print(f"{'side':<13}{'median s':>10}{'min s':>9}{'speed-up':>10}{'peak RSS MiB':>14}")
-    for side, row in rows.items():
-        median = statistics.median(row["times"])
-        print(f"{side:<13}{median:>10.3f}{min(row['times']):>9.3f}{reference / median:>9.1f}x{row['peak_mib']:>14.0f}")
-    diff = max(abs(rows["nbglm"]["means"][k] - rows["cell-eval"]["means"][k]) for k in METRIC_COLUMNS)
-    print(f"max |nbglm - cell-eval| over the DES/PDS/MAE means: {diff:.2e}; load avg now {os.getloadavg()[0]:.2f}")
+    for side in SIDES:
+        median = statistics.median(times[side])
+        speed_up, peak = reference / median, final[side]["peak_mib"]
+        print(f"{side:<13}{median:>10.3f}{min(times[side]):>9.3f}{speed_up:>9.1f}x{peak:>14.0f}")
+    diff = max(abs(final["nbglm"]["means"][k] - final["cell-eval"]["means"][k]) for k in METRIC_COLUMNS)
+    print(f"max |nbglm - cell-eval| over the DES/PDS/MAE means: {diff:.1e}; "
+          f"1-min load average during the timed calls: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        side, real_path, pred_path, cache_dir, repeats = sys.argv[2:7]
-        worker(side, real_path, pred_path, cache_dir, int(repeats))
+        worker(*sys.argv[2:6])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the small size")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and size (default: %(default)s)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        bench("small", 2_000, args.repeats, Path(tmp))
-        if not args.quick:
-            bench("vcc", 10_000, args.repeats, Path(tmp))
+        for name in ("small",) if args.quick else ("small", "vcc"):
+            bench(name, args.repeats, Path(tmp))
 
 
 if __name__ == "__main__":

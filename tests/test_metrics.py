@@ -39,7 +39,13 @@ CELL_EVAL_NAMES = {"des": "overlap_at_N", "pds": "discrimination_score_l1", "mae
 
 
 def make_counts(
-    seed: int, n_perts: int = 8, n_genes: int = 120, n_cells: int = 30, n_control: int = 60, effect: float = 1.0, floor: bool = False
+    seed: int,
+    n_perts: int = 8,
+    n_genes: int = 120,
+    n_cells: int = 30,
+    n_control: int = 60,
+    effect: float = 1.0,
+    floor: bool = False,
 ) -> ad.AnnData:
     """Small integer counts with many ties; some perturbations are named after genes.
 
@@ -303,8 +309,11 @@ def jurkat_split() -> tuple[ad.AnnData, ad.AnnData, ad.AnnData]:
     noisy = []
     for label in real_labels:
         row = counts[rng.choice(np.flatnonzero(real_labels == label))]
-        noisy.append(row if label == "control" else rng.binomial(row.astype(np.int64), 0.8) + rng.poisson(0.02, row.size))
-    pred = ad.AnnData(X=sp.csr_matrix(np.asarray(noisy, dtype=np.float32)), obs=real.obs[["target_gene"]].copy(), var=real.var[[]].copy())
+        if label != "control":
+            row = rng.binomial(row.astype(np.int64), 0.8) + rng.poisson(0.02, row.size)
+        noisy.append(row)
+    x = sp.csr_matrix(np.asarray(noisy, dtype=np.float32))
+    pred = ad.AnnData(X=x, obs=real.obs[["target_gene"]].copy(), var=real.var[[]].copy())
     return real, train, pred
 
 
@@ -348,7 +357,8 @@ def test_cache_refuses_other_data(tmp_path: Path) -> None:
     fewer_genes = real[:, 1:].copy()
     other_perts = real[real.obs["target_gene"] != real.obs["target_gene"].iloc[-1]].copy()
     fewer_cells = real[1:].copy()
-    for other, message in ((fewer_genes, "other genes"), (other_perts, "other perturbations"), (fewer_cells, "cell counts")):
+    mismatches = ((fewer_genes, "other genes"), (other_perts, "other perturbations"), (fewer_cells, "cell counts"))
+    for other, message in mismatches:
         with pytest.raises(NbglmError, match=message):
             evaluate(other.copy(), other, control=CONTROL, cache=cache)
     with pytest.raises(NbglmError, match="control"):
@@ -402,10 +412,12 @@ def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
     real, train, pred = make_counts(70), make_counts(71, n_perts=12), make_counts(72)
     for name, adata in (("real", real), ("train", train), ("pred", pred)):
         adata.write_h5ad(tmp_path / f"{name}.h5ad")
-    common = ["--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad")]
-    assert _cli(["eval", *common, "--train", str(tmp_path / "train.h5ad"), "--output", str(tmp_path / "m.json")]) == 0
-    assert _cli(["build-de-cache", "--real", str(tmp_path / "real.h5ad"), "--train", str(tmp_path / "train.h5ad"), "--output", str(tmp_path / "cache")]) == 0
-    assert _cli(["eval", *common, "--de-cache", str(tmp_path / "cache"), "--output", str(tmp_path / "c.json")]) == 0
+    real_file, train_file = str(tmp_path / "real.h5ad"), str(tmp_path / "train.h5ad")
+    common = ["--pred", str(tmp_path / "pred.h5ad"), "--real", real_file]
+    assert _cli(["eval", *common, "--train", train_file, "--output", str(tmp_path / "m.json")]) == 0
+    cache = str(tmp_path / "cache")
+    assert _cli(["build-de-cache", "--real", real_file, "--train", train_file, "--output", cache]) == 0
+    assert _cli(["eval", *common, "--de-cache", cache, "--output", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads((tmp_path / "c.json").read_text())
     assert "overall score" in capsys.readouterr().out
     with pytest.raises(NbglmError, match="pred file not found"):

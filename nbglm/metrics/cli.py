@@ -17,7 +17,9 @@ from nbglm.metrics.evaluate import evaluate
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pert-col", default="target_gene", help="obs column with the perturbation labels (default: %(default)s)")
+    parser.add_argument(
+        "--pert-col", default="target_gene", help="obs column with the perturbation labels (default: %(default)s)"
+    )
     parser.add_argument("--control", default="non-targeting", help="label of the control cells (default: %(default)s)")
 
 
@@ -31,7 +33,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--pred", required=True, type=Path, help="predicted cells (h5ad), control cells included")
     parser.add_argument("--real", required=True, type=Path, help="observed held-out cells (h5ad)")
     baseline = parser.add_mutually_exclusive_group()
-    baseline.add_argument("--train", type=Path, help="training data (h5ad) for the cell-mean baseline of the overall score")
+    baseline.add_argument(
+        "--train", type=Path, help="training data (h5ad) for the cell-mean baseline of the overall score"
+    )
     baseline.add_argument("--de-cache", type=Path, help="ground-truth cache directory from `nbglm build-de-cache`")
     _add_common(parser)
     parser.add_argument("--output", type=Path, help="write the metrics as JSON to this file")
@@ -83,8 +87,12 @@ def run_build_de_cache(args: argparse.Namespace) -> int:
     train = _read(args.train, "train") if args.train else None
     cache = build_de_cache(real, train, pert_col=args.pert_col, control=args.control)
     cache.save(args.output)
-    baseline = "no baseline (no --train)" if cache.baseline is None else ", ".join(f"{k} {v:.4f}" for k, v in cache.baseline.items())
-    print(f"wrote {args.output}: {cache.real.perts.size} perturbations x {cache.real.genes.size} genes; baseline: {baseline}")
+    if cache.baseline is None:
+        baseline = "no baseline (no --train)"
+    else:
+        baseline = ", ".join(f"{name} {value:.4f}" for name, value in cache.baseline.items())
+    shape = f"{cache.real.perts.size} perturbations x {cache.real.genes.size} genes"
+    print(f"wrote {args.output}: {shape}; baseline: {baseline}")
     return 0
 
 
@@ -96,7 +104,8 @@ def _table(result: dict[str, Any]) -> Table:
     for name, label in (("des", "DES (best 1)"), ("pds", "PDS (best 1)"), ("mae", "MAE (best 0)")):
         table.add_row(label, f"{result[name]:.4f}", _fmt(baseline.get(name)), _fmt(scaled.get(name)))
     overall = result["overall_score"]
-    table.add_row("overall score", "", "", "n/a (no baseline)" if overall is None else f"{overall:.4f} (x100 = {100 * overall:.2f})")
+    shown = "n/a (no baseline)" if overall is None else f"{overall:.4f} (x100 = {100 * overall:.2f})"
+    table.add_row("overall score", "", "", shown)
     return table
 
 

@@ -47,11 +47,13 @@ class DataIdentity:
             raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
         perts, groups = group_codes(labels, control)
         counts = np.bincount(groups, minlength=perts.size + 1)
-        return cls(pert_col, control, tuple(adata.var_names.astype(str)), tuple(perts.tolist()), tuple(counts.tolist()))
+        genes = tuple(adata.var_names.astype(str))
+        return cls(pert_col, control, genes, tuple(perts.tolist()), tuple(counts.tolist()))
 
     @property
     def fingerprint(self) -> str:
-        parts = (self.pert_col, self.control, "\t".join(self.genes), "\t".join(self.perts), ",".join(map(str, self.n_cells)))
+        sizes = f"{len(self.genes)} genes, {len(self.perts)} perturbations"
+        parts = (self.pert_col, self.control, sizes, *self.genes, *self.perts, *map(str, self.n_cells))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -74,7 +76,10 @@ class GroundTruthCache:
                 f"not {other.pert_col!r} and {other.control!r}; {rebuild}"
             )
         if other.genes != mine.genes:
-            what = "in another order" if set(other.genes) == set(mine.genes) else f"different ({len(mine.genes)} cached vs {len(other.genes)})"
+            if set(other.genes) == set(mine.genes):
+                what = "in another order"
+            else:
+                what = f"different ({len(mine.genes)} cached vs {len(other.genes)})"
             raise NbglmError(f"the DE cache was built from other genes (genes {what}); {rebuild}")
         if other.perts != mine.perts:
             missing, extra = set(other.perts) - set(mine.perts), set(mine.perts) - set(other.perts)
@@ -135,10 +140,12 @@ def load_de_cache(directory: str | Path) -> GroundTruthCache:
     directory = Path(directory)
     meta_path, arrays_path = directory / _META, directory / _ARRAYS
     if not meta_path.is_file() or not arrays_path.is_file():
-        raise NbglmError(f"no DE cache in {directory} (expected {_META} and {_ARRAYS}); build one with `nbglm build-de-cache`")
+        expected = f"expected {_META} and {_ARRAYS}"
+        raise NbglmError(f"no DE cache in {directory} ({expected}); build one with `nbglm build-de-cache`")
     meta = json.loads(meta_path.read_text())
     if meta.get("version") != CACHE_VERSION:
-        raise NbglmError(f"the DE cache in {directory} has format version {meta.get('version')}, expected {CACHE_VERSION}; rebuild it")
+        version = meta.get("version")
+        raise NbglmError(f"the DE cache in {directory} has format {version}, expected {CACHE_VERSION}; rebuild it")
     identity = DataIdentity(**{k: v if isinstance(v, str) else tuple(v) for k, v in meta["identity"].items()})
     if identity.fingerprint != meta["fingerprint"]:
         raise NbglmError(f"the DE cache in {directory} is inconsistent (fingerprint mismatch); rebuild it")

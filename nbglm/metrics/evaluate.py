@@ -56,6 +56,11 @@ def evaluate(
         "n_genes": int(cache.real.genes.size),
         "per_perturbation": {
             str(pert): dict(zip(scores, map(float, values), strict=True))
-            for pert, values in zip(cache.real.perts, np.column_stack([r.per_perturbation.to_numpy() for r in scores.values()]), strict=True)
+            for pert, values in zip(cache.real.perts, _columns(scores), strict=True)
         },
     }
+
+
+def _columns(scores: dict) -> np.ndarray:
+    """(perturbations x metrics) values in the order of `scores`."""
+    return np.column_stack([result.per_perturbation.to_numpy() for result in scores.values()])

@@ -56,7 +56,8 @@ class MetricResult:
 
 def _labels(adata: ad.AnnData, pert_col: str, which: str) -> np.ndarray:
     if pert_col not in adata.obs.columns:
-        raise NbglmError(f"{which} has no obs column {pert_col!r} (columns: {', '.join(map(str, adata.obs.columns))}); set the perturbation column")
+        columns = ", ".join(map(str, adata.obs.columns))
+        raise NbglmError(f"{which} has no obs column {pert_col!r} (columns: {columns}); set the perturbation column")
     return adata.obs[pert_col].to_numpy(str)
 
 
@@ -85,11 +86,14 @@ def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
     if not np.isfinite(low) or not np.isfinite(high):
         raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
     if low < 0:
-        raise NbglmError(f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data")
+        raise NbglmError(
+            f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data"
+        )
     if _has_fraction(values):
         if high >= _LOG1P_MAX:
             raise NbglmError(
-                f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} (log1p data stays below {_LOG1P_MAX:g})"
+                f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} "
+                f"(log1p data stays below {_LOG1P_MAX:g})"
             )
         return x
     return _normalize_log1p(x)
@@ -134,17 +138,23 @@ def check_pair(pred: ad.AnnData, real: ad.AnnData, pert_col: str, control: str) 
     pred_genes, real_genes = pred.var_names.to_numpy(str), real.var_names.to_numpy(str)
     if not np.array_equal(pred_genes, real_genes):
         if set(pred_genes) == set(real_genes) and len(pred_genes) == len(real_genes):
-            raise NbglmError("pred has the same genes as real but in another order: reorder it with pred[:, real.var_names]")
+            raise NbglmError(
+                "pred has the same genes as real but in another order: reorder it with pred[:, real.var_names]"
+            )
         only_pred, only_real = np.setdiff1d(pred_genes, real_genes), np.setdiff1d(real_genes, pred_genes)
         raise NbglmError(
             f"pred and real have different genes ({pred.n_vars} vs {real.n_vars}; "
-            f"{only_pred.size} only in pred, e.g. {_some(only_pred)}; {only_real.size} only in real, e.g. {_some(only_real)})"
+            f"{only_pred.size} only in pred, e.g. {_some(only_pred)}; "
+            f"{only_real.size} only in real, e.g. {_some(only_real)})"
         )
     pred_perts = set(_labels(pred, pert_col, "pred"))
     real_perts = set(_labels(real, pert_col, "real"))
     for which, perts in (("real", real_perts), ("pred", pred_perts)):
         if control not in perts:
-            raise NbglmError(f"control label {control!r} not found in {which}.obs[{pert_col!r}] (labels include {_some(sorted(perts))}); set the control label")
+            raise NbglmError(
+                f"control label {control!r} not found in {which}.obs[{pert_col!r}] "
+                f"(labels include {_some(sorted(perts))}); set the control label"
+            )
     if pred_perts != real_perts:
         raise NbglmError(
             f"pred and real have different perturbations: only in pred: {_some(sorted(pred_perts - real_perts))}; "
@@ -286,7 +296,9 @@ def _baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str) -> np.n
     return mean.mean(axis=0).astype(np.float32)
 
 
-def cell_mean_baseline(train: ad.AnnData, real: ad.AnnData, *, pert_col: str = "target_gene", control: str = "non-targeting") -> ad.AnnData:
+def cell_mean_baseline(
+    train: ad.AnnData, real: ad.AnnData, *, pert_col: str = "target_gene", control: str = "non-targeting"
+) -> ad.AnnData:
     """The cell-mean baseline as a prediction of `real` (cell-eval ``build_base_mean_adata``).
 
     Every cell of every perturbation in `real` (as many cells as real has) gets the mean of the
@@ -303,7 +315,10 @@ def cell_mean_baseline(train: ad.AnnData, real: ad.AnnData, *, pert_col: str = "
     pert_labels = labels[~is_ctrl]
     return ad.AnnData(
         X=np.vstack([np.broadcast_to(vector, (pert_labels.size, vector.size)), ctrl]),
-        obs=pd.DataFrame({pert_col: np.concatenate([pert_labels, labels[is_ctrl]])}, index=[f"baseline_{i}" for i in range(labels.size)]),
+        obs=pd.DataFrame(
+            {pert_col: np.concatenate([pert_labels, labels[is_ctrl]])},
+            index=[f"baseline_{i}" for i in range(labels.size)],
+        ),
         var=pd.DataFrame(index=real.var_names.copy()),
     )
 
