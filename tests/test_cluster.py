@@ -113,7 +113,11 @@ def _bare_python(where: Path) -> Path:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Head (1 CPU, 1 logical GPU) plus one worker node (same), token auth on; always torn down."""
+    """Head (1 CPU, 1 logical GPU) plus one worker node (same), token auth on; always torn down.
+
+    Every port a head would otherwise take at a fixed default (client server, dashboard, agent) is a
+    free one, so another Ray on the machine (a test session's, a colleague's) cannot collide with it.
+    """
     run_id = secrets.token_hex(6)
     token = secrets.token_hex(32)
     head_tmp = Path(tempfile.mkdtemp(prefix="nbh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
@@ -125,7 +129,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
             "--disable-usage-stats"]
     try:
         subprocess.run([sys.executable, "-c", RAY_CLI, "start", "--head", "--port", str(port), *node,
-                        "--temp-dir", str(head_tmp), "--include-dashboard", "false",
+                        "--temp-dir", str(head_tmp), "--include-dashboard", "false", "--dashboard-port", str(_free_port()),
                         "--ray-client-server-port", str(_free_port()),
                         "--dashboard-agent-listen-port", str(_free_port())],
                        env={**base, MARKER: f"{run_id}-head"}, cwd=head_tmp, check=True, capture_output=True, timeout=120)
@@ -141,13 +145,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
-def _driver(cluster: Cluster, tmp_path: Path, log: Path, *sets: str) -> subprocess.Popen:
-    """`python launch.py smoke.yaml --address ...` from a copy of launch.py outside the repo."""
+def _driver(cluster: Cluster, tmp_path: Path, log: Path, *sets: str, via_env: bool = False) -> subprocess.Popen:
+    """`python launch.py smoke.yaml --address ...` (or RAY_ADDRESS) from a copy of launch.py outside the repo."""
     script = tmp_path / "launch.py"
     shutil.copy(ROOT / "launch.py", script)
-    args = [sys.executable, str(script), str(SMOKE), "--address", cluster.address,
+    args = [sys.executable, str(script), str(SMOKE), *([] if via_env else ["--address", cluster.address]),
             *(f"--set={s}" for s in [f"storage_path={tmp_path / 'results'}", *SETS, *sets])]
     env = {**cluster.env, MARKER: f"{cluster.run_id}-head"}  # killed with the head if it outlives the test
+    if via_env:
+        env["RAY_ADDRESS"] = cluster.address
     return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -175,9 +181,10 @@ def test_sweep_runs_on_both_nodes_and_survives_a_worker_node_death(cluster: Clus
 
     # 2. Node death: once a seed's record has landed and the worker node is training a unit, kill the
     # worker's raylet. Its config's trial is retried on the head; finished seeds are kept, not rerun.
+    # This driver finds the cluster through RAY_ADDRESS instead of --address.
     log = tmp_path / "node_death.log"
     sweep_dir = tmp_path / "results" / "node_death"
-    driver = _driver(cluster, tmp_path, log, "name=node_death", "search.num_samples=3")
+    driver = _driver(cluster, tmp_path, log, "name=node_death", "search.num_samples=3", via_env=True)
     try:
         deadline = time.monotonic() + 180
         while not (_records(sweep_dir) and cluster.worker_runs_a_unit()):
