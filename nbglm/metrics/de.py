@@ -191,24 +191,14 @@ def _slice_sums(
         run_len = np.concatenate([run_len, np.ones(alone.size, dtype=np.int64)])
         order = np.argsort(run_pos)
         run_pos, run_len = run_pos[order], run_len[order]
-    # Control entries and the entries tied with them: control sorts first within a tie block,
-    # so the block continues after the last control entry of each control value.
+    # Entries tied with control: control sorts first within a tie block, so each block holding
+    # control runs from the last control entry of its value to the first key of the next value.
     c_start, c_len = _runs(keys[cpos])
     last = cpos[c_start + c_len - 1]
-    tied_pos, tied_ctrl = [np.zeros(0, dtype=np.int64)], [np.zeros(0)]
-    tie_of_last = keys[last] >> layout.group_bits
-    step = 1
-    while last.size:
-        nxt = last + step
-        ok = nxt < n
-        last, c_len, tie_of_last, nxt = last[ok], c_len[ok], tie_of_last[ok], nxt[ok]
-        ok = (keys[nxt] >> layout.group_bits) == tie_of_last
-        last, c_len, tie_of_last = last[ok], c_len[ok], tie_of_last[ok]
-        tied_pos.append(nxt[ok])
-        tied_ctrl.append(c_len.astype(np.float64))
-        step += 1
-    e_pos = np.concatenate(tied_pos)
-    e_ctrl = np.concatenate(tied_ctrl)
+    block_end = np.searchsorted(keys, ((keys[last] >> layout.group_bits) + 1) << layout.group_bits)
+    span = block_end - last - 1
+    e_pos = np.repeat(last + 1, span) + _ramp(span)
+    e_ctrl = np.repeat(c_len, span).astype(np.float64)
     below[e_pos] -= 0.5 * e_ctrl
 
     # Tie-correction term per entry, summed per (group, gene) below: a run of t rows of a group
