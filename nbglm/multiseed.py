@@ -62,12 +62,12 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
     t0 = time.perf_counter()
     data, de_cache = shared_inputs(base, data)
     records: dict[int, dict] = {}
-    with ray_session(address or ps.address):
+    limit = min(ps.max_workers or len(ps.seeds), len(ps.seeds))
+    with ray_session(address or ps.address, units=limit):
         cpu, gpu = unit_resources(ps.resources.cpu, ps.resources.gpu)
         data_ref = ray.put(data)
         cache_ref = ray.put(de_cache) if de_cache is not None else None
         pending, pool = list(ps.seeds), UnitPool()
-        limit = ps.max_workers or len(pending)
         while pending or len(pool):
             while pending and len(pool) < limit:
                 seed = pending.pop(0)

@@ -49,20 +49,24 @@ def _check_reachable(address: str) -> None:
                          "(`ray start --head`) or fix --address") from None
 
 
-def connect(address: str | None) -> bool:
+def connect(address: str | None, units: int = 1) -> bool:
     """Make sure Ray is up; True when this call initialised it (the caller then shuts it down).
 
     No address (and no RAY_ADDRESS in the environment, which Ray's own tools also honour) starts a
     local Ray sized to the machine (its real CPUs and GPUs, no GPU declared when there is none).
     Token auth, on by default for a new local Ray, needs nothing from us; an attached cluster's
     token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, with RAY_AUTH_MODE=token.
+    `units` is how many seed units run at once: a local Ray keeps that many idle workers (Ray's
+    default is one per CPU), so the next config's units reuse warm workers instead of paying a
+    process start and the torch import each time.
     """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
+        keep = max(units, os.cpu_count() or 1)
         try:
-            ray.init(address="local", include_dashboard=False)
+            ray.init(address="local", include_dashboard=False, _system_config={"num_workers_soft_limit": keep})
         except Exception as exc:  # e.g. no writable ~/.ray for the auth token, no room in /tmp
             raise NbglmError(f"could not start a local Ray: {_first_line(exc)}") from None
         return True
@@ -75,9 +79,9 @@ def connect(address: str | None) -> bool:
 
 
 @contextmanager
-def ray_session(address: str | None) -> Iterator[bool]:
+def ray_session(address: str | None, units: int = 1) -> Iterator[bool]:
     """`connect` for the duration of a block; shut down only a Ray this block initialised."""
-    started = connect(address)
+    started = connect(address, units)
     try:
         yield started
     finally:

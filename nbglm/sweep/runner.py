@@ -178,7 +178,7 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     check_mode_inputs(base_cfg)  # a missing checkpoint is one line here, not a failed seed per config
     data, de_cache = shared_inputs(base_cfg, None)  # read here, shipped to every node via the object store
     n = len(spec.seeds)
-    with ray_session(address):
+    with ray_session(address, units=spec.max_concurrent * n):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu, n_units=n)
         ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu,
                            data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None)
