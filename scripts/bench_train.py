@@ -24,9 +24,12 @@ from pathlib import Path
 JOBS = ("whole", "concise", "experiment")
 
 
-def _worker(job: str, device: str, overrides: list[str]) -> dict:
+def _worker(job: str, device: str, overrides: list[str], threads: int | None) -> dict:
     import numpy as np
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from nbglm.config import load_config
     from nbglm.data import load_dataset, make_synthetic
@@ -65,8 +68,9 @@ def _worker(job: str, device: str, overrides: list[str]) -> dict:
     return out
 
 
-def _run(job: str, device: str, overrides: list[str]) -> dict:
+def _run(job: str, device: str, overrides: list[str], threads: int | None) -> dict:
     cmd = [sys.executable, __file__, "--worker", job, "--device", device]
+    cmd += ["--threads", str(threads)] if threads else []
     cmd += [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -80,19 +84,21 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per measurement, interleaved; the fastest is reported (robust to a busy machine)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); "
+                        "1 gives CPU seconds that a busy machine barely distorts")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(args.worker, args.device[0], args.overrides)))
+        print(json.dumps(_worker(args.worker, args.device[0], args.overrides, args.threads)))
         return
 
-    _run("data", args.device[0], args.overrides)  # first use builds the cached synthetic data: not timed
+    _run("data", args.device[0], args.overrides, args.threads)  # first use builds the cached synthetic data: not timed
     results: dict[tuple[str, str], dict] = {}
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     print(f"{'device':8} {'job':10} {'epochs':>6} {'s/epoch':>8} {'cell-gene/s':>12} {'train s':>8} "
           f"{'sample s':>8} {'total s':>8} {'CPU s':>7} {'RSS MiB':>8} {'r(heldout)':>10}")
     for device in args.device:
-        runs = [{job: _run(job, device, args.overrides) for job in JOBS} for _ in range(args.repeat)]
+        runs = [{job: _run(job, device, args.overrides, args.threads) for job in JOBS} for _ in range(args.repeat)]
         for job in JOBS:
             r = results[device, job] = min((run[job] for run in runs), key=lambda x: x["total_s"])
             sample = f"{r['sample_s']:8.2f}" if "sample_s" in r else f"{'-':>8}"
