@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/nbglm synth --output outputs/synthetic_data
+	$(BIN)/python launch.py sweeps/rank_search.yaml
 
 test: setup
 	$(BIN)/python -m pytest
