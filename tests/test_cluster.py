@@ -90,14 +90,23 @@ class Cluster:
         log = (self.worker_tmp / "session_latest" / "logs" / "raylet.out").read_text()
         return re.search(r"Setting node ID node_id=([0-9a-f]+)", log).group(1)
 
-    def worker_runs_a_unit(self) -> bool:
-        return any(_cmdline(pid).startswith("ray::_unit") for pid in _pids_with_env(f"{self.run_id}-worker"))
+    def worker_seed_dirs(self) -> set[Path]:
+        """Seed bundles the worker node is training now: a running unit holds its logs/run.log open."""
+        running = set()
+        for pid in _pids_with_env(f"{self.run_id}-worker"):
+            try:
+                targets = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            except OSError:
+                continue
+            running.update(Path(t).parents[1] for t in targets if t.endswith("/logs/run.log"))
+        return running
 
-    def kill_worker_raylet(self) -> None:
-        """SIGKILL the worker node's raylet: the node dies the way a lost machine does."""
-        raylets = [p for p in _pids_with_env(f"{self.run_id}-worker") if "/raylet/raylet " in _cmdline(p)]
-        assert raylets, "the worker node's raylet is not running"
-        _kill(raylets)
+    def kill_worker_node(self) -> None:
+        """SIGKILL every process of the worker node at once (raylet, agents, workers): a lost machine.
+        Killing the raylet alone lets its workers finish a few more moments of work before they notice."""
+        pids = _pids_with_env(f"{self.run_id}-worker")
+        assert any("/raylet/raylet " in _cmdline(p) for p in pids), "the worker node's raylet is not running"
+        _kill(pids)
 
 
 def _bare_python(where: Path) -> Path:
@@ -166,6 +175,11 @@ def _records(sweep_dir: Path) -> list[Path]:
     return list(sweep_dir.glob("config_*/seeds/seed_*.json"))
 
 
+def _unfinished(seed_dirs: set[Path]) -> list[Path]:
+    """Seed bundles (`config_x/seed_n`) whose record (`config_x/seeds/seed_n.json`) is not written yet."""
+    return [d for d in seed_dirs if not (d.parent / "seeds" / f"{d.name}.json").exists()]
+
+
 def test_sweep_runs_on_both_nodes_and_survives_a_worker_node_death(cluster: Cluster, tmp_path: Path) -> None:
     # 1. Attach: two configs at once, one per node (each config's two units fill a node's GPU).
     log = tmp_path / "both_nodes.log"
@@ -179,27 +193,29 @@ def test_sweep_runs_on_both_nodes_and_survives_a_worker_node_death(cluster: Clus
     shipped = cluster.worker_tmp / "session_latest" / "runtime_resources"
     assert list(shipped.rglob("nbglm/sweep/units.py")), "the package was not shipped to the worker node"
 
-    # 2. Node death: once a seed's record has landed and the worker node is training a unit, kill the
-    # worker's raylet. Its config's trial is retried on the head; finished seeds are kept, not rerun.
+    # 2. Node death: once the first seed records of this sweep have landed and the worker node is
+    # training a seed that has no record yet, kill the worker node. A config fills a node, so with
+    # four configs two at a time the worker is sure to train one after the first records. The killed
+    # config's trial is retried on the head, the searcher goes on, and every seed is counted once.
     # This driver finds the cluster through RAY_ADDRESS instead of --address.
     log = tmp_path / "node_death.log"
     sweep_dir = tmp_path / "results" / "node_death"
-    driver = _driver(cluster, tmp_path, log, "name=node_death", "search.num_samples=3", via_env=True)
+    driver = _driver(cluster, tmp_path, log, "name=node_death", "search.num_samples=4", via_env=True)
     try:
         deadline = time.monotonic() + 180
-        while not (_records(sweep_dir) and cluster.worker_runs_a_unit()):
+        while not (_records(sweep_dir) and _unfinished(cluster.worker_seed_dirs())):
             assert driver.poll() is None, "the sweep ended before the worker node could be killed:\n" + log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no unit ran on the worker node after the first record"
+            assert time.monotonic() < deadline, "no unfinished seed ran on the worker node after the first records"
             time.sleep(0.1)
-        cluster.kill_worker_raylet()
+        cluster.kill_worker_node()
         assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:
         if driver.poll() is None:
             driver.kill()
     configs = _csv(sweep_dir / "results" / "configs.csv")
     trials = _csv(sweep_dir / "results" / "trials.csv")
-    assert len(configs) == 3 and all(c["status"] == "ok" and c["n_seeds_ok"] == "2" for c in configs)
-    assert len(trials) == 6 and len({(t["trial_id"], t["seed"]) for t in trials}) == 6  # no seed counted twice
+    assert len(configs) == 4 and all(c["status"] == "ok" and c["n_seeds_ok"] == "2" for c in configs)
+    assert len(trials) == 8 and len({(t["trial_id"], t["seed"]) for t in trials}) == 8  # no seed counted twice
     assert all(t["status"] == "ok" for t in trials)
     retried = [d for d in sweep_dir.glob("config_*") if int((d / "attempts").read_text()) > 1]
     assert retried, "no config was retried after the node died"

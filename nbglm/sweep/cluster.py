@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import nbglm
 from nbglm.errors import NbglmError
@@ -76,6 +78,32 @@ def connect(address: str | None, units: int = 1) -> bool:
     except Exception as exc:  # ConnectionError, AuthenticationError, ...: one line for the user
         raise NbglmError(f"could not attach to Ray at {address}: {_first_line(exc)} ({_ATTACH_HINT})") from None
     return True
+
+
+@ray.remote(num_cpus=0)
+def _sees(path: str) -> bool:
+    return Path(path).exists()
+
+
+def check_shared_storage(directory: Path) -> None:
+    """Every node writes seed records into the sweep directory, so on a multi-node cluster it must be
+    one every node mounts: fail in seconds naming the nodes that cannot see it, not lose their results."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".probe_{secrets.token_hex(4)}"
+    probe.touch()
+    try:
+        seen = ray.get([_sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(str(probe)) for n in nodes], timeout=300)
+    finally:
+        probe.unlink(missing_ok=True)
+    blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise NbglmError(f"storage_path: {directory} is not visible on node(s) {', '.join(blind)}; on a multi-node "
+                         "cluster put storage_path on a filesystem every node mounts (NFS, or a bucket mounted with "
+                         "s3fs/gcsfuse)")
 
 
 @contextmanager

@@ -36,7 +36,7 @@ from nbglm.multiseed import shared_inputs
 from nbglm.pipeline import check_mode_inputs
 from nbglm.report import report_after_sweep
 from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
-from nbglm.sweep.cluster import ray_session, unit_resources
+from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
 from nbglm.sweep.space import SweepSpec, load_spec
 from nbglm.sweep.trainable import SweepContext, train_config, trial_dirname
 
@@ -180,6 +180,7 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     n = len(spec.seeds)
     with ray_session(address, units=spec.max_concurrent * n):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu, n_units=n)
+        check_shared_storage(sweep_dir)
         ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu,
                            data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None)
         bundles = [{}] + [{"CPU": cpu, "GPU": gpu}] * n  # empty head: the trainable only coordinates
