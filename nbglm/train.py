@@ -322,7 +322,7 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
             epoch_loss = float(total) / weight
             if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
                 raise NbglmError(f"training diverged at epoch {epoch} (loss {epoch_loss}): "
-                                 f"lower train.lr (now {tcfg.lr:g}) or set train.grad_clip")
+                                 f"lower train.lr (now {tcfg.lr:g})")
             metrics = {"loss": epoch_loss, "lr": opt.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
             history.append({"epoch": epoch, **metrics})
             if on_epoch_end is not None:

@@ -88,7 +88,7 @@ def test_heldout_lfc_correlates_with_truth(data: Dataset, true_lfc: np.ndarray, 
 
 def test_heldout_nb_nll_beats_the_control_mean_model(data: Dataset, concise: LowRankNBGLM) -> None:
     trained, control = heldout_nb_nll(concise, data), heldout_nb_nll(concise, data, control_only=True)
-    assert trained < control - 0.005, (trained, control)
+    assert trained < control - 0.02, (trained, control)  # ~1.86 vs ~1.92 nats per cell-gene
 
 
 def test_concise_and_whole_reach_similar_heldout_error(data: Dataset, true_lfc: np.ndarray,
