@@ -8,7 +8,9 @@ sum of the bare (sequential) unit times, minus 1 -- the fraction of a unit's own
 sweep spends on top of it. Parallelism is what the machine can really run at once: min(CPU cores,
 seed units in flight). The same ratio over the span from the first unit's start to the last unit's
 end separates the per-trial cost (scheduling, trial hand-over, reporting, cores shared by concurrent
-units) from the once-per-sweep start-up (Ray start, Tune set-up, first worker processes).
+units) from the once-per-sweep start-up (Ray start, Tune set-up, first worker processes). On a
+shared machine the wall times include other people's load, so the CPU seconds the units burned in
+each mode, and the cores the sweep's units actually got, are printed too.
 `--set` takes sweep-spec overrides, e.g. --set overrides.train.epochs=40.
 """
 
@@ -67,14 +69,15 @@ def main() -> None:
     base_cfg = spec.resolve_base()
     base = to_dict(base_cfg)
     data, de_cache = shared_inputs(base_cfg, None)
-    bare = []
+    bare, bare_cpu = [], 0.0
     for row in rows:
         cfg = from_dict(spec.experiment_dict({k: row[k] for k in spec.space}, base))
         for seed in spec.seeds:
-            t_unit = time.perf_counter()
+            t_unit, c_unit = time.perf_counter(), time.process_time()
             run_experiment(with_seed(cfg, seed), data, de_cache=de_cache,
                            bundle_dir=work / "sequential" / row["trial_id"] / f"seed_{seed}")
             bare.append(time.perf_counter() - t_unit)
+            bare_cpu += time.process_time() - c_unit
     sequential_s = time.perf_counter() - t0
 
     units = len(bare)
@@ -97,6 +100,10 @@ def main() -> None:
     print(f"  once per sweep            : {sweep_s - span:7.1f} s  (before the first unit starts and after the last ends)")
     print(f"  per trial (first unit start to last unit end): {span * parallelism / sum(bare) - 1:.1%} "
           f"(= {span:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
+    sweep_cpu = sum(float(r["cpu_s"]) for r in in_sweep)
+    print(f"CPU time of the units       : {sweep_cpu:7.1f} s in (b) vs {bare_cpu:.1f} s in (a) "
+          f"({sweep_cpu / bare_cpu - 1:+.1%}); over the span the units got {sweep_cpu / span:.2f} of "
+          f"{parallelism} cores (the rest went to other processes on the machine)")
     print(f"load average (1/5/15 min) before: {' '.join(f'{x:.1f}' for x in load_before)}, after: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} -- other processes on the machine skew both sides")
     print(f"results: {work}")

@@ -73,7 +73,8 @@ def collect(sweep_dir: Path, spec: SweepSpec, trials: list[TrialInfo]) -> tuple[
             records.append(rec)
             trial_rows.append({
                 "trial_id": t.trial_id, **params, "seed": seed, "status": rec["status"],
-                **{m: rec.get(m) for m in METRICS}, "wall_s": rec.get("wall_s"), "node_id": rec.get("node_id"),
+                **{m: rec.get(m) for m in METRICS}, "wall_s": rec.get("wall_s"), "cpu_s": rec.get("cpu_s"),
+                "node_id": rec.get("node_id"),
                 "gpu_ids": " ".join(rec.get("gpu_ids") or []), "start": rec.get("start"), "end": rec.get("end"),
                 "error": rec.get("error"),
             })

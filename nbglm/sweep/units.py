@@ -50,11 +50,12 @@ def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> 
     ctx = ray.get_runtime_context()
     record: dict[str, Any] = {
         "seed": seed, "status": "ok", "error": None, **{m: None for m in METRICS},
-        "wall_s": None, "start": time.time(), "end": None, "node_id": ctx.get_node_id(),
+        "wall_s": None, "cpu_s": None, "start": time.time(), "end": None, "node_id": ctx.get_node_id(),
         "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])], "pid": os.getpid(),
         "bundle": bundle_dir,
     }
     events: queue.Queue = queue.Queue()
+    cpu_start = time.process_time()  # the worker runs nothing else: its CPU time is this unit's
 
     def work() -> None:
         try:
@@ -71,6 +72,7 @@ def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> 
         finally:
             record["end"] = time.time()
             record["wall_s"] = record["end"] - record["start"]
+            record["cpu_s"] = time.process_time() - cpu_start
             events.put(("done", seed, record))
 
     threading.Thread(target=work, name=f"seed-{seed}", daemon=True).start()
@@ -96,7 +98,7 @@ def launch_unit(cfg: Config, seed: int, data_ref: Any, de_cache_ref: Any, bundle
 def failed_record(seed: int, exc: BaseException, bundle_dir: Path) -> dict:
     """The record of a unit whose worker or node died (Ray has already retried it)."""
     return {"seed": seed, "status": "failed", "error": one_line(exc), **{m: None for m in METRICS},
-            "wall_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
+            "wall_s": None, "cpu_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
             "bundle": str(bundle_dir)}
 
 
