@@ -97,7 +97,7 @@ def main() -> None:
     print(f"speed-up (a)/(b)            : {sequential_s / sweep_s:7.2f} x")
     print(f"Ray overhead per unit       : {overhead:7.1%} of a bare unit "
           f"(= {sweep_s:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
-    print(f"  once per sweep            : {sweep_s - span:7.1f} s  (before the first unit starts and after the last ends)")
+    print(f"  once per sweep            : {sweep_s - span:7.1f} s  (before the first unit starts, after the last ends)")
     print(f"  per trial (first unit start to last unit end): {span * parallelism / sum(bare) - 1:.1%} "
           f"(= {span:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
     sweep_cpu = sum(float(r["cpu_s"]) for r in in_sweep)

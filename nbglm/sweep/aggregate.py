@@ -127,8 +127,8 @@ def print_table(spec: SweepSpec, config_rows: list[dict], top: int = 10) -> None
                     key=lambda r: -sign * r[f"{spec.metric}_mean"])
     failed = [r for r in config_rows if r[f"{spec.metric}_mean"] is None]
     table = Table(title=f"sweep '{spec.name}': top configs by seed-mean {spec.metric} ({spec.mode})")
-    for col in ("#", "trial", "status", "seeds ok", f"{spec.metric} mean +- std", *[m for m in METRICS if m != spec.metric],
-                "params"):
+    others = [m for m in METRICS if m != spec.metric]
+    for col in ("#", "trial", "status", "seeds ok", f"{spec.metric} mean +- std", *others, "params"):
         table.add_column(col)
 
     def num(v: Any) -> str:

@@ -184,7 +184,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
         ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu,
                            data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None)
         bundles = [{}] + [{"CPU": cpu, "GPU": gpu}] * n  # empty head: the trainable only coordinates
-        trainable = tune.with_resources(tune.with_parameters(train_config, ctx=ctx), tune.PlacementGroupFactory(bundles))
+        trainable = tune.with_resources(tune.with_parameters(train_config, ctx=ctx),
+                                        tune.PlacementGroupFactory(bundles))
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -204,7 +205,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
                 ),
             )
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(sweep_dir / SAVED_SPEC, yaml.safe_dump({"spec": spec.raw, "base_config": base}, sort_keys=False))
+            atomic.write_text(sweep_dir / SAVED_SPEC,
+                              yaml.safe_dump({"spec": spec.raw, "base_config": base}, sort_keys=False))
             write_hparams_experiment(sweep_dir, spec)
         with _tune_env():
             grid = tuner.fit()

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-from nbglm.config import Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml, set_dotted, to_dict
+from nbglm.config import (Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml,
+                          set_dotted, to_dict)
 from nbglm.errors import NbglmError
 
 METRICS = ("overall_score", "des", "pds", "mae")
@@ -159,7 +160,7 @@ def _parse_param(key: str, raw: Any, config_keys: list[str]) -> Param:
         if "choices" in raw:
             raise NbglmError(f"{where}: 'choices' is for type categorical; {kind} takes low and high")
         number = int if kind == "int" else (int, float)
-        if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, number) or not isinstance(high, number):
+        if any(isinstance(v, bool) or not isinstance(v, number) for v in (low, high)):
             raise NbglmError(f"{where}: type {kind} needs {kind} 'low' and 'high', got low={low!r} high={high!r}")
         if not isinstance(log, bool):
             raise NbglmError(f"{where}: 'log' must be true or false, got {log!r}")
@@ -267,7 +268,8 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
         if not ok:
             raise NbglmError(msg)
     if not isinstance(space_raw, dict) or not space_raw:
-        raise NbglmError("search.space is empty: add at least one entry, e.g. model.rank: {type: int, low: 2, high: 64}")
+        raise NbglmError("search.space is empty: add at least one entry, "
+                         "e.g. model.rank: {type: int, low: 2, high: 64}")
     config_keys = all_keys()
     space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
     overrides = _flatten(overrides_raw)

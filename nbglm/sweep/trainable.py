@@ -2,9 +2,9 @@
 
 Design: each trial reserves a placement group with an empty head bundle (the trainable only
 coordinates, so it holds no CPU) plus one `{CPU: c, GPU: g}` bundle per seed, and runs every seed
-as the multi-seed runner's seed unit (`nbglm.sweep.units.seed_unit`) pinned to its own bundle. So the
-seeds of one config run concurrently, each on its fractional GPU, and the units of several configs
-pack onto the same GPUs.
+as a seed unit (`nbglm.sweep.units.seed_unit`, the multi-seed runner's too) pinned to its own
+bundle. So the seeds of one config run concurrently, each on its fractional GPU, and the units of
+several configs pack onto the same GPUs.
 
 Why not one trial per (config, seed) grouped by Tune's `Repeater`: the Repeater keeps the grouping
 in searcher memory and has no working save/restore (ray-project/ray#11918, open), so after a driver
@@ -34,9 +34,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nbglm import atomic
 from nbglm.config import from_dict
-from nbglm.sweep.units import METRICS, UnitPool, launch_unit, seed_stats
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
 from nbglm.sweep.space import SweepSpec
+from nbglm.sweep.units import METRICS, UnitPool, launch_unit, seed_stats
 
 REPORT_EVERY_S = 1.0
 
