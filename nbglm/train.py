@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from nbglm import atomic
 from nbglm.config import Config, ModelConfig, from_dict, to_dict
 from nbglm.data import Dataset
 from nbglm.errors import NbglmError
@@ -365,15 +364,8 @@ def save_checkpoint(path: str | Path, model: LowRankNBGLM, cfg_dict: dict | Conf
         "theta": model.theta.detach().cpu(),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
