@@ -20,19 +20,11 @@ import scipy.sparse as sp
 
 from nbglm.config import Config
 from nbglm.data import Dataset
+from nbglm.data.embeddings import pseudobulks
 from nbglm.metrics import to_log1p
 from nbglm.sample import control_cells, control_source
 
 BASELINES = ("cell_mean", "control", "linear")
-
-
-def _pseudobulks(x: sp.csr_matrix | np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-label mean rows of `x` (labels sorted), via one sparse indicator product."""
-    names, codes = np.unique(labels, return_inverse=True)
-    indicator = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(names.size, codes.size))
-    sums = indicator @ x
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return names, sums / np.bincount(codes)[:, None]
 
 
 def _ridge_effects(data: Dataset, names: np.ndarray, bulks: np.ndarray, lam: float) -> np.ndarray:
@@ -62,7 +54,7 @@ def predict_baseline(cfg: Config, data: Dataset, seed: int) -> ad.AnnData:
         cells = sp.csr_matrix(controls.X[pick], dtype=np.float32)
         ctrl_x = sp.csr_matrix(controls.X, dtype=np.float32)
     else:
-        names, bulks = _pseudobulks(to_log1p(data.train, "training data"), data.train.obs[data.pert_col].to_numpy(str))
+        names, bulks = pseudobulks(to_log1p(data.train, "training data"), data.train.obs[data.pert_col].to_numpy(str))
         if name == "cell_mean":
             profiles = np.broadcast_to(bulks.mean(axis=0), (len(perts), bulks.shape[1]))
         else:

@@ -66,6 +66,9 @@ class DataConfig:
     phase_column: str | None = "phase"
     normalize_embeddings: bool = True  # row-wise L2 normalisation of G and P
     derived_embedding_dim: int = 64  # PCA dimension when embeddings are derived from the data
+    # Principal components of the training perturbations' pseudobulk effects appended to every
+    # gene's embedding (0 = off): how each gene has responded, which a prior embedding lacks.
+    effect_pcs: int = 32
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -91,7 +94,7 @@ class ModelConfig:
     gp_activation: Activation = "gelu"
     gp_norm: Norm = "layernorm"
     gp_dropout: float = 0.1
-    alpha_init: float = 5.0
+    alpha_init: float = 2.0
     use_cycle: bool = False
     learn_theta: bool = False
     theta_min: float = 0.01
@@ -213,6 +216,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sampling.batch_cells": (lambda v: v > 0, "a positive integer"),
     "sampling.gamma_heterogeneity.r0": (lambda v: v > 0, "a positive number"),
     "data.derived_embedding_dim": (lambda v: v > 0, "a positive integer"),
+    "data.effect_pcs": (lambda v: v >= 0, "a non-negative integer (0 = off)"),
     "data.synthetic.n_genes": (lambda v: v >= 10, "an integer >= 10"),
     "data.synthetic.n_train_perts": (lambda v: v >= 2, "an integer >= 2"),
     "data.synthetic.n_test_perts": (lambda v: v >= 1, "a positive integer"),

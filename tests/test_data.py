@@ -15,7 +15,7 @@ import torch
 from nbglm.cli import main
 from nbglm.config import SyntheticConfig, load_config
 from nbglm.data import load_dataset, make_synthetic
-from nbglm.data.embeddings import derive_gene_embedding, read_embedding
+from nbglm.data.embeddings import derive_gene_embedding, effect_gene_embedding, read_embedding
 from nbglm.data.io import read_counts
 from nbglm.data.split import split_by_perturbation
 from nbglm.errors import NbglmError
@@ -140,14 +140,31 @@ def test_synthetic_default_size_is_realistic():
 def test_load_dataset_synthetic_default_path():
     cfg = load_config(None, SMALL_SET)
     ds = load_dataset(cfg)
-    assert ds.gene_emb.shape == (200, 64) and ds.gene_emb.dtype == np.float32
-    assert np.allclose(np.linalg.norm(ds.gene_emb, axis=1), 1.0, atol=1e-5)
+    # 64 given dims (unit rows) + data.effect_pcs, capped at n_train_perts - 1 = 19 components
+    assert ds.gene_emb.shape == (200, 64 + 19) and ds.gene_emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(ds.gene_emb[:, :64], axis=1), 1.0, atol=1e-5)
     assert len(ds.train_perts) == 20 and len(ds.heldout_perts) == 5
     assert list(ds.pert_emb.index) == ds.train_perts + ds.heldout_perts
     assert ds.phase_col == "phase" and ds.control == "non-targeting" and ds.pert_col == "target_gene"
     assert list(ds.test.var_names) == ds.gene_names
-    raw = load_dataset(load_config(None, [*SMALL_SET, "data.normalize_embeddings=false"]))
+    raw = load_dataset(load_config(None, [*SMALL_SET, "data.normalize_embeddings=false", "data.effect_pcs=0"]))
+    assert raw.gene_emb.shape == (200, 64)
     assert not np.allclose(np.linalg.norm(raw.gene_emb, axis=1), 1.0)
+    assert np.allclose(ds.gene_emb[:, :64], raw.gene_emb / np.linalg.norm(raw.gene_emb, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_effect_embedding_marks_the_genes_that_respond():
+    """Gene 0 responds (x8) to perturbations A and B; the others only follow the depth."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["ctrl", "A", "B", "C", "D"], 50)
+    mean = np.full((labels.size, 30), 20.0)
+    mean[np.isin(labels, ["A", "B"]), 0] *= 8
+    counts = sp.csr_matrix(rng.poisson(mean).astype(np.float32))
+    emb = effect_gene_embedding(counts, labels, "ctrl", dim=10)
+    assert emb.shape == (30, 3)  # capped at 4 perturbations - 1
+    assert np.linalg.norm(emb, axis=1).mean() == pytest.approx(1.0, rel=1e-5)
+    norms = np.linalg.norm(emb, axis=1)
+    assert norms[0] > 5 * np.median(norms[1:])
 
 
 def test_synth_cli_files_load_like_the_builtin_dataset(tmp_path, capsys):
@@ -261,7 +278,8 @@ def test_real_jurkat_split_derive_and_load(tmp_path, capsys, caplog):
         ds = load_dataset(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0] and warnings[0].startswith("14 training perturbation")
-    assert ds.gene_emb.shape == (2000, 64)
+    # 64 derived PCA dims + 16 effect PCs: all 17 training perturbations' effects count, embedded or not
+    assert ds.gene_emb.shape == (2000, 64 + 16)
     assert sorted(ds.train_perts) == ["EGR3", "JUND", "NR4A1"]
     assert set(ds.heldout_perts) == {"EGR1", "JUN", "RELA"}
     counts = ds.test.obs["target_gene"].value_counts()

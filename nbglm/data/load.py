@@ -7,11 +7,13 @@ paths validate, align and normalise embeddings identically.
 from __future__ import annotations
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 from nbglm.config import Config
 from nbglm.data.dataset import Dataset
-from nbglm.data.embeddings import align_genes, derive_gene_embedding, read_embedding, select_perts
+from nbglm.data.embeddings import (align_genes, derive_gene_embedding, effect_gene_embedding, read_embedding,
+                                   select_perts)
 from nbglm.data.io import check_val_perts, pert_labels, read_counts, read_val_list, val_list
 from nbglm.data.synthetic import make_synthetic
 from nbglm.errors import NbglmError
@@ -38,6 +40,9 @@ def assemble(cfg: Config, train: ad.AnnData, test: ad.AnnData | None, heldout: p
         raise NbglmError(f"training data has no perturbed cells: every obs['{pert_col}'] is '{control}'")
     normalize = cfg.data.normalize_embeddings
     gene_emb = align_genes(gene_table, genes, gene_source, normalize)
+    if cfg.data.effect_pcs:
+        labels = train.obs[pert_col].astype(str).to_numpy()
+        gene_emb = np.hstack([gene_emb, effect_gene_embedding(train.X, labels, control, cfg.data.effect_pcs)])
     pert_emb = select_perts(gene_table if pert_table is None else pert_table, train_perts,
                             list(heldout["target_gene"]), pert_source or gene_source, normalize)
     phase = cfg.data.phase_column
