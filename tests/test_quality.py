@@ -1,0 +1,67 @@
+"""Held-out quality of the default NB-GLM on the built-in synthetic data, against the baselines.
+
+Full default data and config, seeds 1-3 (the numbers in the README's quality table, from
+`python scripts/quality_table.py`). Each seed is trained once; the Poisson-sampler variant
+samples again from that seed's checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nbglm.config import load_config
+from nbglm.data import Dataset, load_dataset
+from nbglm.pipeline import run_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (1, 2, 3)
+METRICS = ("overall_score", "des", "pds", "mae")
+
+
+def _mean(runs: list[dict]) -> dict[str, float]:
+    return {m: float(np.mean([r[m] for r in runs])) for m in METRICS}
+
+
+@pytest.fixture(scope="module")
+def scores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
+    out = tmp_path_factory.mktemp("quality")
+    default = ROOT / "configs" / "default.yaml"
+    data: Dataset = load_dataset(load_config(default))
+    runs: dict[str, list[dict]] = {"nb_glm": [], "nb_glm_poisson": [], "linear": [], "cell_mean": []}
+    for seed in SEEDS:
+        bundle = out / f"nb_glm_{seed}"
+        runs["nb_glm"].append(run_experiment(load_config(default, [f"experiment.seed={seed}"]), data,
+                                             bundle_dir=bundle).metrics)
+        poisson = load_config(default, [f"experiment.seed={seed}", "sampling.sampler=poisson",
+                                        "pipeline.mode=sample_eval",
+                                        f"pipeline.pretrained_ckpt={bundle / 'ckpt' / 'model.pt'}"])
+        runs["nb_glm_poisson"].append(run_experiment(poisson, data, bundle_dir=out / f"poisson_{seed}").metrics)
+        for name in ("linear", "cell_mean"):
+            cfg = load_config(default, [f"experiment.seed={seed}", f"model.name={name}"])
+            runs[name].append(run_experiment(cfg, data, bundle_dir=out / f"{name}_{seed}").metrics)
+    return {name: _mean(r) for name, r in runs.items()}
+
+
+def test_default_nb_glm_scores_well_above_the_vcc_baseline(scores: dict[str, dict[str, float]]) -> None:
+    model, cell_mean = scores["nb_glm"], scores["cell_mean"]
+    assert model["overall_score"] > 0.2
+    assert model["des"] > cell_mean["des"] + 0.1
+    assert model["pds"] > cell_mean["pds"] + 0.2
+    assert model["mae"] < cell_mean["mae"]
+
+
+def test_default_nb_glm_discriminates_perturbations_better_than_linear(scores: dict[str, dict[str, float]]) -> None:
+    assert scores["nb_glm"]["pds"] > scores["linear"]["pds"]
+
+
+def test_poisson_sampled_nb_glm_beats_linear_on_de_genes(scores: dict[str, dict[str, float]]) -> None:
+    """With NB noise the predicted cells call fewer DE genes than the real ones for strong
+    perturbations (the model predicts their expected, shrunken effect), so DES ties with linear,
+    whose identical cells make every changed gene significant; Poisson cells recover the calls.
+    (Their PDS, 0.865 vs 0.863 over seeds 1-3, is a tie, so it is not asserted.)"""
+    poisson, linear = scores["nb_glm_poisson"], scores["linear"]
+    assert poisson["des"] > linear["des"]
+    assert poisson["overall_score"] > 0.2
