@@ -242,6 +242,15 @@ def _kill_processes_with_env(name: str, value: str) -> None:
             continue
 
 
+def _in_saved_state(sweep_dir: Path, trial_id: str) -> bool:
+    """Whether Tune's experiment state on disk (what a resume restores) lists the trial.
+
+    Tune saves it every second, in the background; a config that finished within that window of a
+    crash is not in it, and a resume samples a new config instead (runner docstring)."""
+    return any(f'\\"trial_id\\": \\"{trial_id}\\"' in f.read_text(errors="ignore")
+               for f in sweep_dir.glob("experiment_state-*.json"))
+
+
 def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_local, tmp_path: Path) -> None:
     import os
     import shutil
@@ -264,8 +273,9 @@ def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_
                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while True:  # kill once one config has finished and the next one is running
-            finished = [d for d in sweep_dir.glob("config_*") if all(read_record(d, s) for s in (1, 2))]
+        while True:  # kill once a finished config is in Tune's saved state and the next one is running
+            finished = [d for d in sweep_dir.glob("config_*") if all(read_record(d, s) for s in (1, 2))
+                        and _in_saved_state(sweep_dir, d.name.removeprefix("config_"))]
             started = list(sweep_dir.glob("config_*/attempts"))
             if finished and len(started) > len(finished):
                 break
