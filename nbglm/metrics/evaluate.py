@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 
 from nbglm.errors import NbglmError
+from nbglm.metrics.de import threadsafe_kernels
 from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache
 from nbglm.metrics.vcc import baseline_summary, check_pair, overall_score, scaled_scores, score, summarize_adata
 
@@ -30,11 +31,14 @@ def evaluate(
     The result holds only str, int, float, None, lists and dicts (JSON-able).
     """
     check_pair(pred, real, pert_col, control)
-    if cache is None:
+    if cache is None and threadsafe_kernels():  # the two files side by side
         with ThreadPoolExecutor(2) as pool:
             truth = pool.submit(build_de_cache, real, pert_col=pert_col, control=control)
             pred_summary = summarize_adata(pred, pert_col, control, "pred")
             cache = truth.result()
+    elif cache is None:
+        cache = build_de_cache(real, pert_col=pert_col, control=control)
+        pred_summary = summarize_adata(pred, pert_col, control, "pred")
     else:
         cache.check(real, pert_col, control)
         pred_summary = summarize_adata(pred, pert_col, control, "pred")

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import anndata as ad
+import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -111,15 +112,22 @@ def _has_fraction(values: np.ndarray) -> bool:
     return False
 
 
+@numba.njit(parallel=True, cache=True)
+def _row_totals(data, indptr):  # pragma: no cover - compiled
+    """Per-row sums in float64 (exact: this path only sees integer counts, so order is free)."""
+    totals = np.zeros(indptr.size - 1)
+    for row in numba.prange(indptr.size - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            totals[row] += data[k]
+    return totals
+
+
 def _normalize_log1p(x: Matrix) -> Matrix:
     """scanpy ``normalize_total`` (target: median total count) then ``log1p``, same dtypes."""
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
     if sp.issparse(x):
-        filled = np.diff(x.indptr) > 0  # reduceat over the rows with entries: float64 sums, as scanpy
-        totals = np.zeros(x.shape[0], dtype=x.dtype)
-        if x.nnz:
-            totals[filled] = np.add.reduceat(x.data, x.indptr[:-1][filled], dtype=np.float64)
+        totals = _row_totals(x.data, x.indptr).astype(x.dtype)
         target = np.median(totals)
     else:
         totals = x.sum(axis=1)
