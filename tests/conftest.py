@@ -31,3 +31,24 @@ def ray_local() -> Iterator[object]:
         ray.shutdown()
         if own_token:
             os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Small tensors gain nothing from threads, and thread sync crawls on a busy shared machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """The reduced synthetic dataset (tests/small.py), loaded once per session."""
+    from small import small_cfg
+
+    from nbglm.data import load_dataset
+
+    return load_dataset(small_cfg())

@@ -9,33 +9,20 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from nbglm.config import Config, load_config
-from nbglm.data import Dataset, load_dataset
+from nbglm.data import Dataset
 from nbglm.errors import NbglmError
 from nbglm.model import LowRankNBGLM
 from nbglm.sample import library_sizes, sample_heldout
 from nbglm.train import fit, load_checkpoint, save_checkpoint
 
-SMALL = ["data.synthetic.n_genes=500", "data.synthetic.cells_per_pert=40", "data.synthetic.n_control=600",
-         "train.epochs=15", "train.lr=2e-3"]
+from small import small_cfg
 
-
-def small_cfg(*overrides: str) -> Config:
-    return load_config(None, [*SMALL, *overrides])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors gain nothing from threads, and thread sync crawls on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
-def data() -> Dataset:
-    return load_dataset(small_cfg())
+def data(small_data: Dataset) -> Dataset:
+    return small_data
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,7 @@ def rank_sum_test(
     if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
         raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
 
-    indices, indptr = x.indices.astype(np.int64), x.indptr.astype(np.int64)
+    indices, indptr = x.indices, x.indptr  # int32 or int64, as stored: no copy of the indices
     keys = _build_keys(codes, indices, indptr, groups, gene_shift, group_bits)
     _sort(keys)
     gene_edge = np.searchsorted(keys, np.arange(n_genes + 1, dtype=np.int64) << gene_shift)
