@@ -105,7 +105,7 @@ def control_stats(x: sp.csr_matrix, sf: np.ndarray, mcfg: ModelConfig) -> tuple[
 def build_model(cfg: Config, data: Dataset, mu_ctrl: np.ndarray, theta: np.ndarray) -> LowRankNBGLM:
     """A fresh model over all embedding rows of `data` (training and held-out perturbations)."""
     return LowRankNBGLM(
-        gene_emb=torch.as_tensor(np.asarray(data.gene_emb, dtype=np.float32)),
+        gene_emb=torch.tensor(np.asarray(data.gene_emb, dtype=np.float32)),  # a copy: object-store arrays are read-only
         pert_emb=torch.as_tensor(data.pert_emb.to_numpy(dtype=np.float32)),
         mu_ctrl=torch.as_tensor(mu_ctrl, dtype=torch.float32),
         theta=torch.as_tensor(theta, dtype=torch.float32),
