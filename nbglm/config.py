@@ -136,7 +136,10 @@ class GammaHeterogeneityConfig:
 
 @dataclass
 class SamplingConfig:
-    sampler: Literal["nb", "poisson", "gp_mixture"] = "nb"
+    sampler: Literal["nb", "poisson", "gp_mixture"] = "poisson"
+    # Control cells of pred.h5ad: `real` ones, or `model` ones drawn like the predicted cells (zero
+    # effect), so sampler noise and its log1p bias cancel when the metrics compare the two.
+    control_cells: Literal["real", "model"] = "model"
     n_cells_default: int = 100
     median_umi_default: float | None = None  # None = median UMI of the control cells
     library_size_cv: float = 0.3  # spread of drawn library sizes around the median (log-normal)

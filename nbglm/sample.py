@@ -71,10 +71,11 @@ def library_sizes(rng: np.random.Generator, n: int, median: float, cv: float) ->
 
 @torch.inference_mode()
 def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -> ad.AnnData:
-    """Predicted cells for every held-out perturbation of `data`, plus real control cells.
+    """Predicted cells for every held-out perturbation of `data`, plus control cells: the real ones
+    or, with sampling.control_cells=model, as many drawn from the model with no effect.
 
     Returns float32 CSR integer counts, genes in training order, obs[pert_col] = perturbation
-    (control label for the appended real controls). Cells are drawn in batches of
+    (the control label for control cells). Cells are drawn in batches of
     sampling.batch_cells, so memory is bounded by batch_cells x n_genes whatever the total.
     """
     scfg = cfg.sampling
@@ -84,11 +85,10 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
         raise NbglmError("the held-out list is empty: there are no perturbations to sample")
     pert_idx = model.pert_index(perts)
     controls = control_cells(data)
-    median_default = scfg.median_umi_default
+    ctrl_median = float(np.median(np.asarray(controls.X.sum(axis=1)).ravel())) if controls.n_obs else None
+    median_default = ctrl_median if scfg.median_umi_default is None else scfg.median_umi_default
     if median_default is None:
-        if controls.n_obs == 0:
-            raise NbglmError("sampling.median_umi_default is null but there are no control cells to take it from")
-        median_default = float(np.median(np.asarray(controls.X.sum(axis=1)).ravel()))
+        raise NbglmError("sampling.median_umi_default is null but there are no control cells to take it from")
     n_cells = np.round(_column(data.heldout, "n_cells", scfg.n_cells_default)).astype(np.int64)
     medians = _column(data.heldout, "median_umi_per_cell", median_default)
     if (n_cells < 1).any() or (medians <= 0).any():
@@ -102,8 +102,16 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
     cycle = None if model.cycle is None else torch.nn.functional.pad(model.cycle, (1, 0)).T.cpu()
     theta = model.theta.cpu().numpy().astype(np.float32)
     model.train(was_training)
+    labels = np.array(perts, dtype=object)
+    if scfg.control_cells == "model":  # one more group: no effect, the real controls' count and depth
+        if ctrl_median is None:
+            raise NbglmError("sampling.control_cells=model draws as many control cells as the data has, but it "
+                             "has none; add control cells or set sampling.control_cells=real")
+        profile = torch.cat([profile, model.log_mu_ctrl.cpu()[None]])
+        n_cells, medians = np.append(n_cells, controls.n_obs), np.append(medians, ctrl_median)
+        labels = np.append(labels, data.control)
 
-    cell_pert = np.repeat(np.arange(len(perts)), n_cells)
+    cell_pert = np.repeat(np.arange(len(labels)), n_cells)
     depth = np.concatenate([library_sizes(rng, n, m, scfg.library_size_cv) for n, m in zip(n_cells, medians)])
     phase = (rng.choice(len(PHASES), size=len(cell_pert), p=_phase_probs(scfg.phase_strategy, data))
              if cycle is not None else None)
@@ -122,10 +130,10 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
             mu = rng.standard_gamma(np.broadcast_to(theta, mu.shape), dtype=np.float32) * (mu / theta)
         blocks.append(sp.csr_matrix(rng.poisson(mu).astype(np.float32)))
 
-    pred_obs = pd.DataFrame({data.pert_col: np.array(perts, dtype=object)[cell_pert]},
-                            index=[f"pred_{i}" for i in range(len(cell_pert))])
-    ctrl_obs = pd.DataFrame({data.pert_col: data.control}, index=controls.obs_names.astype(str))
-    x = sp.vstack(blocks + [sp.csr_matrix(controls.X, dtype=np.float32)], format="csr", dtype=np.float32)
-    obs = pd.concat([pred_obs, ctrl_obs])
+    obs = pd.DataFrame({data.pert_col: labels[cell_pert]}, index=[f"pred_{i}" for i in range(len(cell_pert))])
+    if scfg.control_cells == "real":
+        blocks.append(sp.csr_matrix(controls.X, dtype=np.float32))
+        obs = pd.concat([obs, pd.DataFrame({data.pert_col: data.control}, index=controls.obs_names.astype(str))])
+    x = sp.vstack(blocks, format="csr", dtype=np.float32)
     obs[data.pert_col] = pd.Categorical(obs[data.pert_col])
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(model.gene_names)))

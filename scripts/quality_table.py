@@ -27,7 +27,8 @@ REAL = ROOT.parent / "shared" / "data" / "scperturb_testdata_jurkat_crispr.h5ad"
 REAL_HELDOUT = ["EGR1", "RELA"]
 MODELS = {  # row label -> overrides
     "lowrank_nb_glm": ["model.name=lowrank_nb_glm"],
-    "lowrank_nb_glm, Poisson cells": ["model.name=lowrank_nb_glm", "sampling.sampler=poisson"],
+    "lowrank_nb_glm, NB cells + real controls": ["model.name=lowrank_nb_glm", "sampling.sampler=nb",
+                                                 "sampling.control_cells=real"],
     "linear": ["model.name=linear"], "cell_mean": ["model.name=cell_mean"], "control": ["model.name=control"],
 }
 METRICS = ("overall_score", "des", "pds", "mae")

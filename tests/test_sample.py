@@ -44,11 +44,33 @@ def test_layout_cells_and_median_umi(data: Dataset, model: LowRankNBGLM) -> None
         mine = lab == row.target_gene
         assert mine.sum() == row.n_cells
         assert abs(np.median(totals[mine]) / row.median_umi_per_cell - 1) < 0.1, row.target_gene
-    # Real control cells of the test data are appended unchanged.
+    # Control cells (default: drawn from the model): as many as the test data's, at their depth.
     ctrl = data.test[data.test.obs["target_gene"] == data.control]
+    real_totals = np.asarray(ctrl.X.sum(axis=1)).ravel()
     assert (lab == data.control).sum() == ctrl.n_obs
-    assert (pred[lab == data.control].X != ctrl.X).nnz == 0
+    assert abs(np.median(totals[lab == data.control]) / np.median(real_totals) - 1) < 0.1
+    assert (pred[lab == data.control].X != ctrl.X).nnz > 0
     assert pred.obs_names.is_unique
+    # With control_cells=real the test data's control cells are appended unchanged.
+    pred = sample_heldout(model, data, small_cfg("sampling.control_cells=real"), seed=0)
+    assert (pred[labels(pred) == data.control].X != ctrl.X).nnz == 0
+
+
+def test_model_controls_follow_the_control_means(data: Dataset, model: LowRankNBGLM) -> None:
+    """Model-drawn controls carry no effect: their mean is the control mean at their depth."""
+    pred = sample_heldout(model, data, small_cfg(), seed=0)
+    cells = pred[labels(pred) == data.control].X.toarray()
+    with torch.no_grad():
+        expected = torch.softmax(model.log_mu_ctrl, 0).numpy() * cells.sum(axis=1).mean()
+    top = np.argsort(expected)[-50:]
+    assert np.abs(cells.mean(0)[top] / expected[top] - 1).mean() < 0.05
+
+
+def test_model_controls_need_real_control_cells(data: Dataset, model: LowRankNBGLM) -> None:
+    train = data.train[(data.train.obs["target_gene"] != data.control).to_numpy()]
+    with pytest.raises(NbglmError, match="control_cells=model draws as many control cells"):
+        sample_heldout(model, replace(data, train=train, test=None), small_cfg("sampling.median_umi_default=3000"),
+                       seed=0)
 
 
 def test_sampled_means_follow_the_model(data: Dataset, model: LowRankNBGLM) -> None:
