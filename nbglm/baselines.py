@@ -19,8 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from nbglm.config import Config
-from nbglm.data import Dataset
-from nbglm.data.embeddings import pseudobulks
+from nbglm.data import Dataset, pseudobulks
 from nbglm.metrics import to_log1p
 from nbglm.sample import control_cells, control_source
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 
 @dataclass
@@ -40,3 +41,12 @@ class Dataset:
     @property
     def heldout_perts(self) -> list[str]:
         return list(self.heldout["target_gene"])
+
+
+def pseudobulks(x: sp.spmatrix | np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct labels and the mean row of `x` per label, via one sparse indicator product."""
+    names, codes = np.unique(labels, return_inverse=True)
+    indicator = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(names.size, codes.size))
+    sums = indicator @ x
+    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    return names, sums / np.bincount(codes)[:, None]

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from nbglm.data.dataset import pseudobulks
 from nbglm.errors import NbglmError
 
 log = logging.getLogger("nbglm")
@@ -184,15 +185,6 @@ def derive_gene_embedding(counts: sp.csr_matrix, genes: list[str], dim: int, see
     loadings *= np.where(signs == 0, 1.0, signs)
     return pd.DataFrame(loadings.astype(np.float32), index=pd.Index(genes, dtype=str),
                         columns=[f"pc{i}" for i in range(d)])
-
-
-def pseudobulks(x: sp.spmatrix | np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct labels and the mean row of `x` per label, via one sparse indicator product."""
-    names, codes = np.unique(labels, return_inverse=True)
-    indicator = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(names.size, codes.size))
-    sums = indicator @ x
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return names, sums / np.bincount(codes)[:, None]
 
 
 def effect_gene_embedding(counts: sp.csr_matrix, labels: np.ndarray, control: str, dim: int) -> np.ndarray:

@@ -216,11 +216,3 @@ def log2_fold_change(mean_log1p: np.ndarray, ctrl_mean_log1p: np.ndarray) -> np.
         lfc = np.log2(np.expm1(mean_log1p) / np.expm1(ctrl_mean_log1p))
     lfc[np.isnan(lfc)] = 0.0
     return lfc
-
-
-def group_sums(x: Matrix, groups: np.ndarray, n_groups: int) -> np.ndarray:
-    """Per-group column sums in float64 (exact for float32 input, so pseudobulks are order-free)."""
-    groups = np.asarray(groups, dtype=np.int64)
-    indicator = sp.csr_matrix((np.ones(groups.size), (groups, np.arange(groups.size))), shape=(n_groups, groups.size))
-    out = indicator @ x
-    return out.toarray() if sp.issparse(out) else np.asarray(out)

@@ -36,11 +36,11 @@ def evaluate(
             truth = pool.submit(build_de_cache, real, pert_col=pert_col, control=control)
             pred_summary = summarize_adata(pred, pert_col, control, "pred")
             cache = truth.result()
-    elif cache is None:
-        cache = build_de_cache(real, pert_col=pert_col, control=control)
-        pred_summary = summarize_adata(pred, pert_col, control, "pred")
     else:
-        cache.check(real, pert_col, control)
+        if cache is None:
+            cache = build_de_cache(real, pert_col=pert_col, control=control)
+        else:
+            cache.check(real, pert_col, control)
         pred_summary = summarize_adata(pred, pert_col, control, "pred")
 
     scores = score(pred_summary, cache.real)

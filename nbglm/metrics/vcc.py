@@ -17,8 +17,9 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
+from nbglm.data.dataset import pseudobulks
 from nbglm.errors import NbglmError
-from nbglm.metrics.de import benjamini_hochberg, group_sums, log2_fold_change, rank_sum_test
+from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, rank_sum_test
 
 FDR_THRESHOLD = 0.05
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
@@ -299,9 +300,8 @@ def _baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str) -> np.n
     """Mean over the training groups' log1p pseudobulks, control included as cell-eval does."""
     if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
         raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
-    names, groups = np.unique(_labels(train, pert_col, "train"), return_inverse=True)
-    mean = group_sums(to_log1p(train, "train"), groups, names.size) / np.bincount(groups)[:, None]
-    return mean.mean(axis=0).astype(np.float32)
+    _, bulks = pseudobulks(to_log1p(train, "train"), _labels(train, pert_col, "train"))
+    return bulks.mean(axis=0).astype(np.float32)
 
 
 def cell_mean_baseline(
