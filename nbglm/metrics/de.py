@@ -5,17 +5,17 @@ approximation, tie and continuity corrections, Benjamini-Hochberg within each pe
 log2 fold changes of ``expm1(mean(log1p x))`` pseudobulks.
 
 pdex re-ranks the control cells for every perturbation and gene. Here every stored value of the
-matrix is packed into one integer key ``gene | value | group`` and all keys are sorted once
-(numpy's vectorised sort, the two halves in two threads); one compiled pass over the sorted keys
-then gives every group's rank sum against control: control sorts first within a tie block, so a
-running count of control entries is each entry's rank among the controls. Zeros are never
-stored or sorted: with non-negative data they form one tie block whose contribution has a closed
-form. The passes are numba kernels (compiled once, cached on disk), parallel over rows or genes.
+matrix is packed into one integer key ``gene | value | group``, and the keys are scattered into
+blocks of consecutive genes with about equal numbers of keys (a counting sort; its counting pass
+also sums each group's values). A pool of threads then sorts each block with numpy's vectorised
+sort and runs one compiled scan over it that gives every group's rank sum against control:
+control sorts first within a tie block, so a running count of control entries is each entry's
+rank among the controls. Zeros are never stored or sorted: with non-negative data they form one
+tie block whose contribution has a closed form. The sort and the kernels release the GIL.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +25,10 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import erfc
-from scipy.stats import false_discovery_control
 
 _F32_VALUE_BITS = 31  # bit patterns of non-negative float32 values sort like the values
-_SPLIT_SORT = 1 << 20  # key arrays at least this long are sorted in two halves, one thread each
+_BLOCK_KEYS = 1 << 16  # keys per block (512 KiB, sorted and scanned in cache) ...
+_MAX_BLOCKS = 64  # ... but at most this many: every row writes to every block
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
 
@@ -51,99 +51,78 @@ def n_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@functools.cache
-def threadsafe_kernels() -> bool:
-    """Whether two threads may run the parallel kernels at once: numba's tbb and omp layers allow
-    it, its fallback workqueue layer does not. The layer is chosen at the first parallel call."""
-    _build_keys(np.zeros(1, np.uint32), np.zeros(1, np.int64), np.array([0, 1]), np.zeros(1, np.int64), 32, 1)
-    return numba.threading_layer() != "workqueue"
-
-
-def _positive_csr(x: Matrix) -> sp.csr_matrix:
-    """CSR without stored zeros: zeros are the one tie block that is never sorted."""
-    if not sp.issparse(x):
-        return sp.csr_matrix(np.asarray(x))
-    x = sp.csr_matrix(x)
-    if (x.data == 0).any():
-        x = x.copy()
-        x.eliminate_zeros()
-    return x
+@numba.njit(parallel=True, cache=True)
+def _count_entries(data, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
+    """Per chunk of rows: nonzero entries per gene; and float64 column sums per group."""
+    n_rows = indptr.size - 1
+    counts = np.zeros((n_chunks, n_genes), dtype=np.int64)
+    sums = np.zeros((n_chunks, n_groups, n_genes))
+    for c in numba.prange(n_chunks):
+        for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
+            g = groups[row]
+            for k in range(indptr[row], indptr[row + 1]):
+                if data[k] != 0:
+                    counts[c, indices[k]] += 1
+                    sums[c, g, indices[k]] += data[k]
+    return counts, sums.sum(axis=0)
 
 
 @numba.njit(parallel=True, cache=True)
-def _build_keys(codes, indices, indptr, groups, gene_shift, group_bits):  # pragma: no cover - compiled
-    """One int64 key ``gene | value code | group`` per stored entry."""
-    keys = np.empty(codes.size, dtype=np.int64)
-    for row in numba.prange(indptr.size - 1):
-        group = groups[row]
-        for k in range(indptr[row], indptr[row + 1]):
-            keys[k] = (np.int64(indices[k]) << gene_shift) | (np.int64(codes[k]) << group_bits) | group
+def _scatter_keys(data, codes, indices, indptr, groups, gene_block, start, gene_shift, group_bits):  # pragma: no cover
+    """One int64 key ``gene | value code | group`` per nonzero entry; chunk c writes block b's
+    keys from `start[c, b]` on, so that each block's keys end up contiguous."""
+    n_rows, n_chunks = indptr.size - 1, start.shape[0]
+    keys = np.empty(start[-1, -1], dtype=np.int64)  # the last cell holds the total
+    for c in numba.prange(n_chunks):
+        cursor = start[c, :-1].copy()
+        for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
+            g, block, pos = groups[row], -1, 0
+            for k in range(indptr[row], indptr[row + 1]):
+                if data[k] != 0:
+                    j = indices[k]
+                    if gene_block[j] != block:  # a row's next entries are mostly in the same block
+                        if block >= 0:
+                            cursor[block] = pos
+                        block = gene_block[j]
+                        pos = cursor[block]
+                    keys[pos] = (np.int64(j) << gene_shift) | (np.int64(codes[k]) << group_bits) | g
+                    pos += 1
+            if block >= 0:
+                cursor[block] = pos
     return keys
 
 
-@numba.njit(parallel=True, cache=True)
-def _group_sums(data, indices, indptr, groups, n_groups, n_genes, n_blocks):  # pragma: no cover - compiled
-    """Column sums per group in float64: each thread sums a block of rows, then the blocks add up."""
-    n_rows = indptr.size - 1
-    partial = np.zeros((n_blocks, n_groups, n_genes))
-    for b in numba.prange(n_blocks):
-        for row in range(b * n_rows // n_blocks, (b + 1) * n_rows // n_blocks):
-            g = groups[row]
-            for k in range(indptr[row], indptr[row + 1]):
-                partial[b, g, indices[k]] += data[k]
-    return partial.sum(axis=0)
+@numba.njit(nogil=True, cache=True)
+def _scan(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover - compiled
+    """Per (gene, group) from sorted keys: nonzero entries, the (weighted) control entries below
+    them, a tied one counting one half, and the tie term of the nonzero values.
 
-
-@numba.njit(parallel=True, cache=True)
-def _rank_pass(keys, gene_edge, group_bits, n_groups, group_w):  # pragma: no cover - compiled
-    """Per (group, gene) from the sorted keys: stored entries, the control entries below them
-    (a tied control entry counts one half; weighted) and the tie term of the nonzero values.
-
-    For control the tie term is its own; for a perturbation it is what its entries add to the
-    control's: a value held by a (weighted) perturbation entries and c control entries adds
-    (a + c)^3 - (a + c) - (c^3 - c).
+    Control sorts first within a value, so at a perturbation entry the running control count
+    `ctrl` includes its value's controls and `ctrl_block` (the count where the value began)
+    excludes them: below = (ctrl + ctrl_block) / 2. A value held by a weighted perturbation
+    entries and c control entries adds (a + c)^3 - (a + c) - (c^3 - c) to the control's own tie
+    term; each entry adds its step of that sum, so the loop has no data-dependent branch.
     """
-    n_genes = gene_edge.size - 1
     mask = (np.int64(1) << group_bits) - 1
-    count = np.zeros((n_groups, n_genes), dtype=np.int64)
-    below = np.zeros((n_groups, n_genes))
-    ties = np.zeros((n_groups, n_genes))
     w0 = group_w[0]
-    for j in numba.prange(n_genes):
-        i, hi, ctrl_below = gene_edge[j], gene_edge[j + 1], 0.0
-        while i < hi:
-            value = keys[i] >> group_bits
-            c = 0
-            while i < hi and keys[i] == (value << group_bits):  # control entries of this value
-                c += 1
-                i += 1
-            cw = c * w0
-            count[0, j] += c
-            ties[0, j] += cw * cw * cw - cw
-            while i < hi and (keys[i] >> group_bits) == value:  # then each group's run
-                g = keys[i] & mask
-                a = 0
-                while i < hi and keys[i] == ((value << group_bits) | g):
-                    a += 1
-                    i += 1
-                aw = a * group_w[g]
-                count[g, j] += a
-                below[g, j] += aw * (ctrl_below + 0.5 * cw)
-                t = aw + cw
-                ties[g, j] += t * t * t - t - (cw * cw * cw - cw)
-            ctrl_below += cw
-    return count, below, ties
-
-
-def _sort(keys: np.ndarray) -> None:
-    """Sort in place: split at the median (a linear partition), then sort the halves in threads."""
-    if n_threads() < 2 or keys.size < _SPLIT_SORT:
-        keys.sort()
-        return
-    half = keys.size // 2
-    keys.partition(half)
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(np.ndarray.sort, (keys[:half], keys[half:])))
+    gene, prev = np.int64(-1), np.int64(-1)
+    ctrl, ctrl_block, run = 0.0, 0.0, 0
+    for i in range(keys.size):
+        key = keys[i]
+        if key >> gene_shift != gene:
+            gene, ctrl, ctrl_block = key >> gene_shift, 0.0, 0.0
+        if (key >> group_bits) != (prev >> group_bits):
+            ctrl_block = ctrl
+        run = run + 1 if key == prev else 1
+        g = key & mask
+        w = group_w[g]
+        t1 = run * w + (0.0 if g == 0 else ctrl - ctrl_block)
+        t0 = t1 - w
+        count[gene, g] += 1
+        below[gene, g] += w * 0.5 * (ctrl + ctrl_block)
+        ties[gene, g] += (t1 * t1 * t1 - t1) - (t0 * t0 * t0 - t0)
+        ctrl += w0 if g == 0 else 0.0
+        prev = key
 
 
 def rank_sum_test(
@@ -159,7 +138,7 @@ def rank_sum_test(
     (U of the perturbation) as pdex computes it.
     """
     groups = np.asarray(groups, dtype=np.int64)
-    x = _positive_csr(x)
+    x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     n_genes = x.shape[1]
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
@@ -174,12 +153,28 @@ def rank_sum_test(
     if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
         raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
 
-    indices, indptr = x.indices, x.indptr  # int32 or int64, as stored: no copy of the indices
-    keys = _build_keys(codes, indices, indptr, groups, gene_shift, group_bits)
-    _sort(keys)
-    gene_edge = np.searchsorted(keys, np.arange(n_genes + 1, dtype=np.int64) << gene_shift)
-    count, below, ties = _rank_pass(keys, gene_edge, group_bits, n_groups, group_w)
-    sums = _group_sums(x.data, indices, indptr, groups, n_groups, n_genes, numba.get_num_threads())
+    workers = n_threads()
+    gene_counts, sums = _count_entries(x.data, x.indices, x.indptr, groups, n_groups, n_genes, workers)
+    entries = gene_counts.sum(axis=0)
+    n_blocks = int(np.clip(entries.sum() // _BLOCK_KEYS, 1, _MAX_BLOCKS))
+    gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, int(entries.sum()))  # blocks of equal keys
+    counts = np.stack([np.bincount(gene_block, weights=row, minlength=n_blocks) for row in gene_counts]).astype(np.int64)
+    offsets = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T  # block-major: a block's chunks in a row
+    start = np.zeros((workers, n_blocks + 1), dtype=np.int64)
+    start[:, :-1] = offsets - counts
+    start[-1, -1] = offsets[-1, -1]
+    keys = _scatter_keys(x.data, codes, x.indices, x.indptr, groups, gene_block, start, gene_shift, group_bits)
+
+    out = tuple(np.zeros((n_genes, n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
+
+    def sort_and_scan(block: np.ndarray) -> None:
+        block.sort()
+        _scan(block, gene_shift, group_bits, group_w, *out)
+
+    edges = np.append(start[0, :-1], keys.size)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(sort_and_scan, [keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]))
+    count, below, ties = (a.T for a in out)
 
     w = group_w[1:, None]
     n_ctrl = n_per_group[0]
@@ -206,8 +201,16 @@ def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray)
 
 
 def benjamini_hochberg(pvalue: np.ndarray) -> np.ndarray:
-    """BH-adjusted p-values along the last axis (genes), as pdex computes them."""
-    return false_discovery_control(pvalue, axis=-1)
+    """BH-adjusted p-values along the last axis (genes): scipy's ``false_discovery_control``
+    arithmetic, as pdex uses it, without its input checks (p-values here are always valid)."""
+    m = pvalue.shape[-1]
+    order = np.argsort(pvalue, axis=-1)
+    adjusted = np.take_along_axis(pvalue, order, axis=-1)
+    adjusted *= m / np.arange(1, m + 1, dtype=adjusted.dtype)
+    np.minimum.accumulate(adjusted[..., ::-1], out=adjusted[..., ::-1], axis=-1)
+    out = np.empty_like(adjusted)
+    np.put_along_axis(out, order, adjusted, axis=-1)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def log2_fold_change(mean_log1p: np.ndarray, ctrl_mean_log1p: np.ndarray) -> np.ndarray:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anndata as ad
 import numpy as np
 
 from nbglm.errors import NbglmError
-from nbglm.metrics.de import threadsafe_kernels
 from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache
 from nbglm.metrics.vcc import baseline_summary, check_pair, overall_score, scaled_scores, score, summarize_adata
 
@@ -31,17 +29,11 @@ def evaluate(
     The result holds only str, int, float, None, lists and dicts (JSON-able).
     """
     check_pair(pred, real, pert_col, control)
-    if cache is None and threadsafe_kernels():  # the two files side by side
-        with ThreadPoolExecutor(2) as pool:
-            truth = pool.submit(build_de_cache, real, pert_col=pert_col, control=control)
-            pred_summary = summarize_adata(pred, pert_col, control, "pred")
-            cache = truth.result()
+    if cache is None:
+        cache = build_de_cache(real, pert_col=pert_col, control=control)
     else:
-        if cache is None:
-            cache = build_de_cache(real, pert_col=pert_col, control=control)
-        else:
-            cache.check(real, pert_col, control)
-        pred_summary = summarize_adata(pred, pert_col, control, "pred")
+        cache.check(real, pert_col, control)
+    pred_summary = summarize_adata(pred, pert_col, control, "pred")
 
     scores = score(pred_summary, cache.real)
     means = {name: result.mean for name, result in scores.items()}

@@ -19,7 +19,7 @@ from scipy.spatial.distance import cdist
 
 from nbglm.data.dataset import pseudobulks
 from nbglm.errors import NbglmError
-from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, rank_sum_test
+from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, n_threads, rank_sum_test
 
 FDR_THRESHOLD = 0.05
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
@@ -84,14 +84,14 @@ def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
     values = _stored_values(x)
     if not values.size:
         return x
-    low, high = values.min(), values.max()
-    if not np.isfinite(low) or not np.isfinite(high):
+    low, high, finite, fractional = _value_stats(values)
+    if not finite:
         raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
     if low < 0:
         raise NbglmError(
             f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data"
         )
-    if _has_fraction(values):
+    if fractional:
         if high >= _LOG1P_MAX:
             raise NbglmError(
                 f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} "
@@ -101,16 +101,28 @@ def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
     return _normalize_log1p(x)
 
 
-def _has_fraction(values: np.ndarray) -> bool:
-    """cell-eval's test for non-count data: some (non-negative) value's fraction exceeds 1e-3."""
+def _value_stats(values: np.ndarray) -> tuple[float, float, bool, bool]:
+    """Min, max, whether all values are finite, and whether any (non-negative) value's fraction
+    exceeds 1e-3 (cell-eval's test for non-count data), in one parallel pass."""
     if not np.issubdtype(values.dtype, np.floating):
-        return False
-    flat, step = values.ravel(), 1 << 20  # in pieces, so the temporaries stay small
-    for i in range(0, flat.size, step):
-        piece = flat[i : i + step]
-        if np.any(piece - np.trunc(piece) > _FRACTION_EPS):
-            return True
-    return False
+        return values.min(), values.max(), True, False
+    low, high, finite, fractional = _chunk_stats(values.ravel(), values.dtype.type(_FRACTION_EPS), n_threads())
+    return low.min(), high.max(), bool(finite.all()), bool(fractional.any())
+
+
+@numba.njit(parallel=True, cache=True)
+def _chunk_stats(values, eps, n_chunks):  # pragma: no cover - compiled
+    low, high = np.full(n_chunks, np.inf), np.full(n_chunks, -np.inf)
+    finite, fractional = np.ones(n_chunks, np.bool_), np.zeros(n_chunks, np.bool_)
+    for c in numba.prange(n_chunks):
+        lo, hi, ok, frac = np.inf, -np.inf, True, False
+        for k in range(c * values.size // n_chunks, (c + 1) * values.size // n_chunks):
+            v = values[k]
+            lo, hi = min(lo, v), max(hi, v)
+            ok &= np.isfinite(v)
+            frac |= v - np.trunc(v) > eps
+        low[c], high[c], finite[c], fractional[c] = lo, hi, ok, frac
+    return low, high, finite, fractional
 
 
 @numba.njit(parallel=True, cache=True)
@@ -121,6 +133,16 @@ def _row_totals(data, indptr):  # pragma: no cover - compiled
         for k in range(indptr[row], indptr[row + 1]):
             totals[row] += data[k]
     return totals
+
+
+@numba.njit(parallel=True, cache=True)
+def _divide_rows(data, indptr, scale):  # pragma: no cover - compiled
+    """data / scale[row] per stored entry (IEEE division: numpy's result, bit for bit)."""
+    out = np.empty_like(data)
+    for row in numba.prange(indptr.size - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            out[k] = data[k] / scale[row]
+    return out
 
 
 def _normalize_log1p(x: Matrix) -> Matrix:
@@ -136,7 +158,7 @@ def _normalize_log1p(x: Matrix) -> Matrix:
     scale = totals / target
     scale += scale == 0
     if sp.issparse(x):
-        data = np.divide(x.data, np.repeat(scale, np.diff(x.indptr)))
+        data = _divide_rows(x.data, x.indptr, scale)
         return sp.csr_matrix((np.log1p(data, out=data), x.indices, x.indptr), shape=x.shape)
     out = np.divide(x, scale[:, None])
     return np.log1p(out, out=out)
