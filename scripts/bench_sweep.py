@@ -30,7 +30,7 @@ DEFAULTS = [
     "overrides.data.synthetic.n_genes=2000", "overrides.data.synthetic.n_train_perts=120",
     "overrides.data.synthetic.n_test_perts=30", "overrides.data.synthetic.cells_per_pert=100",
     "overrides.data.synthetic.n_control=1500", "overrides.train.epochs=50", "overrides.sampling.n_cells_default=100",
-    "search.sampler=random", "resources.cpu=0.5", "resources.gpu=0", "max_concurrent=1",
+    "search.sampler=random", "resources.cpu=1", "resources.gpu=0", "max_concurrent=2",
 ]
 
 

@@ -132,7 +132,7 @@ def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_
     assert all(c["status"] == "ok" and c["n_seeds_ok"] == "4" for c in configs)
     assert len({(t["trial_id"], t["seed"]) for t in trials}) == 8
 
-    # 8 units of 0.25 GPU, two configs' placement groups held together: 4 units on each logical GPU
+    # 8 units of 0.25 GPU, two configs' seeds in flight together: 4 units on each logical GPU
     assert collections.Counter(t["gpu_ids"] for t in trials) == {"0": 4, "1": 4}
     spans = {}
     for c in configs:
@@ -213,8 +213,8 @@ def test_resources_beyond_the_cluster_are_one_line_errors(ray_local, tmp_path: P
 
     with pytest.raises(NbglmError, match="largest node has 2 GPU"):
         run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "resources.gpu=3"))
-    with pytest.raises(NbglmError, match=r"2 seed units of resources.gpu=1.5 at once \(3 in all\) but the cluster"):
-        run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "resources.gpu=1.5"))
+    with pytest.raises(NbglmError, match="largest node has 2 CPU"):
+        run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "resources.cpu=3"))
 
 
 def test_unreachable_address_is_a_fast_one_line_error() -> None:

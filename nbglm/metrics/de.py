@@ -47,8 +47,10 @@ class RankSum:
 
 
 def n_threads() -> int:
-    """CPUs this process may use (respects affinity masks)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Threads for the DE kernels: numba's count for this thread (NUMBA_NUM_THREADS, or what a
+    seed unit sets from its CPU share), at most the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, numba.get_num_threads()))
 
 
 @numba.njit(parallel=True, cache=True)

@@ -19,7 +19,7 @@ from scipy.spatial.distance import cdist
 
 from nbglm.data.dataset import pseudobulks
 from nbglm.errors import NbglmError
-from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, n_threads, rank_sum_test
+from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, rank_sum_test
 
 FDR_THRESHOLD = 0.05
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
@@ -63,76 +63,57 @@ def _labels(adata: ad.AnnData, pert_col: str, which: str) -> np.ndarray:
     return adata.obs[pert_col].to_numpy(str)
 
 
-def _stored_values(x: Matrix) -> np.ndarray:
-    return x.data if sp.issparse(x) else x
-
-
 def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
     """X in log1p space as cell-eval sees it: counts are normalised, log1p data is kept.
 
     Integer counts are scaled per cell to the median total count of the file and log1p'd, with
-    scanpy's ``normalize_total`` arithmetic (float32 stays float32; the median is over all cells
-    for sparse X and over cells with counts for dense X, as scanpy does). Fractional data with
-    min >= 0 and max < 15 is taken as log1p already. Anything else is an error.
+    scanpy's ``normalize_total`` arithmetic (float32 stays float32, integers become float32; the
+    median is over all cells for sparse X and over cells with counts for dense X, as scanpy
+    does). Fractional data with min >= 0 and max < 15 is taken as log1p already. Anything else
+    is an error.
     """
     x = adata.X
     if x is None:
         raise NbglmError(f"{which} has no expression matrix (X is empty)")
     x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
-    if x.dtype == np.float16:
+    if x.dtype == np.float16 or not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
-    values = _stored_values(x)
-    if not values.size:
+    if not x.size or (sp.issparse(x) and not x.nnz):
         return x
-    low, high, finite, fractional = _value_stats(values)
-    if not finite:
+    data, indptr = (x.data, x.indptr) if sp.issparse(x) else (x.ravel(), np.arange(0, x.size + 1, x.shape[1]))
+    totals, low, high, fractional = _row_stats(data, indptr, x.dtype.type(_FRACTION_EPS))
+    if not np.isfinite(totals).all():  # a NaN or infinity makes its row's total one
         raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
-    if low < 0:
+    if low.min() < 0:
         raise NbglmError(
-            f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data"
+            f"{which} has negative values in X (min {low.min():.3g}): expected raw counts or log1p-normalised data"
         )
-    if fractional:
-        if high >= _LOG1P_MAX:
+    if fractional.any():
+        if high.max() >= _LOG1P_MAX:
             raise NbglmError(
-                f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} "
+                f"{which} X is neither integer counts nor log1p data: fractional values up to {high.max():.3g} "
                 f"(log1p data stays below {_LOG1P_MAX:g})"
             )
         return x
-    return _normalize_log1p(x)
-
-
-def _value_stats(values: np.ndarray) -> tuple[float, float, bool, bool]:
-    """Min, max, whether all values are finite, and whether any (non-negative) value's fraction
-    exceeds 1e-3 (cell-eval's test for non-count data), in one parallel pass."""
-    if not np.issubdtype(values.dtype, np.floating):
-        return values.min(), values.max(), True, False
-    low, high, finite, fractional = _chunk_stats(values.ravel(), values.dtype.type(_FRACTION_EPS), n_threads())
-    return low.min(), high.max(), bool(finite.all()), bool(fractional.any())
+    return _normalize_log1p(x, totals.astype(x.dtype))
 
 
 @numba.njit(parallel=True, cache=True)
-def _chunk_stats(values, eps, n_chunks):  # pragma: no cover - compiled
-    low, high = np.full(n_chunks, np.inf), np.full(n_chunks, -np.inf)
-    finite, fractional = np.ones(n_chunks, np.bool_), np.zeros(n_chunks, np.bool_)
-    for c in numba.prange(n_chunks):
-        lo, hi, ok, frac = np.inf, -np.inf, True, False
-        for k in range(c * values.size // n_chunks, (c + 1) * values.size // n_chunks):
-            v = values[k]
-            lo, hi = min(lo, v), max(hi, v)
-            ok &= np.isfinite(v)
-            frac |= v - np.trunc(v) > eps
-        low[c], high[c], finite[c], fractional[c] = lo, hi, ok, frac
-    return low, high, finite, fractional
-
-
-@numba.njit(parallel=True, cache=True)
-def _row_totals(data, indptr):  # pragma: no cover - compiled
-    """Per-row sums in float64 (exact: this path only sees integer counts, so order is free)."""
-    totals = np.zeros(indptr.size - 1)
-    for row in numba.prange(indptr.size - 1):
+def _row_stats(data, indptr, eps):  # pragma: no cover - compiled
+    """Per row in one pass: the float64 total (exact for counts, so order is free), min, max, and
+    whether a value's fraction exceeds `eps` (cell-eval's test for data that is not counts)."""
+    n_rows = indptr.size - 1
+    totals, low, high = np.zeros(n_rows), np.full(n_rows, np.inf), np.full(n_rows, -np.inf)
+    fractional = np.zeros(n_rows, dtype=np.bool_)
+    for row in numba.prange(n_rows):
+        total, lo, hi, frac = 0.0, np.inf, -np.inf, False
         for k in range(indptr[row], indptr[row + 1]):
-            totals[row] += data[k]
-    return totals
+            v = data[k]
+            total += v
+            lo, hi = min(lo, v), max(hi, v)
+            frac |= v - np.trunc(v) > eps
+        totals[row], low[row], high[row], fractional[row] = total, lo, hi, frac
+    return totals, low, high, fractional
 
 
 @numba.njit(parallel=True, cache=True)
@@ -145,16 +126,9 @@ def _divide_rows(data, indptr, scale):  # pragma: no cover - compiled
     return out
 
 
-def _normalize_log1p(x: Matrix) -> Matrix:
-    """scanpy ``normalize_total`` (target: median total count) then ``log1p``, same dtypes."""
-    if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
-    if sp.issparse(x):
-        totals = _row_totals(x.data, x.indptr).astype(x.dtype)
-        target = np.median(totals)
-    else:
-        totals = x.sum(axis=1)
-        target = np.median(totals[totals > 0])
+def _normalize_log1p(x: Matrix, totals: np.ndarray) -> Matrix:
+    """scanpy ``normalize_total`` (target: median total count) then ``log1p``, same dtype."""
+    target = np.median(totals if sp.issparse(x) else totals[totals > 0])
     scale = totals / target
     scale += scale == 0
     if sp.issparse(x):

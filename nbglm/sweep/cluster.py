@@ -117,17 +117,16 @@ def ray_session(address: str | None, units: int = 1) -> Iterator[bool]:
             ray.shutdown()
 
 
-def unit_resources(cpu: float, gpu: float, n_units: int = 1) -> tuple[float, float]:
+def unit_resources(cpu: float, gpu: float) -> tuple[float, float]:
     """(cpu, gpu) that one seed unit requests on this cluster, checked against what exists.
 
     A GPU request on a cluster without GPUs falls back to 0 with one warning instead of waiting
-    forever; a request no node (or, for `n_units` held together, the cluster) can meet is an error.
+    forever; a request that no node can meet is an error (units that fit queue for their turn).
     """
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     node_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     node_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-    total = ray.cluster_resources()
-    if gpu > 0 and total.get("GPU", 0.0) == 0:
+    if gpu > 0 and ray.cluster_resources().get("GPU", 0.0) == 0:
         log.warning("resources.gpu=%g but the Ray cluster has no GPU: seed units run with gpu=0 on CPU", gpu)
         gpu = 0.0
     if gpu > node_gpu:
@@ -136,9 +135,4 @@ def unit_resources(cpu: float, gpu: float, n_units: int = 1) -> tuple[float, flo
     if cpu > node_cpu:
         raise NbglmError(f"resources.cpu={cpu:g} per seed unit but the largest node has {node_cpu:g} CPU(s); "
                          "lower resources.cpu")
-    for name, need, have in (("cpu", cpu, total.get("CPU", 0.0)), ("gpu", gpu, total.get("GPU", 0.0))):
-        if n_units * need > have + 1e-9:
-            raise NbglmError(f"one config runs {n_units} seed units of resources.{name}={need:g} at once "
-                             f"({n_units * need:g} in all) but the cluster has {have:g}; lower resources.{name} "
-                             "or use fewer seeds")
     return cpu, gpu

@@ -38,7 +38,7 @@ from nbglm.report import report_after_sweep
 from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
 from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
 from nbglm.sweep.space import SweepSpec, load_spec
-from nbglm.sweep.trainable import SweepContext, train_config, trial_dirname
+from nbglm.sweep.trainable import TRIAL_RESOURCES, SweepContext, train_config, trial_dirname
 
 SAVED_SPEC = "sweep.yaml"
 
@@ -177,15 +177,13 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     _check_directory(spec, base, resume)
     check_mode_inputs(base_cfg)  # a missing checkpoint is one line here, not a failed seed per config
     data, de_cache = shared_inputs(base_cfg, None)  # read here, shipped to every node via the object store
-    n = len(spec.seeds)
-    with ray_session(address, units=spec.max_concurrent * n):
-        cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu, n_units=n)
+    with ray_session(address, units=spec.max_concurrent * len(spec.seeds)):
+        cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu)
         check_shared_storage(sweep_dir)
         ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu,
                            data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None)
-        bundles = [{}] + [{"CPU": cpu, "GPU": gpu}] * n  # empty head: the trainable only coordinates
         trainable = tune.with_resources(tune.with_parameters(train_config, ctx=ctx),
-                                        tune.PlacementGroupFactory(bundles))
+                                        tune.PlacementGroupFactory(TRIAL_RESOURCES))
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
