@@ -57,12 +57,7 @@ def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> 
     events: queue.Queue = queue.Queue()
     cpu_start = time.process_time()  # the worker runs nothing else: its CPU time is this unit's
 
-    cpu_share = max(1, math.floor(ctx.get_assigned_resources().get("CPU", 1.0)))
-
     def work() -> None:
-        import numba  # the metric kernels' threads (thread-local): no more than the unit's CPUs
-
-        numba.set_num_threads(min(cpu_share, numba.config.NUMBA_NUM_THREADS))
         try:
             if seed in cfg.debug.fail_seeds:
                 raise RuntimeError(f"debug.fail_seeds: injected failure of seed {seed}")
