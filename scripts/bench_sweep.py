@@ -1,16 +1,18 @@
-"""Benchmark the sweep machinery: the same N configs x seeds run (b) as a sweep on a local Ray and
-(a) sequentially with `run_experiment` in this process, side by side.
+"""Benchmark the sweep machinery: the same N configs x seeds run (b) as a sweep on a local Ray,
+(a) sequentially with `run_experiment` in this process, and (c) with `run_experiment` in as many
+plain processes as the sweep runs units at once (no Ray), side by side.
 
-    python scripts/bench_sweep.py [--configs 2] [--set KEY=VALUE ...]
+    python scripts/bench_sweep.py [--configs 4] [--set KEY=VALUE ...]
 
-Prints both wall times, the speed-up, and Ray's overhead per seed unit: sweep time x parallelism /
+Prints the wall times, the speed-up, and Ray's overhead per seed unit: sweep time x parallelism /
 sum of the bare (sequential) unit times, minus 1 -- the fraction of a unit's own run time that the
 sweep spends on top of it. Parallelism is what the machine can really run at once: min(CPU cores,
 seed units in flight). The same ratio over the span from the first unit's start to the last unit's
 end separates the per-trial cost (scheduling, trial hand-over, reporting, cores shared by concurrent
-units) from the once-per-sweep start-up (Ray start, Tune set-up, first worker processes). On a
-shared machine the wall times include other people's load, so the CPU seconds the units burned in
-each mode, and the cores the sweep's units actually got, are printed too.
+units) from the once-per-sweep start-up (Ray start, Tune set-up, first worker processes). Units
+that share a machine slow each other down (caches, memory bandwidth, other tenants of a VM) with or
+without Ray, so (c) runs the same units in that many plain processes: (b) / (c) - 1 is what Ray
+and Tune themselves cost. The CPU seconds the units burned in each mode are printed too.
 `--set` takes sweep-spec overrides, e.g. --set overrides.train.epochs=40.
 """
 
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +36,31 @@ DEFAULTS = [
     "overrides.data.synthetic.n_control=1500", "overrides.train.epochs=50", "overrides.sampling.n_cells_default=100",
     "search.sampler=random", "resources.cpu=1", "resources.gpu=0", "max_concurrent=2",
 ]
+
+
+_INPUTS: tuple = ()  # (data, de_cache) of a (c) worker process, loaded once
+
+
+def _load_inputs(base: dict, threads: int) -> None:
+    import torch
+
+    from nbglm.config import from_dict
+    from nbglm.multiseed import shared_inputs
+
+    global _INPUTS
+    torch.set_num_threads(threads)
+    _INPUTS = shared_inputs(from_dict(base), None)
+
+
+def _bare_unit(experiment: dict, seed: int, bundle_dir: str) -> tuple[float, float]:
+    """One `run_experiment` in a (c) worker: (wall s, CPU s)."""
+    from nbglm.config import from_dict
+    from nbglm.pipeline import run_experiment, with_seed
+
+    t_unit, c_unit = time.perf_counter(), time.process_time()
+    data, de_cache = _INPUTS
+    run_experiment(with_seed(from_dict(experiment), seed), data, de_cache=de_cache, bundle_dir=Path(bundle_dir))
+    return time.perf_counter() - t_unit, time.process_time() - c_unit
 
 
 def main() -> None:
@@ -83,25 +112,41 @@ def main() -> None:
     units = len(bare)
     in_flight = min(spec.max_concurrent, args.configs) * len(spec.seeds)
     parallelism = min(os.cpu_count() or 1, in_flight)
+
+    t0 = time.perf_counter()
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(parallelism, mp_context=spawn, initializer=_load_inputs,
+                             initargs=(base, args.threads)) as pool:
+        jobs = [pool.submit(_bare_unit, spec.experiment_dict({k: row[k] for k in spec.space}, base), seed,
+                            str(work / "processes" / row["trial_id"] / f"seed_{seed}"))
+                for row in rows for seed in spec.seeds]
+        plain = [job.result() for job in jobs]
+    processes_s = time.perf_counter() - t0
+
     overhead = sweep_s * parallelism / sum(bare) - 1
     print(f"\n{args.configs} configs x {len(spec.seeds)} seeds = {units} seed units; {os.cpu_count()} CPU cores; "
-          f"torch threads in (a): {args.threads}; resources per unit in (b): cpu={spec.resources.cpu:g} "
+          f"torch threads in (a) and (c): {args.threads}; resources per unit in (b): cpu={spec.resources.cpu:g} "
           f"gpu={spec.resources.gpu:g}")
     print(f"(a) sequential, one process : {sequential_s:7.1f} s  (bare unit mean {sum(bare) / units:.1f} s, "
           f"min {min(bare):.1f}, max {max(bare):.1f})")
+    print(f"(c) {parallelism} plain processes    : {processes_s:7.1f} s  (incl. process start and data loading; "
+          f"unit mean {sum(w for w, _ in plain) / units:.1f} s while sharing the cores)")
     in_sweep = list(csv.DictReader((work / spec.name / "results" / "trials.csv").open()))
     span = max(float(r["end"]) for r in in_sweep) - min(float(r["start"]) for r in in_sweep)
     unit_mean = sum(float(r["wall_s"]) for r in in_sweep) / len(in_sweep)
     print(f"(b) sweep on local Ray      : {sweep_s:7.1f} s  (incl. Ray start; {in_flight} units in flight, "
           f"unit mean {unit_mean:.1f} s while sharing the cores)")
     print(f"speed-up (a)/(b)            : {sequential_s / sweep_s:7.2f} x")
+    print(f"Ray and Tune's own cost     : {sweep_s / processes_s - 1:7.1%} ((b) / (c) - 1: the same units, "
+          f"{parallelism} at a time, without Ray)")
     print(f"Ray overhead per unit       : {overhead:7.1%} of a bare unit "
           f"(= {sweep_s:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
     print(f"  once per sweep            : {sweep_s - span:7.1f} s  (before the first unit starts, after the last ends)")
     print(f"  per trial (first unit start to last unit end): {span * parallelism / sum(bare) - 1:.1%} "
           f"(= {span:.1f} s x {parallelism} / {sum(bare):.1f} s - 1)")
     sweep_cpu = sum(float(r["cpu_s"]) for r in in_sweep)
-    print(f"CPU time of the units       : {sweep_cpu:7.1f} s in (b) vs {bare_cpu:.1f} s in (a) "
+    print(f"CPU time of the units       : {sweep_cpu:7.1f} s in (b), {sum(c for _, c in plain):.1f} s in (c), "
+          f"{bare_cpu:.1f} s in (a); (b) vs (a) "
           f"({sweep_cpu / bare_cpu - 1:+.1%}); over the span the units got {sweep_cpu / span:.2f} of "
           f"{parallelism} cores (the rest went to other processes on the machine)")
     print(f"load average (1/5/15 min) before: {' '.join(f'{x:.1f}' for x in load_before)}, after: "
