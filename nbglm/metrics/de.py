@@ -70,13 +70,13 @@ def _count_entries(data, indices, indptr, groups, n_groups, n_genes, n_chunks): 
 
 
 @numba.njit(parallel=True, cache=True)
-def _scatter_keys(data, codes, indices, indptr, groups, gene_block, start, gene_shift, group_bits):  # pragma: no cover
-    """One int64 key ``gene | value code | group`` per nonzero entry; chunk c writes block b's
-    keys from `start[c, b]` on, so that each block's keys end up contiguous."""
+def _scatter_keys(data, codes, indices, indptr, groups, gene_block, start, n_keys, gene_shift, group_bits):  # pragma: no cover
+    """The `n_keys` int64 keys ``gene | value code | group``, one per nonzero entry; chunk c writes
+    block b's keys from `start[c, b]` on, so that each block's keys end up contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
-    keys = np.empty(start[-1, -1], dtype=np.int64)  # the last cell holds the total
+    keys = np.empty(n_keys, dtype=np.int64)
     for c in numba.prange(n_chunks):
-        cursor = start[c, :-1].copy()
+        cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g, block, pos = groups[row], -1, 0
             for k in range(indptr[row], indptr[row + 1]):
@@ -158,14 +158,12 @@ def rank_sum_test(
     workers = n_threads()
     gene_counts, sums = _count_entries(x.data, x.indices, x.indptr, groups, n_groups, n_genes, workers)
     entries = gene_counts.sum(axis=0)
-    n_blocks = int(np.clip(entries.sum() // _BLOCK_KEYS, 1, _MAX_BLOCKS))
-    gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, int(entries.sum()))  # blocks of equal keys
+    n_keys = int(entries.sum())
+    n_blocks = int(np.clip(n_keys // _BLOCK_KEYS, 1, _MAX_BLOCKS))
+    gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, n_keys)  # blocks of about equal keys
     counts = np.stack([np.bincount(gene_block, weights=row, minlength=n_blocks) for row in gene_counts]).astype(np.int64)
-    offsets = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T  # block-major: a block's chunks in a row
-    start = np.zeros((workers, n_blocks + 1), dtype=np.int64)
-    start[:, :-1] = offsets - counts
-    start[-1, -1] = offsets[-1, -1]
-    keys = _scatter_keys(x.data, codes, x.indices, x.indptr, groups, gene_block, start, gene_shift, group_bits)
+    start = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T - counts  # block-major: a block's chunks in a row
+    keys = _scatter_keys(x.data, codes, x.indices, x.indptr, groups, gene_block, start, n_keys, gene_shift, group_bits)
 
     out = tuple(np.zeros((n_genes, n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
 
@@ -173,7 +171,7 @@ def rank_sum_test(
         block.sort()
         _scan(block, gene_shift, group_bits, group_w, *out)
 
-    edges = np.append(start[0, :-1], keys.size)
+    edges = np.append(start[0], n_keys)
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(sort_and_scan, [keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]))
     count, below, ties = (a.T for a in out)

@@ -82,16 +82,17 @@ def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
         return x
     data, indptr = (x.data, x.indptr) if sp.issparse(x) else (x.ravel(), np.arange(0, x.size + 1, x.shape[1]))
     totals, low, high, fractional = _row_stats(data, indptr, x.dtype.type(_FRACTION_EPS))
+    low, high = low.min(), high.max()
     if not np.isfinite(totals).all():  # a NaN or infinity makes its row's total one
         raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
-    if low.min() < 0:
+    if low < 0:
         raise NbglmError(
-            f"{which} has negative values in X (min {low.min():.3g}): expected raw counts or log1p-normalised data"
+            f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data"
         )
     if fractional.any():
-        if high.max() >= _LOG1P_MAX:
+        if high >= _LOG1P_MAX:
             raise NbglmError(
-                f"{which} X is neither integer counts nor log1p data: fractional values up to {high.max():.3g} "
+                f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} "
                 f"(log1p data stays below {_LOG1P_MAX:g})"
             )
         return x
