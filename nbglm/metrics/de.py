@@ -12,6 +12,11 @@ sort and runs one compiled scan over it that gives every group's rank sum agains
 control sorts first within a tie block, so a running count of control entries is each entry's
 rank among the controls. Zeros are never stored or sorted: with non-negative data they form one
 tie block whose contribution has a closed form. The sort and the kernels release the GIL.
+
+Why sort everything rather than look each perturbation entry up among its gene's sorted control
+values: the lookups hit a table larger than L2 in a data-dependent order, and a compiled bucket
+lookup measured slower (48 ms for the rank sums alone at 3.3M entries) than this whole function
+(32 ms), before even counting ties inside a perturbation.
 """
 
 from __future__ import annotations
