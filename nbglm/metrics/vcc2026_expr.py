@@ -1,0 +1,162 @@
+"""Profile members of the VCC 2026 profile: `pds_cosine` and `expr_mse_unbiased_capped_norm`.
+
+Both read group profiles log1p(5e4 * group sum / group total), as cell-eval2 0.20 does; the
+expression error subtracts each group's delete-one jackknife sampling correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from nbglm.errors import NbglmError
+
+BULK_TARGET = 5e4
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Profiles:
+    """Group profiles (rows: control first, then `labels`) and their jackknife corrections."""
+
+    labels: np.ndarray
+    bulk: np.ndarray
+    jackknife: np.ndarray
+
+
+def group_sums(counts: sp.csr_matrix, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """float64 column sums of each group's rows."""
+    onehot = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(n_groups, codes.size))
+    return np.asarray((onehot @ counts.astype(np.float64)).todense())
+
+
+def profiles(counts: sp.csr_matrix, codes: np.ndarray, labels: np.ndarray) -> Profiles:
+    """Profiles and jackknife corrections of group 0 (control) and groups 1.. (`labels`)."""
+    counts = sp.csr_matrix(counts, dtype=np.float64)
+    n_groups = labels.size + 1
+    sums = group_sums(counts, codes, n_groups)
+    totals = sums.sum(axis=1)
+    scale = np.zeros_like(totals)
+    scale[totals > 0] = BULK_TARGET / totals[totals > 0]
+    bulk = np.log1p(sums * scale[:, None])
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(n_groups + 1))
+    jk = np.array([_jackknife(counts[order[lo:hi]], sums[g], totals[g])
+                   for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))])
+    return Profiles(labels, bulk, jk)
+
+
+def _jackknife(rows: sp.csr_matrix, p: np.ndarray, total: float) -> float:
+    """C = (n-1)/n sum_g sum_i (v_ig - mean_i v_ig)^2, v the profile without cell i; 0 below 2 cells."""
+    n = rows.shape[0]
+    if n < 2 or total <= 0:
+        return 0.0
+    lib = np.asarray(rows.sum(axis=1)).ravel()
+    b = np.log1p(BULK_TARGET * p / total)
+    s1 = np.zeros(p.size)
+    s2 = np.zeros(p.size)
+    for lo in range(0, n, _CHUNK):
+        r = total - lib[lo:lo + _CHUNK]
+        safe = np.where(r > 0, r, 1.0)[:, None]
+        v = np.log1p(BULK_TARGET * (p[None, :] - rows[lo:lo + _CHUNK].toarray()) / safe)
+        v = np.where((r > 0)[:, None], v, 0.0) - b[None, :]
+        s1 += v.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", v, v)
+    return max((n - 1) / n * float((s2 - s1**2 / n).sum()), 0.0)
+
+
+def exclusion_columns(labels: np.ndarray, genes: np.ndarray, panel: np.ndarray) -> np.ndarray:
+    """Each label's own gene column (-1 if none); an error when no panel label names a gene."""
+    pos = {g: i for i, g in enumerate(genes)}
+    if not any(str(lab) in pos for lab in panel):
+        raise NbglmError(
+            "vcc2026: no perturbation label names a gene on the gene axis, so target genes cannot be "
+            "excluded (cell-eval2 refuses this too); label perturbations by their target gene symbol")
+    return np.array([pos.get(str(lab), -1) for lab in labels], dtype=np.int64)
+
+
+def pds_cosine(pred_eff: np.ndarray, real_eff: np.ndarray, panel_cols: np.ndarray) -> np.ndarray:
+    """1 - midrank(own match among all real effects by cosine distance) / (n - 1), row by row.
+
+    `pred_eff` rows are aligned with `real_eff` rows; the panel's target genes leave both.
+    """
+    keep = np.ones(real_eff.shape[1], dtype=bool)
+    keep[panel_cols[panel_cols >= 0]] = False
+    if not keep.any():
+        raise NbglmError("vcc2026: every gene is some perturbation's target; pds_cosine has no genes left to rank")
+    a, b = pred_eff[:, keep], real_eff[:, keep]
+    sim = a @ b.T
+    denom = np.sqrt(np.einsum("ig,ig->i", a, a))[:, None] * np.sqrt(np.einsum("jg,jg->j", b, b))[None, :]
+    cos = np.zeros_like(sim)
+    nz = denom != 0
+    cos[nz] = sim[nz] / denom[nz]
+    dist = np.clip(1.0 - cos, 0.0, 2.0)
+    own = np.diag(dist)[:, None]
+    rank = np.count_nonzero(dist < own, axis=1) + (np.count_nonzero(dist == own, axis=1) - 1) / 2.0
+    n = real_eff.shape[0]
+    return np.ones(n) if n <= 1 else 1.0 - rank / (n - 1)
+
+
+def _drop_own(summed: np.ndarray, a: np.ndarray, b: np.ndarray, cols: np.ndarray, n_genes: int):
+    """Remove each row's own gene from a summed squared distance; returns (summed, genes kept)."""
+    n_row = np.full(summed.shape, float(n_genes))
+    hit = np.flatnonzero(cols >= 0)
+    out = summed.copy()
+    out[hit] -= (a[hit, cols[hit]] - b[hit, cols[hit]]) ** 2
+    n_row[hit] = n_genes - 1
+    return out, n_row
+
+
+def _budget(pred: np.ndarray, cols: np.ndarray, w: np.ndarray) -> float:
+    """Weighted centred sum of squares of the predicted profiles across perturbations, own genes out."""
+    dev = pred - pred.mean(axis=0)
+    s1 = np.einsum("ij,i->j", dev, w)
+    s2 = np.einsum("ij,ij,i->j", dev, dev, w)
+    wsum = np.full(pred.shape[1], float(w.sum()))
+    cnt = np.full(pred.shape[1], float(pred.shape[0]))
+    hit = np.flatnonzero(cols >= 0)
+    v = dev[hit, cols[hit]]
+    np.subtract.at(s1, cols[hit], w[hit] * v)
+    np.subtract.at(s2, cols[hit], w[hit] * v * v)
+    np.subtract.at(wsum, cols[hit], w[hit])
+    np.subtract.at(cnt, cols[hit], 1.0)
+    ok = (cnt >= 2.0) & (wsum > 0.0)
+    if not ok.any():
+        return 0.0
+    return float(np.maximum(s2[ok] - s1[ok] ** 2 / wsum[ok], 0.0).sum())
+
+
+def expr_terms(pred: Profiles, real: Profiles, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-perturbation numerator (`expr_mse_unbiased_capped`) and denominator
+    (`expr_distance_unbiased`); rows of `pred` and `real` are aligned, control at row 0."""
+    n_genes = real.bulk.shape[1]
+    pb, rb = pred.bulk[1:], real.bulk[1:]
+    c_pred, c_real = pred.jackknife[1:], real.jackknife[1:]
+    n_row = np.where(cols >= 0, n_genes - 1.0, float(n_genes))
+    w = np.divide(1.0, n_row, out=np.zeros_like(n_row), where=n_row > 0)
+    term = np.minimum(c_pred, c_real)
+    claim = float((term * w).sum())
+    if claim > 0.0:
+        ratio = _budget(pb, cols, w) / claim
+        if ratio < 1.0:
+            term = term * ratio
+    d = pb - rb
+    num, n_num = _drop_own(np.einsum("ij,ij->i", d, d) - term - c_real, pb, rb, cols, n_genes)
+    ctrl = np.broadcast_to(real.bulk[0], rb.shape)
+    e = rb - ctrl
+    den, n_den = _drop_own(np.einsum("ij,ij->i", e, e) - c_real - real.jackknife[0], rb, ctrl, cols, n_genes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / n_num, den / n_den
+
+
+def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> float:
+    """sum(num) / sum(den) over perturbations where both are finite; the reference must carry an effect."""
+    ok = np.isfinite(num) & np.isfinite(den)
+    total = float(den[ok].sum())
+    if not ok.any() or total <= 0:
+        raise NbglmError(
+            f"vcc2026: the real data's summed expression distance from control is {total:.3g} (not positive), "
+            "so expr_mse_unbiased_capped_norm is undefined; the reference carries no measurable effect at this depth")
+    return float(num[ok].sum()) / total
