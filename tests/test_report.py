@@ -28,10 +28,9 @@ def _csv(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def sweep_dir(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One smoke sweep (2 configs x 2 seeds); its driver writes the report as its last step."""
-    from nbglm.sweep.runner import run_sweep
-
     root = tmp_path_factory.mktemp("report")
-    run_sweep(SMOKE, sets=[f"storage_path={root}", "search.num_samples=2", "seeds=[1, 2]"])
+    sets = [f"storage_path={root}", "search.num_samples=2", "seeds=[1, 2]"]
+    assert main(["sweep", str(SMOKE), *(f"--set={s}" for s in sets)]) == 0
     return root / "smoke"
 
 

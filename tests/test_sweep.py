@@ -124,7 +124,7 @@ def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_
     from nbglm.sweep.runner import run_sweep
 
     rows = run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "seeds=[1,2,3,4]", "search.num_samples=2", "max_concurrent=2",
-                                             "resources.cpu=0.2", "resources.gpu=0.25"))
+                                             "resources.cpu=0.2", "resources.gpu=0.25")).rows
     sweep_dir = tmp_path / "smoke"
     configs = _csv(sweep_dir / "results" / "configs.csv")
     trials = _csv(sweep_dir / "results" / "trials.csv")
@@ -171,11 +171,15 @@ def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_
     assert ray_local.is_initialized()  # the driver reused the session's Ray and left it up
 
 
-def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, tmp_path: Path) -> None:
+def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from nbglm.sweep.runner import run_sweep
+    from nbglm.sweep.units import FAULTS_ENV
 
-    sets = _sweep_sets(tmp_path, "search.num_samples=1", "max_failures=1", "overrides.debug.fail_first_attempt=true")
+    sets = _sweep_sets(tmp_path, "search.num_samples=1", "max_failures=1")
+    monkeypatch.setenv(FAULTS_ENV, '{"fail_first_attempt": true}')
     run_sweep(SMOKE, sets=sets)
+    monkeypatch.delenv(FAULTS_ENV)
     sweep_dir = tmp_path / "smoke"
     configs = _csv(sweep_dir / "results" / "configs.csv")
     trials = _csv(sweep_dir / "results" / "trials.csv")
@@ -193,11 +197,14 @@ def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, t
     assert _csv(sweep_dir / "results" / "configs.csv") == configs
 
 
-def test_a_config_whose_seeds_all_fail_is_reported_failed(ray_local, tmp_path: Path) -> None:
-    from nbglm.sweep.runner import main
+def test_a_config_whose_seeds_all_fail_is_reported_failed(ray_local, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbglm.cli import main
+    from nbglm.sweep.units import FAULTS_ENV
 
-    code = main([str(SMOKE), *(f"--set={s}" for s in _sweep_sets(
-        tmp_path, "search.num_samples=1", "max_failures=0", "overrides.debug.fail_seeds=[1,2]"))])
+    monkeypatch.setenv(FAULTS_ENV, '{"fail_seeds": [1, 2]}')
+    code = main(["sweep", str(SMOKE), *(f"--set={s}" for s in _sweep_sets(
+        tmp_path, "search.num_samples=1", "max_failures=0"))])
     assert code == 1  # no config scored
     configs = _csv(tmp_path / "smoke" / "results" / "configs.csv")
     trials = _csv(tmp_path / "smoke" / "results" / "trials.csv")

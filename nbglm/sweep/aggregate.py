@@ -19,7 +19,7 @@ from typing import Any
 
 from nbglm import atomic
 from nbglm.config import from_dict, to_yaml
-from nbglm.sweep.units import METRICS, seed_stats
+from nbglm.sweep.units import METRICS, seed_stats, unit_record
 from nbglm.sweep.space import SweepSpec
 
 _DONE = {"TERMINATED", "ERROR"}
@@ -68,8 +68,8 @@ def collect(sweep_dir: Path, spec: SweepSpec, trials: list[TrialInfo]) -> tuple[
         for seed in spec.seeds:
             rec = read_record(sweep_dir / t.dirname, seed)
             if rec is None:  # not run yet, or the trial died before this seed finished
-                rec = {"seed": seed, "status": "failed" if t.status == "ERROR" else t.status.lower(),
-                       "error": t.error if t.status == "ERROR" else None}
+                rec = unit_record(seed, status="failed" if t.status == "ERROR" else t.status.lower(),
+                                  error=t.error if t.status == "ERROR" else None)
             records.append(rec)
             trial_rows.append({
                 "trial_id": t.trial_id, **params, "seed": seed, "status": rec["status"],

@@ -1,4 +1,4 @@
-"""Sweep driver: `python launch.py SPEC [--address auto|HOST:PORT|ray://...] [--resume] [--set k=v ...]`.
+"""Sweep driver behind `nbglm sweep SPEC` (and `python launch.py SPEC`): `run_sweep`.
 
 The spec is validated and the dataset and ground-truth DE cache are built before Ray starts; both
 go into the object store once. Results land in `<storage_path>/<name>/` (printed at start and end):
@@ -13,11 +13,10 @@ config started within that second of a crash is sampled afresh (its directory mo
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,21 @@ from ray.tune.search.optuna import OptunaSearch
 from nbglm import atomic
 from nbglm.config import to_dict
 from nbglm.errors import NbglmError
-from nbglm.multiseed import shared_inputs
-from nbglm.pipeline import check_mode_inputs
-from nbglm.report import report_after_sweep
+from nbglm.pipeline import check_mode_inputs, load_inputs
 from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
 from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
 from nbglm.sweep.space import SweepSpec, load_spec
 from nbglm.sweep.trainable import TRIAL_RESOURCES, SweepContext, train_config, trial_dirname
+from nbglm.sweep.units import injected_faults
 
 SAVED_SPEC = "sweep.yaml"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    sweep_dir: Path
+    rows: list[dict]  # results/configs.csv
 
 
 class FinalOnlyOptunaSearch(OptunaSearch):
@@ -52,30 +57,6 @@ class FinalOnlyOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch.py", description="Run an Optuna x seeds sweep on Ray Tune.")
-    p.add_argument("spec", help="sweep spec YAML, e.g. sweeps/rank_search.yaml")
-    p.add_argument("--address", help="attach to a Ray cluster (auto, HOST:PORT or ray://HOST:PORT); "
-                   "default: start a local Ray for this sweep")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in <storage_path>/<name>")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key (repeatable): --set search.num_samples=4 --set overrides.train.epochs=5")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        rows = run_sweep(args.spec, address=args.address, resume=args.resume, sets=args.sets)
-    except NbglmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    return 0 if any(r["n_seeds_ok"] for r in rows) else 1
 
 
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
@@ -166,8 +147,8 @@ class ExportCallback(tune.Callback):
 
 
 def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool = False,
-              sets: list[str] | tuple[str, ...] = ()) -> list[dict]:
-    """Run (or resume) the sweep of `spec_path`; returns the rows of results/configs.csv."""
+              sets: list[str] | tuple[str, ...] = ()) -> SweepResult:
+    """Run (or resume) the sweep of `spec_path`; its export is in `<sweep_dir>/results/`."""
     spec = load_spec(spec_path, sets)
     base_cfg = spec.resolve_base()
     base = to_dict(base_cfg)
@@ -176,12 +157,13 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
 
     _check_directory(spec, base, resume)
     check_mode_inputs(base_cfg)  # a missing checkpoint is one line here, not a failed seed per config
-    data, de_cache = shared_inputs(base_cfg, None)  # read here, shipped to every node via the object store
+    data, de_cache = load_inputs(base_cfg)  # read here, shipped to every node via the object store
     with ray_session(address, units=spec.max_concurrent * len(spec.seeds)):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu)
         check_shared_storage(sweep_dir)
         ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu,
-                           data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None)
+                           data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None,
+                           faults=injected_faults())
         trainable = tune.with_resources(tune.with_parameters(train_config, ctx=ctx),
                                         tune.PlacementGroupFactory(TRIAL_RESOURCES))
         if resume:
@@ -210,10 +192,7 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
             grid = tuner.fit()
     rows = _final_export(spec, base, grid)
     print_table(spec, rows)
-    report_after_sweep(sweep_dir)  # figures + report.html; a failure is a warning, never a failed sweep
-    print(f"sweep '{spec.name}': results in {sweep_dir}/results (trials.csv, configs.csv, best_config.yaml); "
-          f"tensorboard --logdir {sweep_dir}", flush=True)
-    return rows
+    return SweepResult(spec.name, sweep_dir, rows)
 
 
 def _final_export(spec: SweepSpec, base: dict, grid: Any) -> list[dict]:

@@ -23,8 +23,8 @@ import yaml
 from nbglm.config import (Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml,
                           set_dotted, to_dict)
 from nbglm.errors import NbglmError
+from nbglm.metrics import names as metric_names
 
-METRICS = ("overall_score", "des", "pds", "mae")
 SWEEP_MODES = ("train_sample_eval", "sample_eval")  # modes that produce a score to optimise
 
 
@@ -43,7 +43,7 @@ class SpecFields:
     name: str = "sweep"
     base_config: str | None = None  # experiment YAML, relative to the spec file; null = defaults
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    metric: Literal["overall_score", "des", "pds", "mae"] = "overall_score"
+    metric: str = "overall_score"  # a metric of the registry (nbglm.metrics.registry)
     mode: Literal["max", "min"] = "max"
     resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(cpu=1.0, gpu=0.25))  # per seed
     max_concurrent: int = 2  # configs in flight at once
@@ -259,6 +259,8 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     if not fields.name or "/" in fields.name or fields.name in (".", ".."):
         raise NbglmError(f"'name' must be a plain directory name, got {fields.name!r}")
     checks = [
+        (fields.metric in metric_names(),
+         f"'metric' = {fields.metric!r} is invalid: expected one of {', '.join(metric_names())}"),
         (search.num_samples >= 1, "search.num_samples must be >= 1"),
         (fields.max_concurrent >= 1, "max_concurrent must be >= 1"),
         (fields.max_failures >= 0, "max_failures must be >= 0"),

@@ -63,6 +63,7 @@ class SweepContext:
     gpu: float
     data: Any
     de_cache: Any
+    faults: dict  # injected by tests through NBGLM_TEST_FAULTS; {} in real sweeps
 
 
 def trial_dirname(trial: Any) -> str:
@@ -101,16 +102,17 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
     trial_dir = Path(ctx.sweep_dir) / Path(tune.get_context().get_trial_dir()).name
     cfg = from_dict(spec.experiment_dict(config, ctx.base))
     attempt = _next_attempt(trial_dir)
-    if cfg.debug.fail_first_attempt and attempt == 1:
-        raise RuntimeError("debug.fail_first_attempt: injected crash of the trial's first attempt")
+    if ctx.faults.get("fail_first_attempt") and attempt == 1:
+        raise RuntimeError("injected crash of the trial's first attempt (NBGLM_TEST_FAULTS)")
     records = {s: r for s in spec.seeds if (r := read_record(trial_dir, s)) and r["status"] == "ok"}
     board = TrialBoard(trial_dir)
     pool = UnitPool()
     for seed in spec.seeds:
         if seed not in records:
             unit_dir = trial_dir / f"seed_{seed}"
-            pool.submit(seed, unit_dir, launch_unit(cfg, seed, ctx.data, ctx.de_cache, unit_dir,
-                                                    cpu=ctx.cpu, gpu=ctx.gpu, scheduling_strategy=OUTSIDE_TRIAL))
+            pool.submit(seed, unit_dir, launch_unit(cfg, seed, ctx.data, ctx.de_cache, unit_dir, cpu=ctx.cpu,
+                                                    gpu=ctx.gpu, faults=ctx.faults,
+                                                    scheduling_strategy=OUTSIDE_TRIAL))
     latest: dict[int, tuple[int, float]] = {}
     last_report = time.monotonic()
     while len(pool):

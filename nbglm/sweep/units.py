@@ -1,5 +1,8 @@
 """Seed units: one `run_experiment` for one seed, run as a Ray task; shared by `multi_seed` and sweeps.
 
+Tests inject crashes through `NBGLM_TEST_FAULTS` (JSON, read once by the driver and handed to the
+trials and units as `faults`): the config schema and saved configs know nothing of it.
+
 A unit runs on the dataset and DE cache the caller put in the object store once (refs passed as
 task arguments arrive zero-copy, whatever the number of units), writes its own sub-bundle, and
 requests the caller's resources (fractional GPU allowed, or a placement-group bundle). It is a
@@ -13,6 +16,7 @@ imported inside the unit, before its clock starts, so `start`/`end` time the exp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -30,8 +34,21 @@ import ray
 from nbglm import atomic
 from nbglm.config import Config
 from nbglm.errors import NbglmError
+from nbglm.metrics import names
 
-METRICS = ("overall_score", "des", "pds", "mae")
+METRICS = names()
+FAULTS_ENV = "NBGLM_TEST_FAULTS"  # tests only: {"fail_seeds": [2], "fail_first_attempt": true}
+
+
+def injected_faults() -> dict[str, Any]:
+    """The faults a test asked for in the driver's environment ({} in real runs)."""
+    return json.loads(os.environ.get(FAULTS_ENV) or "{}")
+
+
+def unit_record(seed: int, **fields: Any) -> dict[str, Any]:
+    """A seed unit's record (one row of trials.csv): every key present, the given ones filled."""
+    return {"seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "wall_s": None, "cpu_s": None,
+            "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None, "bundle": None, **fields}
 
 
 def one_line(exc: BaseException) -> str:
@@ -40,7 +57,7 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
-def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> Iterator[tuple]:
+def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str, faults: dict) -> Iterator[tuple]:
     """Run one seed; yield ("epoch", seed, epoch, {'loss', 'lr'}) per epoch, then ("done", seed, record).
 
     The experiment runs in a thread so the generator can hand epochs to the caller while it trains.
@@ -48,19 +65,15 @@ def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> 
     from nbglm.pipeline import run_experiment, with_seed
 
     ctx = ray.get_runtime_context()
-    record: dict[str, Any] = {
-        "seed": seed, "status": "ok", "error": None, **{m: None for m in METRICS},
-        "wall_s": None, "cpu_s": None, "start": time.time(), "end": None, "node_id": ctx.get_node_id(),
-        "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])], "pid": os.getpid(),
-        "bundle": bundle_dir,
-    }
+    record = unit_record(seed, start=time.time(), node_id=ctx.get_node_id(), pid=os.getpid(), bundle=bundle_dir,
+                         gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])])
     events: queue.Queue = queue.Queue()
     cpu_start = time.process_time()  # the worker runs nothing else: its CPU time is this unit's
 
     def work() -> None:
         try:
-            if seed in cfg.debug.fail_seeds:
-                raise RuntimeError(f"debug.fail_seeds: injected failure of seed {seed}")
+            if seed in faults.get("fail_seeds", ()):
+                raise RuntimeError(f"{FAULTS_ENV}: injected failure of seed {seed}")
             result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
                                     on_epoch_end=lambda epoch, m: events.put(("epoch", seed, epoch, dict(m))))
             record.update({m: result.metrics.get(m) for m in METRICS}, timings=result.timings)
@@ -87,19 +100,12 @@ seed_unit = ray.remote(_unit)
 
 
 def launch_unit(cfg: Config, seed: int, data_ref: Any, de_cache_ref: Any, bundle_dir: Path, *,
-                cpu: float, gpu: float, scheduling_strategy: Any = None) -> Any:
+                cpu: float, gpu: float, faults: dict, scheduling_strategy: Any = None) -> Any:
     """Start one seed unit as a Ray task; returns its ObjectRefGenerator."""
     options: dict[str, Any] = {"num_cpus": cpu, "num_gpus": gpu}
     if scheduling_strategy is not None:
         options["scheduling_strategy"] = scheduling_strategy
-    return seed_unit.options(**options).remote(cfg, seed, data_ref, de_cache_ref, str(bundle_dir))
-
-
-def failed_record(seed: int, exc: BaseException, bundle_dir: Path) -> dict:
-    """The record of a unit whose worker or node died (Ray has already retried it)."""
-    return {"seed": seed, "status": "failed", "error": one_line(exc), **{m: None for m in METRICS},
-            "wall_s": None, "cpu_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
-            "bundle": str(bundle_dir)}
+    return seed_unit.options(**options).remote(cfg, seed, data_ref, de_cache_ref, str(bundle_dir), faults)
 
 
 class UnitPool:
@@ -131,7 +137,7 @@ class UnitPool:
                 del self._live[gen]
                 continue
             except Exception as exc:  # the task itself failed: worker or node lost
-                item = ("done", seed, failed_record(seed, exc, bundle_dir))
+                item = ("done", seed, unit_record(seed, status="failed", error=one_line(exc), bundle=str(bundle_dir)))
             if item[0] == "done":
                 del self._live[gen]
             events.append(item)
