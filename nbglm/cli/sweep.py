@@ -30,4 +30,4 @@ def run(args: argparse.Namespace) -> int:
     report_after_sweep(result.sweep_dir)  # figures + report.html; a failure is a warning, never a failed sweep
     print(f"sweep '{result.name}': results in {result.sweep_dir}/results (trials.csv, configs.csv, "
           f"best_config.yaml); tensorboard --logdir {result.sweep_dir}", flush=True)
-    return 0 if any(r["n_seeds_ok"] for r in result.rows) else 1
+    return 0 if any(r["n_units_ok"] for r in result.rows) else 1

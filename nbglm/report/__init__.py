@@ -14,8 +14,8 @@ from pathlib import Path
 from nbglm import atomic
 from nbglm.baselines import BASELINES
 from nbglm.errors import NbglmError
-from nbglm.report.figures import (N_COMPARED, axis_label, plot_best_vs_baselines, plot_metric_vs_params,
-                                      plot_per_perturbation)
+from nbglm.report.figures import (N_COMPARED, axis_label, plot_best_vs_baselines, plot_cv_vs_test,
+                                  plot_metric_vs_params, plot_per_perturbation)
 from nbglm.report.html import render_html
 from nbglm.report.read import METRICS, load_sweep
 from nbglm.report.runs import baselines, per_perturbation
@@ -33,15 +33,20 @@ def write_report(sweep_dir: str | Path, top: int = 10) -> Path:
     best = ranked.iloc[0]["trial_id"]
     table, cell_mean, source = per_perturbation(sweep, best)
     vs_params = {m: (plot_metric_vs_params(sweep, m, out / f"{m}_vs_params.png"),
-                     f"{axis_label(m)} of each config (mean ± std over seeds; grey dots: single seeds) against each "
-                     f"swept hyperparameter; red star: best config {best}.") for m in METRICS}
+                     f"{axis_label(m)} of each config (cross-validated: mean ± std over folds x seeds; grey dots: "
+                     f"single units) against each swept hyperparameter; red star: best config {best}.")
+                 for m in METRICS}
     figures = [
         vs_params["overall_score"],
         (plot_best_vs_baselines(sweep, baselines(sweep), out / "best_vs_baselines.png"),
          f"Top {min(N_COMPARED, len(ranked))} configs beside the baselines ({', '.join(BASELINES)}) on the "
-         "same data and seeds; error bars: std over seeds."),
+         "same folds and seeds; error bars: std over folds x seeds."),
+        (plot_cv_vs_test(sweep, out / "cv_vs_test.png"),
+         "Each config's cross-validated score (it chose the config) and, for the refit configs, the test score "
+         "measured once afterwards; the gap is the optimism of the selection."),
         (plot_per_perturbation(sweep, table, cell_mean, best, out / "per_perturbation.png"),
-         f"Best config {best}: DES, PDS and MAE of each held-out perturbation (from {source}); "
+         f"Best config {best}: DES, PDS and MAE of each training perturbation in the fold that held it out "
+         f"(from {source}); "
          "dashed: the cell_mean baseline's mean."),
         *(vs_params[m] for m in METRICS[1:]),
     ]

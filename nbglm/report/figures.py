@@ -90,7 +90,8 @@ def _param_axis(ax: Axes, p: Param) -> None:
 
 
 def plot_metric_vs_params(sweep: Sweep, metric: str, path: Path) -> Path:
-    """One panel per swept param: each config's seed mean ± std (seeds as dots), best config starred."""
+    """One panel per swept param: each config's CV mean ± std over folds x seeds (units as dots), best
+    config starred."""
     ranked = sweep.ranked()
     best = ranked.iloc[0]
     ok_trials = sweep.trials[sweep.trials["status"] == "ok"]
@@ -102,11 +103,12 @@ def plot_metric_vs_params(sweep: Sweep, metric: str, path: Path) -> Path:
         x = _x_values(p, ranked[key])
         if p.type == "categorical":
             x = x + _spread(x)
-        where = dict(zip(ranked["trial_id"], x))  # each seed's dot sits on its config's position
+        where = dict(zip(ranked["trial_id"], x))  # each unit's dot sits on its config's position
         ax.scatter(ok_trials["trial_id"].map(where), ok_trials[metric], s=12, color="0.6", alpha=0.7,
-                   label="single seed", zorder=1)
+                   label="single fold x seed", zorder=1)
         ax.errorbar(x, ranked[f"{metric}_mean"], yerr=ranked[f"{metric}_std"].fillna(0.0), fmt="o",
-                    color="tab:blue", ecolor="tab:blue", capsize=3, label="config: mean ± std over seeds", zorder=2)
+                    color="tab:blue", ecolor="tab:blue", capsize=3, label="config: CV mean ± std over folds x seeds",
+                    zorder=2)
         ax.scatter([x[0]], [best[f"{metric}_mean"]], marker="*", s=180, color="tab:red", zorder=3,
                    label=f"best config ({best['trial_id']})")
         _param_axis(ax, p)
@@ -117,12 +119,12 @@ def plot_metric_vs_params(sweep: Sweep, metric: str, path: Path) -> Path:
         ax.set_visible(False)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3)
     fig.suptitle(f"Sweep '{sweep.name}': {short(metric)} vs each swept hyperparameter "
-                 f"({len(ranked)} scored configs, seeds {sweep.seeds})")
+                 f"({len(ranked)} scored configs, {sweep.n_folds} folds x seeds {sweep.seeds})")
     return _save(fig, path)
 
 
 def _model_stats(sweep: Sweep, base: pd.DataFrame) -> list[tuple[str, str, dict[str, tuple[float, float]]]]:
-    """(label, colour, {metric: (mean, std)}) for the best configs, then each baseline over its seeds."""
+    """(label, colour, {metric: (mean, std)}) for the best configs, then each baseline, over folds x seeds."""
     out = []
     for rank, (_, row) in enumerate(sweep.ranked().head(N_COMPARED).iterrows(), 1):
         out.append((f"#{rank} {row['trial_id']}", f"C{rank - 1}",
@@ -148,7 +150,7 @@ def plot_best_vs_baselines(sweep: Sweep, base: pd.DataFrame, path: Path) -> Path
         bar = right.bar([i], [stats["overall_score"][0]], yerr=[stats["overall_score"][1]], capsize=3, color=color)
         right.bar_label(bar, fmt="%.3f", fontsize=7, padding=2)
     left.set_xticks(range(3), ["DES ↑ (0–1)", "PDS ↑ (0–1)", "MAE ↓ (log1p expression)"])
-    left.set_ylabel("score (mean ± std over seeds)")
+    left.set_ylabel("CV score (mean ± std over folds x seeds)")
     left.set_title("Per-metric scores")
     fig.legend(*left.get_legend_handles_labels(), loc="outside lower center", ncols=len(models))
     right.set_xticks(range(len(models)), [label for label, _, _ in models], rotation=35, ha="right")
@@ -180,5 +182,32 @@ def plot_per_perturbation(sweep: Sweep, table: pd.DataFrame, baseline: dict[str,
     axes[0].set_yticks(y, table.index)
     axes[0].set_ylabel("held-out perturbation")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2)
-    fig.suptitle(f"Sweep '{sweep.name}': best config {trial_id}, per held-out perturbation (mean ± std over seeds)")
+    fig.suptitle(f"Sweep '{sweep.name}': best config {trial_id}, per training perturbation scored in the fold "
+                 "that held it out (mean ± std over seeds)")
+    return _save(fig, path)
+
+
+def plot_cv_vs_test(sweep: Sweep, path: Path) -> Path:
+    """Every config's CV score (mean ± std over folds x seeds), best first; the refit configs' test
+    scores (mean ± std over seeds) beside them, so the optimism of the selection shows."""
+    metric, ranked = sweep.metric, sweep.ranked()
+    x = np.arange(len(ranked))
+    fig = _figure(max(8.0, 0.45 * len(ranked) + 3), 4.6)
+    ax = fig.subplots()
+    ax.errorbar(x, ranked[f"{metric}_mean"], yerr=ranked[f"{metric}_std"].fillna(0.0), fmt="o", capsize=3,
+                color="tab:blue", label="CV score: mean ± std over folds x seeds (chooses the config)")
+    refit = {c["trial_id"]: c["test"][metric] for c in (sweep.final or {}).get("configs", []) if c.get("test")}
+    where = {t: i for i, t in enumerate(ranked["trial_id"])}
+    tested = [(where[t], s["mean"], s["std"] or 0.0) for t, s in refit.items() if t in where and s["mean"] is not None]
+    if tested:
+        tx, ty, te = zip(*tested)
+        ax.errorbar(np.asarray(tx) + 0.15, ty, yerr=te, fmt="D", capsize=3, color="tab:red",
+                    label="test score of the refit: mean ± std over seeds (scored once, after the choice)")
+    ax.set_xticks(x, ranked["trial_id"], rotation=60, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, len(ranked) - 0.4)
+    ax.set_xlabel("config (best CV score first)")
+    ax.set_ylabel(axis_label(metric))
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=1)
+    fig.suptitle(f"Sweep '{sweep.name}': {short(metric)}, cross-validated per config; test score of the refit")
     return _save(fig, path)

@@ -25,14 +25,37 @@ def _param_text(p: Param, value: str) -> str:
 
 
 def _table(sweep: Sweep, top: int) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("rank", "trial", "params", *(axis_label(m) for m in METRICS), "seeds ok"))
+    head = "".join(f"<th>{h}</th>" for h in ("rank", "trial", "params", *(axis_label(m) for m in METRICS),
+                                             "units ok"))
     rows = []
     for rank, (_, r) in enumerate(sweep.ranked().head(top).iterrows(), 1):
         params = "<br>".join(html.escape(f"{k} = {_param_text(p, r[k])}") for k, p in sweep.space.items())
         cells = [str(rank), html.escape(r["trial_id"]), params, *(_mean_std(r, m) for m in METRICS),
-                 f"{int(r['n_seeds_ok'])}/{int(r['n_seeds'])}"]
+                 f"{int(r['n_units_ok'])}/{int(r['n_units'])}"]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _final(sweep: Sweep) -> list[str]:
+    """The refit configs' CV score beside their test score: how optimistic the selection was."""
+    if sweep.final is None:
+        return ["<p>No test score: the refit has not run yet, or the held-out perturbations have no ground truth."
+                "</p>"]
+    m = sweep.metric
+    head = "".join(f"<th>{h}</th>" for h in ("trial", f"CV {m}", f"test {m}", "CV − test"))
+    rows = []
+    for c in sweep.final["configs"]:
+        cv, test = c["cv"][m], c["test"][m]
+        diff = "" if c.get("cv_minus_test") is None else f"{c['cv_minus_test']:+.4f}"
+        cells = [html.escape(c["trial_id"] + (" (selected)" if c["trial_id"] == sweep.final["selected"] else "")),
+                 _pm(cv["mean"], cv["std"]), _pm(test["mean"], test["std"]), diff]
+        rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+    return ["<h2>Refit on all training perturbations, scored once on the test set</h2>",
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"]
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    return "–" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
 
 
 def _img(path: Path, caption: str) -> str:
@@ -52,10 +75,12 @@ def render_html(sweep: Sweep, figures: list[tuple[Path, str]], top: int, notes: 
     """The page: summary line, top-configs table, then each figure (embedded) with its caption."""
     n_failed = int((sweep.configs["status"] == "failed").sum())
     summary = (f"{len(sweep.configs)} configs ({len(sweep.ranked())} scored, {n_failed} failed) × "
-               f"seeds {sweep.seeds}; ranked by seed-mean {sweep.metric} ({sweep.mode}). Sweep directory: {sweep.path}. "
+               f"{sweep.n_folds} folds × seeds {sweep.seeds}; ranked by cross-validated {sweep.metric} ({sweep.mode}) "
+               f"over the training perturbations. Sweep directory: {sweep.path}. "
                f"Written {datetime.now():%Y-%m-%d %H:%M}.")
     body = [f"<h1>Sweep report: {html.escape(sweep.name)}</h1>", f"<p>{html.escape(summary)}</p>",
-            "<h2>Top configs (mean ± std over seeds)</h2>", _table(sweep, top),
+            "<h2>Top configs (cross-validated: mean ± std over folds × seeds)</h2>", _table(sweep, top),
+            *_final(sweep),
             *(f"<p>{html.escape(n)}</p>" for n in notes), "<h2>Figures</h2>",
             *(_img(path, caption) for path, caption in figures)]
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>Sweep report: '

@@ -1,7 +1,8 @@
 """Reading a sweep directory back: the spec it ran, its configs and its seed units.
 
-Everything the report shows is rebuilt from what the sweep wrote (`sweep.yaml`, `results/*.csv`,
-each seed's bundle `config_<trial>/seed_<s>/metrics/metrics.json`), so a report is exact mid-sweep too.
+Everything the report shows is rebuilt from what the sweep wrote (`sweep.yaml`, `folds.csv`,
+`results/*.csv`, each unit's bundle `config_<trial>/fold_<f>/seed_<s>/metrics/metrics.json`,
+`results/final/metrics.json`), so a report is exact mid-sweep too.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+import json
 
 import pandas as pd
 import yaml
@@ -31,19 +34,25 @@ class Sweep:
     mode: str
     base: dict  # the resolved base experiment config (no sampled params)
     configs: pd.DataFrame  # results/configs.csv, params as their searcher labels (strings)
-    trials: pd.DataFrame  # results/trials.csv
+    trials: pd.DataFrame  # results/trials.csv: one row per config x fold x seed
+    folds: pd.DataFrame  # folds.csv: the fold of every training perturbation and control cell
+    final: dict | None  # results/final/metrics.json: CV and test scores of the refit configs
 
     @property
     def seeds(self) -> list[int]:
         return sorted(int(s) for s in self.trials["seed"].unique())
 
+    @property
+    def n_folds(self) -> int:
+        return int(self.folds["fold"].max()) + 1
+
     def ranked(self) -> pd.DataFrame:
-        """Configs with a scored seed, best seed mean first."""
+        """Configs with a scored unit, best cross-validated mean first."""
         scored = self.configs[self.configs[f"{self.metric}_mean"].notna()]
         return scored.sort_values(f"{self.metric}_mean", ascending=self.mode == "min", kind="stable")
 
-    def seed_bundle(self, trial_id: str, seed: int) -> Path:
-        return self.path / f"config_{trial_id}" / f"seed_{seed}"
+    def unit_bundle(self, trial_id: str, fold: int, seed: int) -> Path:
+        return self.path / f"config_{trial_id}" / f"fold_{fold}" / f"seed_{seed}"
 
 
 def _read_csv(path: Path, numeric: Iterable[str]) -> pd.DataFrame:
@@ -73,9 +82,12 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     defaults = SpecFields()
     space = {str(k): _param(str(k), v) for k, v in spec["search"]["space"].items()}
     stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
+    final = path / "results" / "final" / "metrics.json"
     return Sweep(
         path=path, name=spec.get("name", defaults.name), space=space, metric=spec.get("metric", defaults.metric),
         mode=spec.get("mode", defaults.mode), base=state["base_config"],
-        configs=_read_csv(configs_csv, [*stats, "n_seeds_ok", "n_seeds"]),
-        trials=_read_csv(path / "results" / "trials.csv", [*METRICS, "seed"]),
+        configs=_read_csv(configs_csv, [*stats, "n_units_ok", "n_units"]),
+        trials=_read_csv(path / "results" / "trials.csv", [*METRICS, "fold", "seed"]),
+        folds=pd.read_csv(path / "folds.csv", dtype={"label": str}),
+        final=json.loads(final.read_text()) if final.is_file() else None,
     )

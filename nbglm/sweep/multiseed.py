@@ -25,7 +25,7 @@ from nbglm.data import Dataset
 from nbglm.errors import NbglmError
 from nbglm.pipeline import check_mode_inputs, load_inputs
 from nbglm.sweep.cluster import ray_session, unit_resources
-from nbglm.sweep.units import METRICS, UnitPool, injected_faults, launch_unit, seed_stats
+from nbglm.sweep.units import METRICS, UnitPool, injected_faults, unit_stats
 
 log = logging.getLogger("nbglm")
 
@@ -53,27 +53,24 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
     atomic.write_text(bundle / "config.yaml", to_yaml(cfg))
     t0 = time.perf_counter()
     data, de_cache = load_inputs(base, data)
-    faults = injected_faults()
     records: dict[int, dict] = {}
     limit = min(ps.max_workers or len(ps.seeds), len(ps.seeds))
     with ray_session(address or ps.address, units=limit):
         cpu, gpu = unit_resources(ps.resources.cpu, ps.resources.gpu)
         data_ref = ray.put(data)
         cache_ref = ray.put(de_cache) if de_cache is not None else None
-        pending, pool = list(ps.seeds), UnitPool()
+        pending, pool = list(ps.seeds), UnitPool(cpu, gpu, injected_faults())
         while pending or len(pool):
             while pending and len(pool) < limit:
                 seed = pending.pop(0)
-                unit_dir = bundle / f"seed_{seed}"
-                unit = launch_unit(base, seed, data_ref, cache_ref, unit_dir, cpu=cpu, gpu=gpu, faults=faults)
-                pool.submit(seed, unit_dir, unit)
+                pool.submit(base, seed, None, data_ref, cache_ref, bundle / f"seed_{seed}")
             for event in pool.poll(timeout=1.0):
                 if event[0] == "done":
-                    rec = records[event[1]] = event[2]
+                    rec = records[event[2]["seed"]] = event[2]
                     log.info("seed %d %s%s", rec["seed"], rec["status"],
                              f": {rec['error']}" if rec["error"] else f" overall={rec['overall_score']}")
     per_seed = [records[s] for s in ps.seeds]
-    summary = seed_stats(per_seed)
+    summary = unit_stats(per_seed)
     failed = [r["seed"] for r in per_seed if r["status"] != "ok"]
     total_s = time.perf_counter() - t0
     atomic.write_json(bundle / "metrics" / "multi_seed_metrics.json", {
