@@ -1,4 +1,5 @@
 # Two entry points: `make demo` (main job on the built-in data) and `make test`.
+# `make test` checks the layer contract (import-linter, pyproject.toml) before the tests.
 # Both create .venv on first use: torch==2.13.0 first (CPU wheel), then the package with its dev extras.
 PYTHON ?= python3
 VENV := .venv
@@ -19,4 +20,5 @@ demo: setup
 	$(BIN)/python launch.py sweeps/rank_search.yaml
 
 test: setup
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest

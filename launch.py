@@ -1,4 +1,6 @@
-"""Sweep launcher: `python launch.py sweeps/rank_search.yaml [--address auto] [--resume] [--set k=v ...]`."""
-from nbglm.sweep.runner import main
+"""`python launch.py sweeps/rank_search.yaml [--address auto] [--resume] [--set k=v ...]` = `nbglm sweep ...`."""
+import sys
 
-raise SystemExit(main())
+from nbglm.cli import main
+
+raise SystemExit(main(["sweep", *sys.argv[1:]]))

@@ -1,35 +1,136 @@
-"""Atomic file writes: a crash never leaves a half-written file under its final name."""
+"""The one way nbglm writes a file or a directory: a crash or a power loss never leaves a
+half-written or empty file under its final name.
+
+Each write goes to a temp name beside the target (`.<name>.<host>.<pid>.<random>.tmp<suffix>`),
+is flushed to disk (fsync), gets the mode the process umask gives a new file, is renamed over the
+target, and the directory entry is flushed too. Temp files that a killed process left behind are
+removed by the next write into the same directory from the same host.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import secrets
+import shutil
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from nbglm.errors import NbglmError
+
+_TMP = ".tmp"
+
+
+@cache
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(directory: Path) -> None:
+    """Remove temp files and dirs of killed writes in `directory` (this host's dead processes only)."""
+    host = _host()
+    for entry in directory.glob(f".*.{host}.*{_TMP}*"):
+        parts = entry.name.split(".")
+        try:
+            pid = int(parts[parts.index(host) + 1])
+        except (ValueError, IndexError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}{_TMP}{path.suffix}")
+
+
+def _publish(tmp: Path, path: Path, mode: int) -> None:
+    """Flush `tmp` (every file in it, for a directory), give it `mode`, rename it to `path`,
+    and flush the directory entry."""
+    for file in (tmp.rglob("*") if tmp.is_dir() else [tmp]):
+        if file.is_file():
+            _fsync(file)
+    tmp.chmod(mode & ~_umask())
+    os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, on error remove it."""
+    """Yield a temp path beside `path` for a writer to create; on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    clean_stale(path.parent)
+    tmp = _temp_name(path)
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        yield tmp
+        _publish(tmp, path, 0o666)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
+def write_bytes(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
+    """`write(f)` into a binary file that replaces `path` once complete."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        write(f)
+
+
 def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def check_new_output(out: str | Path) -> Path:
+    """Refuse an existing `out` unless it is an empty directory: never merge into or overwrite results."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise NbglmError(f"output {out} already exists and is not an empty directory; choose a new one or remove it")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path, *, new: bool = True) -> Iterator[Path]:
+    """Yield a temp directory beside `out` to fill; on success it becomes `out` (an empty `out` is
+    replaced). With `new`, an existing non-empty `out` is refused before anything is written."""
+    out = check_new_output(out) if new else Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent)
+    tmp = _temp_name(out)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _publish(tmp, out, 0o777)  # a rename replaces an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -23,7 +23,12 @@ from nbglm.data import Dataset, pseudobulks
 from nbglm.metrics import to_log1p
 from nbglm.sample import control_cells, control_source
 
-BASELINES = ("cell_mean", "control", "linear")
+# The baseline registry: the only list of baseline names (model.name values besides lowrank_nb_glm).
+BASELINES: dict[str, str] = {
+    "cell_mean": "the VCC baseline: every cell is the mean of the training groups' log1p pseudobulks",
+    "linear": "ridge map from a perturbation's embedding to its log1p pseudobulk effect",
+    "control": "real control cells resampled: nothing happens",
+}
 
 
 def _ridge_effects(data: Dataset, names: np.ndarray, bulks: np.ndarray, lam: float) -> np.ndarray:

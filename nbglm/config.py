@@ -172,14 +172,6 @@ class PipelineConfig:
 
 
 @dataclass
-class DebugConfig:
-    """Fault injection for the tests of the multi-seed runner and the sweep; leave empty in real runs."""
-
-    fail_seeds: list[int] = field(default_factory=list)  # these seeds raise instead of training
-    fail_first_attempt: bool = False  # a sweep trial raises on its first attempt (exercises max_failures)
-
-
-@dataclass
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -190,7 +182,6 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 # Range checks that a type alone cannot express: key -> (predicate, what is allowed).

@@ -1,7 +1,8 @@
 """One experiment = train -> sample -> evaluate, written as one output bundle.
 
-`run_experiment` is the single entry point the CLI, the multi-seed runner and the sweep trainable
-call. A bundle `outputs/{name}__{timestamp}/` holds `config.yaml` (resolved), `ckpt/model.pt`,
+`run_experiment` is the single entry point the CLI and the sweep's seed units call. This layer
+knows nothing of Ray: several seeds at once (`pipeline.mode=multi_seed`) are the sweep layer's
+job (`nbglm.sweep.multiseed`), which the command line dispatches to. A bundle `outputs/{name}__{timestamp}/` holds `config.yaml` (resolved), `ckpt/model.pt`,
 `preds/pred.h5ad`, `metrics/metrics.json` and `logs/run.log`; every file is written atomically.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -23,18 +24,14 @@ from nbglm.baselines import BASELINES, predict_baseline
 from nbglm.config import Config, to_yaml
 from nbglm.data import Dataset, load_dataset
 from nbglm.errors import NbglmError
-from nbglm.metrics import GroundTruthCache, evaluate, load_de_cache
+from nbglm.metrics import GroundTruthCache, build_de_cache, evaluate, load_de_cache, profile_metrics
 from nbglm.model import LowRankNBGLM
 from nbglm.sample import sample_heldout
-from nbglm.train import FitResult, fit, load_checkpoint, save_checkpoint
+from nbglm.train import EpochCallback, FitResult, fit, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("nbglm")
 
-EpochCallback = Callable[[int, dict], None]
-
-_TRAINS = {"train_sample_eval", "train_sample"}
-_SAMPLES = {"train_sample_eval", "train_sample", "sample_eval", "sample"}
-_EVALUATES = {"train_sample_eval", "sample_eval", "evaluate_only"}
+EVALUATING_MODES = ("train_sample_eval", "sample_eval", "evaluate_only")  # modes that score a prediction
 
 
 @dataclass
@@ -44,7 +41,6 @@ class ExperimentResult:
     timings: dict[str, float]
     seed: int
     history: list[dict] = field(default_factory=list)  # per-epoch {'epoch', 'loss', 'lr'}
-    failed_seeds: list[int] = field(default_factory=list)  # multi_seed only
 
 
 def check_mode_inputs(cfg: Config) -> None:
@@ -65,8 +61,7 @@ def check_mode_inputs(cfg: Config) -> None:
             raise NbglmError("pipeline.mode=evaluate_only needs paths.pred_h5ad (the predictions to score)")
         if not Path(pred).is_file():
             raise NbglmError(f"prediction file not found: {pred} (check paths.pred_h5ad)")
-    evaluates = mode in _EVALUATES or (mode == "multi_seed" and cfg.pipeline.multi_seed_base_mode in _EVALUATES)
-    if evaluates and cfg.paths.train_h5ad and not cfg.paths.test_h5ad:
+    if mode in EVALUATING_MODES and cfg.paths.train_h5ad and not cfg.paths.test_h5ad:
         raise NbglmError(f"pipeline.mode={mode} scores predictions against real held-out cells: "
                          "set paths.test_h5ad, or use pipeline.mode=train_sample")
     if cfg.evaluate.de_cache and not Path(cfg.evaluate.de_cache).is_dir():
@@ -113,12 +108,10 @@ def run_experiment(
     de_cache: GroundTruthCache | None = None,
 ) -> ExperimentResult:
     """Run `cfg.pipeline.mode` and write its bundle; `data`/`de_cache` let callers load once."""
-    check_mode_inputs(cfg)
     if cfg.pipeline.mode == "multi_seed":
-        from nbglm.multiseed import run_multi_seed  # Ray is imported only when seeds run on it
-
-        return run_multi_seed(cfg, data, bundle_dir=bundle_dir or new_bundle_dir(cfg))
-
+        raise NbglmError("pipeline.mode=multi_seed runs several seeds on Ray: start it with `nbglm run`, "
+                         "or call nbglm.sweep.multiseed.run_multi_seed")
+    check_mode_inputs(cfg)
     # Inputs first: a bad file fails here, before the bundle exists.
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -146,12 +139,11 @@ def run_experiment(
             log.info("sampled %d cells in %.1fs", pred.n_obs, timings["sample_s"])
 
         metrics: dict[str, Any] = {}
-        if mode in _EVALUATES:
+        if mode in EVALUATING_MODES:
             t0 = time.perf_counter()
             metrics = _evaluate(cfg, data, pred, de_cache)
             timings["eval_s"] = time.perf_counter() - t0
-            log.info("overall=%.4f des=%.4f pds=%.4f mae=%.4f (eval %.1fs)", metrics["overall_score"],
-                     metrics["des"], metrics["pds"], metrics["mae"], timings["eval_s"])
+            log.info("%s (eval %.1fs)", scores_text(metrics), timings["eval_s"])
         timings["total_s"] = time.perf_counter() - t_start
         atomic.write_json(bundle / "metrics" / "metrics.json",
                           {**metrics, "seed": seed, "mode": mode, "timings": timings, "history": history})
@@ -191,12 +183,28 @@ def _evaluate(cfg: Config, data: Dataset, pred: ad.AnnData, de_cache: GroundTrut
                     train=None if de_cache else data.train, cache=de_cache)
 
 
-def summary_line(result: ExperimentResult) -> str:
+def load_inputs(cfg: Config, data: Dataset | None = None) -> tuple[Dataset, GroundTruthCache | None]:
+    """The dataset and, when `cfg`'s mode scores against real held-out cells, the ground-truth DE
+    cache: built once by a caller that runs many experiments on the same data."""
+    if data is None:
+        data = load_dataset(cfg)
+    if cfg.pipeline.mode not in EVALUATING_MODES or data.test is None:
+        return data, None
+    if cfg.evaluate.de_cache:
+        return data, load_de_cache(cfg.evaluate.de_cache)
+    return data, build_de_cache(data.test, train=data.train, pert_col=data.pert_col, control=data.control)
+
+
+def scores_text(metrics: dict[str, Any]) -> str:
+    """`overall=0.3441 DES=0.3690 PDS=0.8900 MAE=0.0790`: the scores a run reports, in registry order."""
+    return " ".join(f"{'overall' if m.name == 'overall_score' else m.title}={metrics[m.name]:.4f}"
+                    for m in profile_metrics() if metrics.get(m.name) is not None)
+
+
+def summary_line(metrics: dict[str, Any], total_s: float, bundle: Path) -> str:
     """The one line a user reads at the end of a run."""
-    m = result.metrics
-    scores = (f"overall={m['overall_score']:.4f} DES={m['des']:.4f} PDS={m['pds']:.4f} MAE={m['mae']:.4f} "
-              if m else "")
-    return f"{scores}wall={result.timings.get('total_s', 0.0):.1f}s bundle={result.bundle}"
+    scores = scores_text(metrics)
+    return f"{scores + ' ' if scores else ''}wall={total_s:.1f}s bundle={bundle}"
 
 
 def with_seed(cfg: Config, seed: int) -> Config:

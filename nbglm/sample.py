@@ -15,9 +15,9 @@ import scipy.sparse as sp
 import torch
 
 from nbglm.config import Config
-from nbglm.data import Dataset
+from nbglm.data import PHASES, Dataset
 from nbglm.errors import NbglmError
-from nbglm.model import PHASES, LowRankNBGLM
+from nbglm.model import LowRankNBGLM
 
 
 def _column(frame: pd.DataFrame, name: str, default: float) -> np.ndarray:

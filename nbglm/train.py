@@ -38,9 +38,10 @@ import torch
 
 from nbglm import atomic
 from nbglm.config import Config, ModelConfig, from_dict, to_dict
-from nbglm.data import Dataset
+from nbglm.data import PHASES, Dataset
 from nbglm.errors import NbglmError
-from nbglm.model import CONTROL_IDX, LOSSES, PHASES, LowRankNBGLM
+from nbglm.losses import LOSSES
+from nbglm.model import CONTROL_IDX, LowRankNBGLM
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,8 @@ def control_stats(x: sp.csr_matrix, sf: np.ndarray, mcfg: ModelConfig) -> tuple[
 def build_model(cfg: Config, data: Dataset, mu_ctrl: np.ndarray, theta: np.ndarray) -> LowRankNBGLM:
     """A fresh model over all embedding rows of `data` (training and held-out perturbations)."""
     return LowRankNBGLM(
-        gene_emb=torch.tensor(np.asarray(data.gene_emb, dtype=np.float32)),  # a copy: object-store arrays are read-only
-        pert_emb=torch.as_tensor(data.pert_emb.to_numpy(dtype=np.float32)),
+        gene_emb=torch.tensor(np.asarray(data.gene_emb, dtype=np.float32)),  # copies: object-store arrays are read-only
+        pert_emb=torch.tensor(data.pert_emb.to_numpy(dtype=np.float32)),
         mu_ctrl=torch.as_tensor(mu_ctrl, dtype=torch.float32),
         theta=torch.as_tensor(theta, dtype=torch.float32),
         cfg=cfg.model, gene_names=data.gene_names, pert_names=[str(p) for p in data.pert_emb.index],

@@ -1,4 +1,5 @@
-"""Benchmark the sweep machinery: the same N configs x seeds run (b) as a sweep on a local Ray,
+"""Benchmark the sweep machinery: the same N configs x folds x seeds (plus the refit of the best
+config on every seed) run (b) as a sweep on a local Ray,
 (a) sequentially with `run_experiment` in this process, and (c) with `run_experiment` in as many
 plain processes as the sweep runs units at once (no Ray), side by side.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import multiprocessing
 import os
 import tempfile
@@ -38,27 +40,39 @@ DEFAULTS = [
 ]
 
 
-_INPUTS: tuple = ()  # (data, de_cache) of a (c) worker process, loaded once
+_INPUTS: list = []  # (data, de_cache) per fold, then of the refit (all training data), loaded once per process
 
 
-def _load_inputs(base: dict, threads: int) -> None:
-    import torch
+def _build_inputs(base: dict, folds_csv: str) -> list:
+    """Each fold's (data, de_cache) as the sweep builds them, then the refit's on all training data."""
+    import pandas as pd
 
     from nbglm.config import from_dict
-    from nbglm.multiseed import shared_inputs
+    from nbglm.data.load import assemble, read_inputs
+    from nbglm.pipeline import load_inputs
+    from nbglm.sweep.folds import build_fold
+
+    cfg = from_dict(base)
+    inputs, folds = read_inputs(cfg), pd.read_csv(folds_csv, dtype={"label": str})
+    n_folds = int(folds["fold"].max()) + 1
+    return [build_fold(cfg, inputs, folds, f) for f in range(n_folds)] + [load_inputs(cfg, assemble(cfg, inputs))]
+
+
+def _load_inputs(base: dict, folds_csv: str, threads: int) -> None:
+    import torch
 
     global _INPUTS
     torch.set_num_threads(threads)
-    _INPUTS = shared_inputs(from_dict(base), None)
+    _INPUTS = _build_inputs(base, folds_csv)
 
 
-def _bare_unit(experiment: dict, seed: int, bundle_dir: str) -> tuple[float, float]:
-    """One `run_experiment` in a (c) worker: (wall s, CPU s)."""
+def _bare_unit(experiment: dict, part: int, seed: int, bundle_dir: str) -> tuple[float, float]:
+    """One `run_experiment` in a (c) worker on fold `part` (-1: the refit): (wall s, CPU s)."""
     from nbglm.config import from_dict
     from nbglm.pipeline import run_experiment, with_seed
 
     t_unit, c_unit = time.perf_counter(), time.process_time()
-    data, de_cache = _INPUTS
+    data, de_cache = _INPUTS[part]
     run_experiment(with_seed(from_dict(experiment), seed), data, de_cache=de_cache, bundle_dir=Path(bundle_dir))
     return time.perf_counter() - t_unit, time.process_time() - c_unit
 
@@ -66,7 +80,7 @@ def _bare_unit(experiment: dict, seed: int, bundle_dir: str) -> tuple[float, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(ROOT / "sweeps" / "rank_search.yaml"))
-    parser.add_argument("--configs", type=int, default=4, help="number of sampled configs (each runs every seed)")
+    parser.add_argument("--configs", type=int, default=4, help="number of sampled configs (each runs every unit)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for (a); 1 = what each seed unit gets in the sweep (Ray sets "
                              "OMP_NUM_THREADS=1 for fractional-CPU tasks), so (a) gives the bare unit times")
@@ -74,57 +88,60 @@ def main() -> None:
     args = parser.parse_args()
 
     from nbglm.config import from_dict, to_dict
-    from nbglm.multiseed import shared_inputs
+    from nbglm.data.load import read_inputs
     from nbglm.pipeline import run_experiment, with_seed
     from nbglm.sweep import runner
+    from nbglm.sweep.aggregate import ranked_rows
     from nbglm.sweep.space import load_spec
-
-    runner.report_after_sweep = lambda sweep_dir: None  # the HTML report (baselines, figures) is not sweep machinery
 
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
-    sets = [*DEFAULTS, f"search.num_samples={args.configs}", f"storage_path={work}", *args.sets]
+    sets = [*DEFAULTS, f"search.num_samples={args.configs}", "selection.refit_top=1", f"storage_path={work}",
+            *args.sets]
     spec = load_spec(args.spec, sets)
-    shared_inputs(spec.resolve_base(), None)  # warm the synthetic-data cache so neither side pays for creating it
+    read_inputs(spec.resolve_base())  # warm the synthetic-data cache so neither side pays for creating it
 
     t0 = time.perf_counter()
-    rows = runner.run_sweep(args.spec, sets=sets)
+    rows = runner.run_sweep(args.spec, sets=sets).rows  # the sweep without its report (not sweep machinery)
     sweep_s = time.perf_counter() - t0
 
     import torch
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    base_cfg = spec.resolve_base()
-    base = to_dict(base_cfg)
-    data, de_cache = shared_inputs(base_cfg, None)
+    base = to_dict(spec.resolve_base())
+    folds_csv = str(work / spec.name / "folds.csv")
+    parts = _build_inputs(base, folds_csv)
+    best = ranked_rows(spec, rows)[0]
+    jobs = [(row, fold, seed) for row in rows for fold, seed in spec.units()] + [(best, -1, s) for s in spec.seeds]
     bare, bare_cpu = [], 0.0
-    for row in rows:
+    for row, part, seed in jobs:
         cfg = from_dict(spec.experiment_dict({k: row[k] for k in spec.space}, base))
-        for seed in spec.seeds:
-            t_unit, c_unit = time.perf_counter(), time.process_time()
-            run_experiment(with_seed(cfg, seed), data, de_cache=de_cache,
-                           bundle_dir=work / "sequential" / row["trial_id"] / f"seed_{seed}")
-            bare.append(time.perf_counter() - t_unit)
-            bare_cpu += time.process_time() - c_unit
+        t_unit, c_unit = time.perf_counter(), time.process_time()
+        data, de_cache = parts[part]
+        run_experiment(with_seed(cfg, seed), data, de_cache=de_cache,
+                       bundle_dir=work / "sequential" / row["trial_id"] / f"part_{part}_seed_{seed}")
+        bare.append(time.perf_counter() - t_unit)
+        bare_cpu += time.process_time() - c_unit
     sequential_s = time.perf_counter() - t0
 
     units = len(bare)
-    in_flight = min(spec.max_concurrent, args.configs) * len(spec.seeds)
+    in_flight = min(spec.max_concurrent, args.configs) * len(spec.units())
     parallelism = min(os.cpu_count() or 1, in_flight)
 
     t0 = time.perf_counter()
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(parallelism, mp_context=spawn, initializer=_load_inputs,
-                             initargs=(base, args.threads)) as pool:
-        jobs = [pool.submit(_bare_unit, spec.experiment_dict({k: row[k] for k in spec.space}, base), seed,
-                            str(work / "processes" / row["trial_id"] / f"seed_{seed}"))
-                for row in rows for seed in spec.seeds]
-        plain = [job.result() for job in jobs]
+                             initargs=(base, folds_csv, args.threads)) as pool:
+        futures = [pool.submit(_bare_unit, spec.experiment_dict({k: row[k] for k in spec.space}, base), part, seed,
+                               str(work / "processes" / row["trial_id"] / f"part_{part}_seed_{seed}"))
+                   for row, part, seed in jobs]
+        plain = [future.result() for future in futures]
     processes_s = time.perf_counter() - t0
 
     overhead = sweep_s * parallelism / sum(bare) - 1
-    print(f"\n{args.configs} configs x {len(spec.seeds)} seeds = {units} seed units; {os.cpu_count()} CPU cores; "
+    print(f"\n{args.configs} configs x {spec.selection.folds} folds x {len(spec.seeds)} seeds + {len(spec.seeds)} refit "
+          f"units = {units} units; {os.cpu_count()} CPU cores; "
           f"torch threads in (a) and (c): {args.threads}; resources per unit in (b): cpu={spec.resources.cpu:g} "
           f"gpu={spec.resources.gpu:g}")
     print(f"(a) sequential, one process : {sequential_s:7.1f} s  (bare unit mean {sum(bare) / units:.1f} s, "
@@ -132,6 +149,8 @@ def main() -> None:
     print(f"(c) {parallelism} plain processes    : {processes_s:7.1f} s  (incl. process start and data loading; "
           f"unit mean {sum(w for w, _ in plain) / units:.1f} s while sharing the cores)")
     in_sweep = list(csv.DictReader((work / spec.name / "results" / "trials.csv").open()))
+    final = json.loads((work / spec.name / "final" / "summary.json").read_text())
+    in_sweep += [record for c in final["configs"] for record in c["units"]]
     span = max(float(r["end"]) for r in in_sweep) - min(float(r["start"]) for r in in_sweep)
     unit_mean = sum(float(r["wall_s"]) for r in in_sweep) / len(in_sweep)
     print(f"(b) sweep on local Ray      : {sweep_s:7.1f} s  (incl. Ray start; {in_flight} units in flight, "

@@ -20,6 +20,7 @@ import numpy as np
 from nbglm.config import Config, from_dict, load_config, to_dict
 from nbglm.data import load_dataset
 from nbglm.data.split import split_by_perturbation
+from nbglm.metrics import names
 from nbglm.pipeline import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ MODELS = {  # row label -> overrides
                                                  "sampling.control_cells=real"],
     "linear": ["model.name=linear"], "cell_mean": ["model.name=cell_mean"], "control": ["model.name=control"],
 }
-METRICS = ("overall_score", "des", "pds", "mae")
+METRICS = names()
 
 
 def real_config(workdir: Path) -> list[str]:

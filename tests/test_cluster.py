@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 RAY_CLI = "from ray.scripts.scripts import main; main()"
 MARKER = "NBGLM_CLUSTER_TEST"  # value: <run id>-head or <run id>-worker, in every process of that node
-# Tiny but not instant: each seed trains long enough for the node death to land mid-config.
-SETS = ["resources.cpu=0.5", "resources.gpu=0.5", "max_concurrent=2", "max_failures=1",
+# Tiny but not instant: each unit trains long enough for the node death to land mid-config. One seed
+# x the smoke spec's 2 folds: two units per config.
+SETS = ["seeds=[1]", "resources.cpu=0.5", "resources.gpu=0.5", "max_concurrent=2", "max_failures=1",
         "overrides.train.epochs=4", "overrides.train.steps_per_epoch=10"]
 
 
@@ -171,12 +172,13 @@ def _csv(path: Path) -> list[dict]:
 
 
 def _records(sweep_dir: Path) -> list[Path]:
-    return list(sweep_dir.glob("config_*/seeds/seed_*.json"))
+    return list(sweep_dir.glob("config_*/units/fold_*_seed_*.json"))
 
 
-def _unfinished(seed_dirs: set[Path]) -> list[Path]:
-    """Seed bundles (`config_x/seed_n`) whose record (`config_x/seeds/seed_n.json`) is not written yet."""
-    return [d for d in seed_dirs if not (d.parent / "seeds" / f"{d.name}.json").exists()]
+def _unfinished(unit_dirs: set[Path]) -> list[Path]:
+    """Unit bundles (`config_x/fold_f/seed_n`) whose record (`config_x/units/fold_f_seed_n.json`) is not
+    written yet."""
+    return [d for d in unit_dirs if not (d.parents[1] / "units" / f"{d.parent.name}_{d.name}.json").exists()]
 
 
 def test_sweep_runs_on_both_nodes_and_survives_a_worker_node_death(cluster: Cluster, tmp_path: Path) -> None:
@@ -215,11 +217,11 @@ def test_sweep_runs_on_both_nodes_and_survives_a_worker_node_death(cluster: Clus
             driver.kill()
     configs = _csv(sweep_dir / "results" / "configs.csv")
     trials = _csv(sweep_dir / "results" / "trials.csv")
-    assert len(configs) == 4 and all(c["status"] == "ok" and c["n_seeds_ok"] == "2" for c in configs)
-    assert len(trials) == 8 and len({(t["trial_id"], t["seed"]) for t in trials}) == 8  # no seed counted twice
+    assert len(configs) == 4 and all(c["status"] == "ok" and c["n_units_ok"] == "2" for c in configs)
+    assert len(trials) == 8 and len({(t["trial_id"], t["fold"]) for t in trials}) == 8  # no unit counted twice
     assert all(t["status"] == "ok" for t in trials)
-    by_unit = {(t["trial_id"], f"seed_{t['seed']}"): t for t in trials}
-    rerun = [by_unit[(u.parent.name.removeprefix("config_"), u.name)] for u in lost]
+    by_unit = {(t["trial_id"], f"fold_{t['fold']}"): t for t in trials}
+    rerun = [by_unit[(u.parents[1].name.removeprefix("config_"), u.parent.name)] for u in lost]
     rerun = [t for t in rerun if float(t["end"]) > killed_at]  # not one that finished as the kill came
     assert rerun, "no unit lost with the worker node ran again"
     assert all(t["node_id"] != worker for t in rerun), "a lost unit's record names the dead node"

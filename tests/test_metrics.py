@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import warnings
@@ -29,7 +28,7 @@ from nbglm.metrics import (
     to_log1p,
 )
 from nbglm.metrics.vcc import group_codes
-from nbglm.metrics.cli import add_build_de_cache_parser, add_eval_parser
+from nbglm.cli import main
 
 import cell_eval  # dev dependency: the reference implementation
 
@@ -403,12 +402,7 @@ def test_bad_inputs_are_one_line_errors(change, message: str) -> None:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nbglm")
-    sub = parser.add_subparsers(required=True)
-    add_eval_parser(sub)
-    add_build_de_cache_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main([*argv, "--control", CONTROL])
 
 
 def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
@@ -423,5 +417,6 @@ def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
     assert _cli(["eval", *common, "--de-cache", cache, "--output", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads((tmp_path / "c.json").read_text())
     assert "overall score" in capsys.readouterr().out
-    with pytest.raises(NbglmError, match="pred file not found"):
-        _cli(["eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(tmp_path / "real.h5ad")])
+    assert _cli(["eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(tmp_path / "real.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: pred file not found") and err.count("\n") == 1

@@ -6,7 +6,8 @@ from torch import nn
 
 from nbglm.config import load_config
 from nbglm.errors import NbglmError
-from nbglm.model import CONTROL_IDX, LOSSES, LowRankNBGLM, build_mlp, nb_nll
+from nbglm.losses import LOSSES, nb_nll
+from nbglm.model import CONTROL_IDX, LowRankNBGLM, build_mlp
 
 
 def make_model(*overrides: str, n_genes: int = 40, n_perts: int = 7, d: int = 12) -> LowRankNBGLM:

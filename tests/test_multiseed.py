@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nbglm.config import load_config
-from nbglm.multiseed import run_multi_seed
-from nbglm.sweep.units import METRICS
+from nbglm.sweep.multiseed import run_multi_seed
+from nbglm.sweep.units import FAULTS_ENV, METRICS
 
 TINY = [
     "data.synthetic.n_genes=100", "data.synthetic.n_train_perts=12", "data.synthetic.n_test_perts=4",
@@ -57,8 +57,10 @@ def test_seeds_run_concurrently_and_aggregate_matches_per_seed_files(ray_local, 
     assert ray_local.is_initialized()  # reused the session's Ray, did not shut it down
 
 
-def test_a_crashing_seed_is_reported_and_the_others_finish(ray_local, tmp_path: Path) -> None:
-    result = run_multi_seed(_cfg(tmp_path, "debug.fail_seeds=[2]"), bundle_dir=tmp_path / "ms")
+def test_a_crashing_seed_is_reported_and_the_others_finish(ray_local, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, '{"fail_seeds": [2]}')
+    result = run_multi_seed(_cfg(tmp_path), bundle_dir=tmp_path / "ms")
     assert result.failed_seeds == [2]
     saved = json.loads((tmp_path / "ms" / "metrics" / "multi_seed_metrics.json").read_text())
     by_seed = {r["seed"]: r for r in saved["per_seed"]}

@@ -14,11 +14,12 @@ import pytest
 
 from nbglm.config import load_config
 from nbglm.data import Dataset, load_dataset
+from nbglm.metrics import names
 from nbglm.pipeline import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (1, 2, 3)
-METRICS = ("overall_score", "des", "pds", "mae")
+METRICS = names()
 
 
 def _mean(runs: list[dict]) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import csv
 import logging
 import re
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "sweeps" / "smoke.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = {"overall_score_vs_params.png", "des_vs_params.png", "pds_vs_params.png", "mae_vs_params.png",
-           "best_vs_baselines.png", "per_perturbation.png"}
+           "best_vs_baselines.png", "per_perturbation.png", "cv_vs_test.png"}
 
 
 def _csv(path: Path) -> list[dict]:
@@ -27,11 +28,10 @@ def _csv(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sweep_dir(ray_local, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One smoke sweep (2 configs x 2 seeds); its driver writes the report as its last step."""
-    from nbglm.sweep.runner import run_sweep
-
+    """One smoke sweep (2 configs x 2 folds x 2 seeds); its driver writes the report as its last step."""
     root = tmp_path_factory.mktemp("report")
-    run_sweep(SMOKE, sets=[f"storage_path={root}", "search.num_samples=2", "seeds=[1, 2]"])
+    sets = [f"storage_path={root}", "search.num_samples=2", "seeds=[1, 2]"]
+    assert main(["sweep", str(SMOKE), *(f"--set={s}" for s in sets)]) == 0
     return root / "smoke"
 
 
@@ -39,9 +39,9 @@ def test_the_sweep_driver_writes_the_report_and_the_baselines(sweep_dir: Path) -
     assert (sweep_dir / "report" / "report.html").is_file()
     assert {p.name for p in (sweep_dir / "report").glob("*.png")} == FIGURES
     rows = _csv(sweep_dir / "results" / "baselines.csv")
-    assert list(rows[0]) == ["model", "seed", "des", "pds", "mae", "overall_score"]
-    assert sorted((r["model"], r["seed"]) for r in rows) == sorted(
-        (m, s) for m in ("cell_mean", "linear", "control") for s in ("1", "2"))
+    assert list(rows[0]) == ["model", "fold", "seed", "overall_score", "des", "pds", "mae"]
+    assert sorted((r["model"], r["fold"], r["seed"]) for r in rows) == sorted(  # through the sweep's folds
+        (m, f, s) for m in ("cell_mean", "linear", "control") for f in ("0", "1") for s in ("1", "2"))
     assert all(float(r["overall_score"]) == 0.0 for r in rows if r["model"] == "cell_mean")  # VCC: 0 by design
 
 
@@ -96,3 +96,16 @@ def test_a_failed_report_after_a_sweep_is_only_a_warning(tmp_path: Path, caplog:
     with caplog.at_level(logging.WARNING, logger="nbglm"):
         report_after_sweep(tmp_path)
     assert "sweep report not written" in caplog.text and "nbglm report" in caplog.text
+
+
+def test_the_report_sets_each_refit_configs_cv_score_beside_its_test_score(sweep_dir: Path) -> None:
+    final = json.loads((sweep_dir / "results" / "final" / "metrics.json").read_text())
+    configs = _csv(sweep_dir / "results" / "configs.csv")
+    best = max(configs, key=lambda c: float(c["overall_score_mean"]))
+    assert final["selected"] == best["trial_id"]  # chosen by the CV score, not the test score
+    cv = final["configs"][0]["cv"]["overall_score"]
+    assert cv["mean"] == pytest.approx(float(best["overall_score_mean"]))
+    test = final["configs"][0]["test"]["overall_score"]
+    assert final["configs"][0]["cv_minus_test"] == pytest.approx(cv["mean"] - test["mean"])
+    page = (sweep_dir / "report" / "report.html").read_text()
+    assert "scored once on the test set" in page and f"{cv['mean']:.4f}" in page and f"{test['mean']:.4f}" in page

@@ -39,14 +39,6 @@ def test_relative_storage_path_resolves_under_the_working_directory(tmp_path: Pa
     assert load_spec(SMOKE, [f"storage_path=file://{tmp_path}/shared"]).sweep_dir == tmp_path / "shared" / "smoke"
 
 
-def test_a_missing_checkpoint_is_one_line_before_ray_starts(tmp_path: Path) -> None:
-    from nbglm.sweep.runner import run_sweep
-
-    with pytest.raises(NbglmError, match="checkpoint not found: /nonexistent/model.pt"):
-        run_sweep(SMOKE, sets=[f"storage_path={tmp_path}", "overrides.pipeline.mode=sample_eval",
-                               "overrides.pipeline.pretrained_ckpt=/nonexistent/model.pt"])
-
-
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
@@ -63,7 +55,7 @@ def test_a_missing_checkpoint_is_one_line_before_ray_starts(tmp_path: Path) -> N
         ("search.space={}", "search.space is empty"),
         ("search.sampler=grid", "one of tpe, random"),
         ("overrides.train.epoch=3", "unknown config key 'train.epoch'; did you mean 'train.epochs'"),
-        ("overrides.pipeline.mode=multi_seed", "a sweep needs a mode that scores each run"),
+        ("overrides.pipeline.mode=multi_seed", "use train_sample_eval"),
         ("base_config=missing.yaml", "base_config not found"),
         ("metric=accuracy", "one of overall_score, des, pds, mae"),
         ("resources.cpu=0", "resources.cpu must be > 0"),
@@ -81,7 +73,7 @@ def test_bad_specs_are_one_line_errors(override: str, needle: str) -> None:
 
 def test_flagship_spec_is_valid() -> None:
     spec = load_spec(ROOT / "sweeps" / "rank_search.yaml")
-    assert len(spec.seeds) == 3 and spec.metric == "overall_score" and spec.mode == "max"
+    assert len(spec.seeds) == 2 and spec.selection.folds == 3 and spec.metric == "overall_score" and spec.mode == "max"
     assert {"model.rank", "train.lr"} <= set(spec.space)
 
 
@@ -113,7 +105,7 @@ def _sweep_sets(tmp_path: Path, *extra: str) -> list[str]:
     return [f"storage_path={tmp_path}", *extra]
 
 
-def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_local, tmp_path: Path) -> None:
+def test_sweep_packs_units_on_logical_gpus_and_exports_cv_statistics(ray_local, tmp_path: Path) -> None:
     import collections
     import statistics
 
@@ -123,14 +115,14 @@ def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_
     from nbglm.config import load_config
     from nbglm.sweep.runner import run_sweep
 
-    rows = run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "seeds=[1,2,3,4]", "search.num_samples=2", "max_concurrent=2",
-                                             "resources.cpu=0.2", "resources.gpu=0.25"))
+    rows = run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "seeds=[1,2]", "search.num_samples=2", "max_concurrent=2",
+                                             "resources.cpu=0.2", "resources.gpu=0.25")).rows
     sweep_dir = tmp_path / "smoke"
     configs = _csv(sweep_dir / "results" / "configs.csv")
     trials = _csv(sweep_dir / "results" / "trials.csv")
     assert len(configs) == 2 and len(trials) == 8 and len(rows) == 2
-    assert all(c["status"] == "ok" and c["n_seeds_ok"] == "4" for c in configs)
-    assert len({(t["trial_id"], t["seed"]) for t in trials}) == 8
+    assert all(c["status"] == "ok" and c["n_units_ok"] == c["n_units"] == "4" for c in configs)  # 2 folds x 2 seeds
+    assert len({(t["trial_id"], t["fold"], t["seed"]) for t in trials}) == 8
 
     # 8 units of 0.25 GPU, two configs' seeds in flight together: 4 units on each logical GPU
     assert collections.Counter(t["gpu_ids"] for t in trials) == {"0": 4, "1": 4}
@@ -138,7 +130,7 @@ def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_
     for c in configs:
         units = [t for t in trials if t["trial_id"] == c["trial_id"]]
         intervals = [(float(t["start"]), float(t["end"])) for t in units]
-        assert _peak_overlap(intervals) >= 2, f"seed units of {c['trial_id']} did not run concurrently"
+        assert _peak_overlap(intervals) >= 2, f"units of {c['trial_id']} did not run concurrently"
         spans[c["trial_id"]] = (min(a for a, _ in intervals), max(b for _, b in intervals))
     (a0, a1), (b0, b1) = spans.values()
     assert a0 < b1 and b0 < a1, "the two configs did not run at the same time"
@@ -146,17 +138,17 @@ def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_
     for c in configs:
         trial_dir = sweep_dir / f"config_{c['trial_id']}"
         for m in ("overall_score", "des", "pds", "mae"):
-            per_seed = [json.loads((trial_dir / f"seed_{s}" / "metrics" / "metrics.json").read_text())[m]
-                        for s in (1, 2, 3, 4)]
-            assert _num(c[f"{m}_mean"]) == pytest.approx(statistics.fmean(per_seed))
-            assert _num(c[f"{m}_std"]) == pytest.approx(statistics.stdev(per_seed))
-            assert (_num(c[f"{m}_min"]), _num(c[f"{m}_max"])) == pytest.approx((min(per_seed), max(per_seed)))
+            per_unit = [json.loads((trial_dir / f"fold_{f}" / f"seed_{s}" / "metrics" / "metrics.json").read_text())[m]
+                        for f in (0, 1) for s in (1, 2)]
+            assert _num(c[f"{m}_mean"]) == pytest.approx(statistics.fmean(per_unit))
+            assert _num(c[f"{m}_std"]) == pytest.approx(statistics.stdev(per_unit))
+            assert (_num(c[f"{m}_min"]), _num(c[f"{m}_max"])) == pytest.approx((min(per_unit), max(per_unit)))
         events = EventAccumulator(str(trial_dir))
         events.Reload()
         hparams = set(events.PluginTagToContent("hparams"))
         assert {"_hparams_/session_start_info", "_hparams_/session_end_info"} <= hparams
-        assert len(events.Scalars("loss/seed_1")) == 3  # one point per epoch
-        mean = events.Scalars("seed_mean/overall_score")[0].value
+        assert len(events.Scalars("loss/fold_1_seed_2")) == 3  # one point per epoch
+        mean = events.Scalars("cv_mean/overall_score")[0].value
         assert mean == pytest.approx(_num(c["overall_score_mean"]), rel=1e-5)
 
     root = EventAccumulator(str(sweep_dir))
@@ -171,15 +163,19 @@ def test_sweep_packs_seed_units_on_logical_gpus_and_exports_seed_statistics(ray_
     assert ray_local.is_initialized()  # the driver reused the session's Ray and left it up
 
 
-def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, tmp_path: Path) -> None:
+def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from nbglm.sweep.runner import run_sweep
+    from nbglm.sweep.units import FAULTS_ENV
 
-    sets = _sweep_sets(tmp_path, "search.num_samples=1", "max_failures=1", "overrides.debug.fail_first_attempt=true")
+    sets = _sweep_sets(tmp_path, "search.num_samples=1", "max_failures=1")
+    monkeypatch.setenv(FAULTS_ENV, '{"fail_first_attempt": true}')
     run_sweep(SMOKE, sets=sets)
+    monkeypatch.delenv(FAULTS_ENV)
     sweep_dir = tmp_path / "smoke"
     configs = _csv(sweep_dir / "results" / "configs.csv")
     trials = _csv(sweep_dir / "results" / "trials.csv")
-    assert [c["status"] for c in configs] == ["ok"] and [t["status"] for t in trials] == ["ok", "ok"]
+    assert [c["status"] for c in configs] == ["ok"] and [t["status"] for t in trials] == ["ok"] * 4
     trial_dir = sweep_dir / f"config_{configs[0]['trial_id']}"
     assert (trial_dir / "attempts").read_text() == "2"  # crashed once, retried once
 
@@ -187,25 +183,33 @@ def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, t
         run_sweep(SMOKE, sets=sets)
     with pytest.raises(NbglmError, match=r"spec differs .*\(at 'spec.overrides.train.epochs'\)"):
         run_sweep(SMOKE, sets=[*sets, "overrides.train.epochs=4"], resume=True)
-    records = [json.loads((trial_dir / "seeds" / f"seed_{s}.json").read_text()) for s in (1, 2)]
-    run_sweep(SMOKE, sets=sets, resume=True)  # nothing left to do: no trial runs again
-    assert [json.loads((trial_dir / "seeds" / f"seed_{s}.json").read_text()) for s in (1, 2)] == records
+    unit_files = sorted((trial_dir / "units").glob("fold_*_seed_*.json"))
+    assert len(unit_files) == 4
+    records = [json.loads(p.read_text()) for p in unit_files]
+    final = (sweep_dir / "results" / "final" / "metrics.json").read_text()
+    run_sweep(SMOKE, sets=sets, resume=True)  # nothing left to do: no trial and no refit runs again
+    assert [json.loads(p.read_text()) for p in unit_files] == records
     assert _csv(sweep_dir / "results" / "configs.csv") == configs
+    assert (sweep_dir / "results" / "final" / "metrics.json").read_text() == final
 
 
-def test_a_config_whose_seeds_all_fail_is_reported_failed(ray_local, tmp_path: Path) -> None:
-    from nbglm.sweep.runner import main
+def test_a_config_whose_seeds_all_fail_is_reported_failed(ray_local, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbglm.cli import main
+    from nbglm.sweep.units import FAULTS_ENV
 
-    code = main([str(SMOKE), *(f"--set={s}" for s in _sweep_sets(
-        tmp_path, "search.num_samples=1", "max_failures=0", "overrides.debug.fail_seeds=[1,2]"))])
+    monkeypatch.setenv(FAULTS_ENV, '{"fail_seeds": [1, 2]}')
+    code = main(["sweep", str(SMOKE), *(f"--set={s}" for s in _sweep_sets(
+        tmp_path, "search.num_samples=1", "max_failures=0"))])
     assert code == 1  # no config scored
     configs = _csv(tmp_path / "smoke" / "results" / "configs.csv")
     trials = _csv(tmp_path / "smoke" / "results" / "trials.csv")
-    assert len(configs) == 1 and configs[0]["status"] == "failed" and configs[0]["n_seeds_ok"] == "0"
+    assert len(configs) == 1 and configs[0]["status"] == "failed" and configs[0]["n_units_ok"] == "0"
     assert "injected failure of seed 1" in configs[0]["error"]
-    assert [t["status"] for t in trials] == ["failed", "failed"]
+    assert [t["status"] for t in trials] == ["failed"] * 4
     assert all("injected failure" in t["error"] for t in trials)
     assert not (tmp_path / "smoke" / "results" / "best_config.yaml").exists()
+    assert not (tmp_path / "smoke" / "results" / "final").exists()
 
 
 def test_resources_beyond_the_cluster_are_one_line_errors(ray_local, tmp_path: Path) -> None:
@@ -274,7 +278,8 @@ def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_
     try:
         deadline = time.monotonic() + 180
         while True:  # kill once a finished config is in Tune's saved state and the next one is running
-            finished = [d for d in sweep_dir.glob("config_*") if all(read_record(d, s) for s in (1, 2))
+            finished = [d for d in sweep_dir.glob("config_*")
+                        if all(read_record(d, f, s) for f in (0, 1) for s in (1, 2))
                         and _in_saved_state(sweep_dir, d.name.removeprefix("config_"))]
             started = list(sweep_dir.glob("config_*/attempts"))
             if finished and len(started) > len(finished):
@@ -290,14 +295,17 @@ def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_
         _kill_processes_with_env("RAY_TMPDIR", ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         log.close()
-    before = {d.name.removeprefix("config_"): [read_record(d, s) for s in (1, 2)] for d in finished}
+    units = [(f, s) for f in (0, 1) for s in (1, 2)]
+    before = {d.name.removeprefix("config_"): [read_record(d, *u) for u in units] for d in finished}
 
     run_sweep(SMOKE, sets=sets, resume=True)
     configs = _csv(sweep_dir / "results" / "configs.csv")
     trials = _csv(sweep_dir / "results" / "trials.csv")
     assert len(configs) == 4 and len({c["trial_id"] for c in configs}) == 4  # the searcher went on to num_samples
     assert all(c["status"] == "ok" for c in configs)
-    assert len(trials) == 8 and len({(t["trial_id"], t["seed"]) for t in trials}) == 8
+    assert len(trials) == 16 and len({(t["trial_id"], t["fold"], t["seed"]) for t in trials}) == 16
     for trial_id, records in before.items():  # finished before the kill: kept, not run again
         assert trial_id in {c["trial_id"] for c in configs}
-        assert [read_record(sweep_dir / f"config_{trial_id}", s) for s in (1, 2)] == records
+        assert [read_record(sweep_dir / f"config_{trial_id}", *u) for u in units] == records
+    assert json.loads((sweep_dir / "results" / "final" / "metrics.json").read_text())["selected"] in {
+        c["trial_id"] for c in configs}  # the resumed sweep chose and refit once it was complete

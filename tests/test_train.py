@@ -10,7 +10,8 @@ import torch
 
 from nbglm.data import Dataset, make_synthetic
 from nbglm.errors import NbglmError
-from nbglm.model import CONTROL_IDX, LOSSES, LowRankNBGLM, nb_nll
+from nbglm.losses import LOSSES, nb_nll
+from nbglm.model import CONTROL_IDX, LowRankNBGLM
 from nbglm.train import (_Cells, _prepare, _Pseudobulk, _WholeBatches, fit, load_checkpoint, resolve_device,
                          save_checkpoint)
 

@@ -141,3 +141,14 @@ def check_val_perts(val: pd.DataFrame, known: list[str], source: str, where: str
         raise NbglmError(f"validation list {source} names perturbation(s) not in {where}: {_examples(unknown)}; "
                          "fix the list or the perturbation labels")
 
+
+
+def describe(adata: ad.AnnData, pert_col: str, control: str) -> str:
+    """One line: size, perturbations, controls, depth and sparsity."""
+    n_cells, n_genes = adata.shape
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    nnz = adata.X.nnz if hasattr(adata.X, "nnz") else int(np.count_nonzero(adata.X))
+    n_ctrl = int((adata.obs[pert_col].astype(str) == control).sum())
+    zeros = 100.0 * (1.0 - nnz / max(1, n_cells * n_genes))
+    return (f"{n_cells} cells x {n_genes} genes, {len(pert_labels(adata, pert_col, control))} perturbations "
+            f"+ {n_ctrl} control cells, median {np.median(totals):.0f} UMI/cell, {zeros:.1f}% zeros")

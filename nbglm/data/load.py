@@ -1,10 +1,14 @@
-"""`load_dataset`: the one entry point from a config to the `Dataset` every later layer consumes.
+"""From a config to the `Dataset` every later layer consumes, in two steps.
 
-The built-in synthetic data and user files go through the same assembly (`assemble`), so both
-paths validate, align and normalise embeddings identically.
+`read_inputs` reads what the files (or the built-in synthetic data) hold; `assemble` learns what is
+learned from the training cells (derived embeddings, effect PCs), checks that the parts fit and
+builds the Dataset. Splitting the two lets a sweep assemble each cross-validation fold from its own
+training part (`nbglm.data.folds`), so nothing learned from data ever sees a fold's validation cells.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -19,36 +23,64 @@ from nbglm.data.synthetic import make_synthetic
 from nbglm.errors import NbglmError
 
 
-def assemble(cfg: Config, train: ad.AnnData, test: ad.AnnData | None, heldout: pd.DataFrame,
-             gene_table: pd.DataFrame, pert_table: pd.DataFrame | None,
-             gene_source: str, pert_source: str | None) -> Dataset:
-    """Check that train/test/held-out/embeddings fit together and build the Dataset.
+@dataclass
+class Inputs:
+    """What a run's files hold, before anything is learned from them."""
 
-    With no perturbation table, a perturbation's embedding is its target gene's row of the gene
-    table (so the label must be a gene symbol).
-    """
+    train: ad.AnnData
+    test: ad.AnnData | None
+    heldout: pd.DataFrame
+    gene_table: pd.DataFrame | None  # None: derived from the training cells by `assemble`
+    pert_table: pd.DataFrame | None  # None: a perturbation's row is its target gene's
+    gene_source: str
+    pert_source: str | None
+
+
+def check_inputs(cfg: Config, inputs: Inputs) -> list[str]:
+    """The checks that need no learning: same genes in train and test, some training perturbations,
+    no held-out perturbation among them. Returns the training perturbations."""
     pert_col, control = cfg.data.pert_name_col, cfg.data.control_name
-    genes = list(train.var_names)
-    if test is not None and list(test.var_names) != genes:
-        missing = pd.Index(genes).difference(test.var_names)
+    genes = list(inputs.train.var_names)
+    if inputs.test is not None and list(inputs.test.var_names) != genes:
+        missing = pd.Index(genes).difference(inputs.test.var_names)
         detail = (f"{len(missing)} training genes are absent (e.g. {', '.join(missing[:3])})" if len(missing)
                   else "same genes but a different number or order")
         raise NbglmError(f"test data genes differ from the training genes: {detail}; "
                          "test and train must have identical var_names in the same order")
-    train_perts = pert_labels(train, pert_col, control)
+    train_perts = pert_labels(inputs.train, pert_col, control)
     if not train_perts:
         raise NbglmError(f"training data has no perturbed cells: every obs['{pert_col}'] is '{control}'")
+    overlap = sorted(set(inputs.heldout["target_gene"]) & set(train_perts))
+    if overlap:
+        raise NbglmError(f"held-out perturbation(s) {', '.join(overlap[:5])} also have training cells: a held-out "
+                         "perturbation must be unseen; remove it from the held-out list or from the training data")
+    return train_perts
+
+
+def assemble(cfg: Config, inputs: Inputs) -> Dataset:
+    """Check that train/test/held-out/embeddings fit together and build the Dataset.
+
+    Everything learned from data is learned from `inputs.train` only. With no perturbation table, a
+    perturbation's embedding is its target gene's row of the gene table (the label must be a gene symbol).
+    """
+    pert_col, control = cfg.data.pert_name_col, cfg.data.control_name
+    train, heldout = inputs.train, inputs.heldout
+    genes = list(train.var_names)
+    train_perts = check_inputs(cfg, inputs)
+    gene_table = inputs.gene_table
+    if gene_table is None:
+        gene_table = derive_gene_embedding(train.X, genes, cfg.data.derived_embedding_dim)
     normalize = cfg.data.normalize_embeddings
-    gene_emb = align_genes(gene_table, genes, gene_source, normalize)
+    gene_emb = align_genes(gene_table, genes, inputs.gene_source, normalize)
     if cfg.data.effect_pcs:
         labels = train.obs[pert_col].astype(str).to_numpy()
         gene_emb = np.hstack([gene_emb, effect_gene_embedding(train.X, labels, control, cfg.data.effect_pcs)])
-    pert_emb = select_perts(gene_table if pert_table is None else pert_table, train_perts,
-                            list(heldout["target_gene"]), pert_source or gene_source, normalize)
+    pert_emb = select_perts(gene_table if inputs.pert_table is None else inputs.pert_table, train_perts,
+                            list(heldout["target_gene"]), inputs.pert_source or inputs.gene_source, normalize)
     phase = cfg.data.phase_column
     return Dataset(
         train=train,
-        test=test,
+        test=inputs.test,
         heldout=heldout.reset_index(drop=True),
         gene_emb=gene_emb,
         pert_emb=pert_emb,
@@ -58,9 +90,8 @@ def assemble(cfg: Config, train: ad.AnnData, test: ad.AnnData | None, heldout: p
     )
 
 
-def load_dataset(cfg: Config) -> Dataset:
-    """The dataset a run uses: the built-in synthetic one when no training file is configured,
-    else the configured files (embeddings derived from the training data when none is given)."""
+def read_inputs(cfg: Config) -> Inputs:
+    """The built-in synthetic data when no training file is configured, else the configured files."""
     paths, data = cfg.paths, cfg.data
     pert_col, control = data.pert_name_col, data.control_name
     train_key = "paths.train_split_h5ad" if data.use_split else "paths.train_h5ad"
@@ -75,8 +106,8 @@ def load_dataset(cfg: Config) -> Dataset:
             raise NbglmError(f"paths.{stray[0]} is set but paths.train_h5ad is empty; set paths.train_h5ad "
                              "too, or clear the paths to use the built-in synthetic dataset")
         syn = make_synthetic(data.synthetic, pert_col, control)
-        return assemble(cfg, syn.train, syn.test, syn.val, syn.gene_emb, syn.pert_emb,
-                        "the synthetic gene embedding", "the synthetic perturbation embedding")
+        return Inputs(syn.train, syn.test, syn.val, syn.gene_emb, syn.pert_emb,
+                      "the synthetic gene embedding", "the synthetic perturbation embedding")
 
     train = read_counts(train_path, pert_col, control, f"training data ({train_key})")
     test = read_counts(paths.test_h5ad, pert_col, None, "test data (paths.test_h5ad)") if paths.test_h5ad else None
@@ -91,11 +122,12 @@ def load_dataset(cfg: Config) -> Dataset:
                              "it must hold the held-out perturbations' cells")
     else:
         raise NbglmError("no held-out perturbations to predict: set paths.test_h5ad or paths.val_list_csv")
-
-    if paths.gene_embedding:
-        gene_table, gene_source = read_embedding(paths.gene_embedding), paths.gene_embedding
-    else:
-        gene_table = derive_gene_embedding(train.X, list(train.var_names), data.derived_embedding_dim)
-        gene_source = "the gene embedding derived from the training data"
+    gene_table = read_embedding(paths.gene_embedding) if paths.gene_embedding else None
+    gene_source = paths.gene_embedding or "the gene embedding derived from the training data"
     pert_table = read_embedding(paths.pert_embedding) if paths.pert_embedding else None
-    return assemble(cfg, train, test, heldout, gene_table, pert_table, gene_source, paths.pert_embedding)
+    return Inputs(train, test, heldout, gene_table, pert_table, gene_source, paths.pert_embedding)
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    """The dataset a run uses: `read_inputs`, then `assemble`."""
+    return assemble(cfg, read_inputs(cfg))

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from nbglm import atomic
 from nbglm.config import SyntheticConfig
+from nbglm.data.dataset import PHASES
 from nbglm.data.io import val_list
 from nbglm.errors import NbglmError
 
@@ -40,7 +41,6 @@ log = logging.getLogger("nbglm")
 # Bump when the generator changes, so stale caches are not reused.
 GENERATOR_VERSION = 2
 
-PHASES = ("G1", "S", "G2M")
 PHASE_PROBS = (0.5, 0.3, 0.2)
 LATENT_DIM = 8  # rank of the planted gene-program structure
 EMBED_DIM = 64  # width of the shipped gene/perturbation embeddings
@@ -240,12 +240,7 @@ def make_synthetic(cfg: SyntheticConfig, pert_col: str = "target_gene", control:
 
 def _write_cache(data: SyntheticData, target: Path) -> None:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    except OSError:
-        return
-    try:
-        write_synthetic(data, tmp)
-        os.rename(tmp, target)
+        with atomic.atomic_dir(target, new=False) as tmp:
+            write_synthetic(data, tmp)
     except OSError:  # read-only home, full disk, or another process won the race: fine
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass

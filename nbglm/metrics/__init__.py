@@ -1,13 +1,14 @@
 """VCC metrics (DES, PDS, MAE, baseline-scaled overall score), numerically matching cell-eval 0.8.
 
-Lower layer: imports nothing from nbglm but :mod:`nbglm.errors`.
+Imports no torch, model, training, pipeline or sweep code: metrics score files, whoever made them.
+Every metric is registered once in :mod:`nbglm.metrics.registry`.
 """
 
 from nbglm.metrics.de import RankSum, benjamini_hochberg, log2_fold_change, rank_sum_test
 from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache, load_de_cache
-from nbglm.metrics.evaluate import evaluate
+from nbglm.metrics.evaluate import evaluate, read_eval_h5ad
+from nbglm.metrics.registry import METRICS, Metric, names, profile_metrics
 from nbglm.metrics.vcc import (
-    METRICS,
     FileSummary,
     MetricResult,
     cell_mean_baseline,
@@ -24,6 +25,7 @@ from nbglm.metrics.vcc import (
 __all__ = [
     "METRICS",
     "FileSummary",
+    "Metric",
     "GroundTruthCache",
     "MetricResult",
     "RankSum",
@@ -35,9 +37,12 @@ __all__ = [
     "load_de_cache",
     "log2_fold_change",
     "mae",
+    "names",
     "overall_score",
     "pds",
+    "profile_metrics",
     "rank_sum_test",
+    "read_eval_h5ad",
     "scaled_scores",
     "score",
     "summarize_adata",

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO
 
 import anndata as ad
 import numpy as np
 
+from nbglm import atomic
 from nbglm.errors import NbglmError
 from nbglm.metrics.vcc import FileSummary, baseline_summary, group_codes, score, summarize_adata
 
@@ -95,27 +92,15 @@ class GroundTruthCache:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {name: getattr(self.real, name) for name in FileSummary.__dataclass_fields__}
-        atomic_write(directory / _ARRAYS, lambda f: np.savez(f, **arrays))
+        atomic.write_bytes(directory / _ARRAYS, lambda f: np.savez(f, **arrays))
         meta = {
             "version": CACHE_VERSION,
             "identity": asdict(self.identity),
             "fingerprint": self.identity.fingerprint,
             "baseline": self.baseline,
         }
-        atomic_write(directory / _META, lambda f: f.write(json.dumps(meta).encode()))
+        atomic.write_text(directory / _META, json.dumps(meta))
         return directory
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write through a temp file in the same directory, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def build_de_cache(

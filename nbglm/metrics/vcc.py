@@ -7,7 +7,7 @@ each metric follows cell-eval's definition, including its float32 casts where th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import anndata as ad
@@ -20,12 +20,17 @@ from scipy.spatial.distance import cdist
 from nbglm.data.dataset import pseudobulks
 from nbglm.errors import NbglmError
 from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, rank_sum_test
+from nbglm.metrics.registry import Metric, metric, profile_metrics, register
 
 FDR_THRESHOLD = 0.05
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
 _FRACTION_EPS = 1e-3  # cell-eval calls data with a fractional part above this "not counts"
 
 Matrix = np.ndarray | sp.csr_matrix
+PROFILE = "vcc2025"
+
+# overall score: the mean of DES, PDS and MAE, each scaled from the cell-mean baseline (0) to its best (1)
+register(Metric("overall_score", PROFILE, "max", 1.0, "overall score", "VCC, baseline-scaled"))
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,7 @@ def _significant(s: FileSummary) -> np.ndarray:
     return s.fdr.astype(np.float32) < np.float32(FDR_THRESHOLD)
 
 
+@metric("des", PROFILE, "max", 1.0, "DES", "DE-gene overlap, 0–1")
 def des(pred: FileSummary, real: FileSummary) -> MetricResult:
     """DE overlap (cell-eval ``overlap_at_N``): share of real's significant genes among pred's top N.
 
@@ -245,6 +251,7 @@ def des(pred: FileSummary, real: FileSummary) -> MetricResult:
     return MetricResult(pd.Series(values, index=real.perts))
 
 
+@metric("pds", PROFILE, "max", 1.0, "PDS", "perturbation discrimination, 0–1")
 def pds(pred: FileSummary, real: FileSummary) -> MetricResult:
     """Perturbation discrimination (cell-eval ``discrimination_score_l1``).
 
@@ -262,26 +269,22 @@ def pds(pred: FileSummary, real: FileSummary) -> MetricResult:
     return MetricResult(pd.Series(1.0 - rank / real.perts.size, index=real.perts))
 
 
+@metric("mae", PROFILE, "min", 0.0, "MAE", "log1p expression")
 def mae(pred: FileSummary, real: FileSummary) -> MetricResult:
     """Mean absolute error between pred and real pseudobulks, over all genes (cell-eval ``mae``)."""
     return MetricResult(pd.Series(np.abs(pred.pert_mean - real.pert_mean).mean(axis=1), index=real.perts))
 
 
-METRICS: dict[str, Callable[[FileSummary, FileSummary], MetricResult]] = {"des": des, "pds": pds, "mae": mae}
-# How cell-eval scales each metric against the baseline: towards 1 (best 1) or 0 (best 0).
-BEST_VALUE = {"des": 1.0, "pds": 1.0, "mae": 0.0}
-
-
 def score(pred: FileSummary, real: FileSummary) -> dict[str, MetricResult]:
     """All three VCC metrics of pred against real."""
-    return {name: metric(pred, real) for name, metric in METRICS.items()}
+    return {m.name: m.compute(pred, real) for m in profile_metrics(PROFILE) if m.compute}
 
 
 def scaled_scores(scores: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, float]:
     """Each metric relative to the baseline, as cell-eval ``score_agg_metrics``: NaN -> 0, clipped at 0."""
     out = {}
     with np.errstate(divide="ignore", invalid="ignore"):
-        for name, best in BEST_VALUE.items():
+        for name, best in ((m.name, m.best) for m in profile_metrics(PROFILE) if m.compute):
             user, base = np.float64(scores[name]), np.float64(baseline[name])
             value = 1.0 - user / base if best == 0.0 else (user - base) / (1.0 - base)
             out[name] = float(max(0.0, 0.0 if np.isnan(value) else value))

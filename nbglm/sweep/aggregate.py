@@ -1,10 +1,10 @@
 """Sweep export and TensorBoard: what a user reads during and after a sweep.
 
-Everything here is rebuilt from files, so it is exact mid-sweep and after a resume: each seed unit's
-record (`<trial dir>/seeds/seed_{s}.json`, written by the trainable when the seed finishes) plus the
-trial list Tune keeps. Outputs under `<sweep dir>/results/`: `trials.csv` (one row per config x
-seed), `configs.csv` (one row per config with seed statistics), `best_config.yaml` (a runnable
-experiment config) — and a console table of the top configs.
+Everything here is rebuilt from files, so it is exact mid-sweep and after a resume: each unit's
+record (`<trial dir>/units/fold_{f}_seed_{s}.json`, written by the trainable when the unit finishes)
+plus the trial list Tune keeps. Outputs under `<sweep dir>/results/`: `trials.csv` (one row per
+config x fold x seed), `configs.csv` (one row per config; statistics over its folds x seeds: the
+cross-validated score), `best_config.yaml` (a runnable experiment config) — and a console table.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from nbglm import atomic
 from nbglm.config import from_dict, to_yaml
-from nbglm.sweep.units import METRICS, seed_stats
+from nbglm.sweep.units import METRICS, unit_record, unit_stats
 from nbglm.sweep.space import SweepSpec
 
 _DONE = {"TERMINATED", "ERROR"}
@@ -36,12 +36,12 @@ class TrialInfo:
     error: str | None = None  # one line, for a trial that ended in ERROR
 
 
-def record_path(trial_dir: Path, seed: int) -> Path:
-    return trial_dir / "seeds" / f"seed_{seed}.json"
+def record_path(trial_dir: Path, fold: int, seed: int) -> Path:
+    return trial_dir / "units" / f"fold_{fold}_seed_{seed}.json"
 
 
-def read_record(trial_dir: Path, seed: int) -> dict | None:
-    path = record_path(trial_dir, seed)
+def read_record(trial_dir: Path, fold: int, seed: int) -> dict | None:
+    path = record_path(trial_dir, fold, seed)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -65,14 +65,14 @@ def collect(sweep_dir: Path, spec: SweepSpec, trials: list[TrialInfo]) -> tuple[
         params = {k: t.params.get(k) for k in spec.space}
         done = t.status in _DONE
         records = []
-        for seed in spec.seeds:
-            rec = read_record(sweep_dir / t.dirname, seed)
-            if rec is None:  # not run yet, or the trial died before this seed finished
-                rec = {"seed": seed, "status": "failed" if t.status == "ERROR" else t.status.lower(),
-                       "error": t.error if t.status == "ERROR" else None}
+        for fold, seed in spec.units():
+            rec = read_record(sweep_dir / t.dirname, fold, seed)
+            if rec is None:  # not run yet, or the trial died before this unit finished
+                rec = unit_record(seed, fold, status="failed" if t.status == "ERROR" else t.status.lower(),
+                                  error=t.error if t.status == "ERROR" else None)
             records.append(rec)
             trial_rows.append({
-                "trial_id": t.trial_id, **params, "seed": seed, "status": rec["status"],
+                "trial_id": t.trial_id, **params, "fold": fold, "seed": seed, "status": rec["status"],
                 **{m: rec.get(m) for m in METRICS}, "wall_s": rec.get("wall_s"), "cpu_s": rec.get("cpu_s"),
                 "node_id": rec.get("node_id"),
                 "gpu_ids": " ".join(rec.get("gpu_ids") or []), "start": rec.get("start"), "end": rec.get("end"),
@@ -82,22 +82,20 @@ def collect(sweep_dir: Path, spec: SweepSpec, trials: list[TrialInfo]) -> tuple[
         status = ("ok" if n_ok == len(records) else "partial" if n_ok and done
                   else "failed" if done else t.status.lower())
         error = next((r["error"] for r in records if r.get("error")), t.error) if status != "ok" else None
-        stats = seed_stats(records)
+        stats = unit_stats(records)
         config_rows.append({
-            "trial_id": t.trial_id, **params, "status": status, "n_seeds_ok": n_ok, "n_seeds": len(records),
+            "trial_id": t.trial_id, **params, "status": status, "n_units_ok": n_ok, "n_units": len(records),
             **{f"{m}_{s}": stats[m][s] for m in METRICS for s in ("mean", "std", "min", "max")},
             "error": error,
         })
     return trial_rows, config_rows
 
 
-def best_row(spec: SweepSpec, config_rows: list[dict]) -> dict | None:
-    """The config with the best seed mean of the spec's metric (over configs with an ok seed)."""
-    scored = [r for r in config_rows if r[f"{spec.metric}_mean"] is not None]
-    if not scored:
-        return None
+def ranked_rows(spec: SweepSpec, config_rows: list[dict]) -> list[dict]:
+    """Configs with a scored unit, best cross-validated mean of the spec's metric first."""
     sign = 1 if spec.mode == "max" else -1
-    return max(scored, key=lambda r: sign * r[f"{spec.metric}_mean"])
+    scored = [r for r in config_rows if r[f"{spec.metric}_mean"] is not None]
+    return sorted(scored, key=lambda r: -sign * r[f"{spec.metric}_mean"])
 
 
 def export(sweep_dir: Path, spec: SweepSpec, base: dict, trials: list[TrialInfo]) -> list[dict]:
@@ -106,13 +104,15 @@ def export(sweep_dir: Path, spec: SweepSpec, base: dict, trials: list[TrialInfo]
     trial_rows, config_rows = collect(sweep_dir, spec, trials)
     _write_csv(out / "trials.csv", trial_rows)
     _write_csv(out / "configs.csv", config_rows)
-    best = best_row(spec, config_rows)
-    if best is not None:
+    ranked = ranked_rows(spec, config_rows)
+    if ranked:
+        best = ranked[0]
         cfg = from_dict(spec.experiment_dict({k: best[k] for k in spec.space}, base))
         mean, std = best[f"{spec.metric}_mean"], best[f"{spec.metric}_std"]
-        header = (f"# Best config of sweep '{spec.name}' (trial {best['trial_id']}): {spec.metric} "
+        header = (f"# Best config of sweep '{spec.name}' (trial {best['trial_id']}): cross-validated {spec.metric} "
                   f"mean {mean:.4f}" + (f" +- {std:.4f}" if std is not None else "")
-                  + f" over {best['n_seeds_ok']} seed(s).\n# Run it: nbglm run --config {out / 'best_config.yaml'}\n")
+                  + f" over {best['n_units_ok']} fold x seed unit(s) on the training perturbations."
+                  + f"\n# Run it: nbglm run --config {out / 'best_config.yaml'}\n")
         atomic.write_text(out / "best_config.yaml", header + to_yaml(cfg))
     return config_rows
 
@@ -122,13 +122,12 @@ def print_table(spec: SweepSpec, config_rows: list[dict], top: int = 10) -> None
     from rich.console import Console
     from rich.table import Table
 
-    sign = 1 if spec.mode == "max" else -1
-    scored = sorted((r for r in config_rows if r[f"{spec.metric}_mean"] is not None),
-                    key=lambda r: -sign * r[f"{spec.metric}_mean"])
+    scored = ranked_rows(spec, config_rows)
     failed = [r for r in config_rows if r[f"{spec.metric}_mean"] is None]
-    table = Table(title=f"sweep '{spec.name}': top configs by seed-mean {spec.metric} ({spec.mode})")
+    table = Table(title=f"sweep '{spec.name}': top configs by cross-validated {spec.metric} ({spec.mode}; "
+                        f"mean over {spec.selection.folds} folds x {len(spec.seeds)} seeds)")
     others = [m for m in METRICS if m != spec.metric]
-    for col in ("#", "trial", "status", "seeds ok", f"{spec.metric} mean +- std", *others, "params"):
+    for col in ("#", "trial", "status", "units ok", f"{spec.metric} mean +- std", *others, "params"):
         table.add_column(col)
 
     def num(v: Any) -> str:
@@ -138,14 +137,36 @@ def print_table(spec: SweepSpec, config_rows: list[dict], top: int = 10) -> None
         std = r[f"{spec.metric}_std"]
         params = ", ".join(f"{k.split('.')[-1]}={r[k]:.3g}" if isinstance(r[k], float) else f"{k.split('.')[-1]}={r[k]}"
                            for k in spec.space)
-        table.add_row(str(i), r["trial_id"], r["status"], f"{r['n_seeds_ok']}/{r['n_seeds']}",
+        table.add_row(str(i), r["trial_id"], r["status"], f"{r['n_units_ok']}/{r['n_units']}",
                       num(r[f"{spec.metric}_mean"]) + ("" if std is None else f" +- {std:.4f}"),
                       *[num(r[f"{m}_mean"]) for m in METRICS if m != spec.metric],
                       params if r["status"] != "failed" else f"{params}  [{r['error']}]")
     Console(width=200).print(table)
 
 
-HPARAM_METRICS = [f"seed_mean/{m}" for m in METRICS] + [f"seed_std/{m}" for m in METRICS] + ["n_seeds_ok"]
+def print_final(spec: SweepSpec, final: dict | None, has_truth: bool) -> None:
+    """The honesty check: each refit config's cross-validated score beside its test score."""
+    out = spec.sweep_dir / "results" / "final"
+    if final is None:
+        print(f"sweep '{spec.name}': no config scored, nothing refit", flush=True)
+        return
+    if not has_truth:
+        print(f"no ground truth for the held-out perturbations: predictions in {out}/pred.h5ad, no metrics.json "
+              "(set paths.test_h5ad to score them)", flush=True)
+        return
+    m = spec.metric
+    for c in final["configs"]:
+        cv, test = c["cv"][m], c["test"][m]
+        if test["mean"] is None:
+            print(f"refit of trial {c['trial_id']}: every seed failed ({out}/metrics.json)", flush=True)
+            continue
+        print(f"{'selected' if c['trial_id'] == final['selected'] else 'refit'} trial {c['trial_id']}: {m} "
+              f"CV {cv['mean']:.4f} +- {cv['std'] or 0:.4f} ({cv['n']} units) vs test {test['mean']:.4f} "
+              f"+- {test['std'] or 0:.4f} ({test['n']} seeds); CV - test = {c['cv_minus_test']:+.4f}", flush=True)
+    print(f"final prediction and test metrics: {out}/ (pred.h5ad, metrics.json, config.yaml)", flush=True)
+
+
+HPARAM_METRICS = [f"cv_mean/{m}" for m in METRICS] + [f"cv_std/{m}" for m in METRICS] + ["n_units_ok"]
 
 
 def hparam_values(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +176,7 @@ def hparam_values(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_hparams_experiment(sweep_dir: Path, spec: SweepSpec) -> None:
-    """The HParams experiment (columns: the space's keys, metrics: seed mean/std) at the sweep root;
+    """The HParams experiment (columns: the space's keys, metrics: CV mean/std) at the sweep root;
     each config's run adds only its session, so TensorBoard lists every config in one table."""
     from tensorboardX import SummaryWriter
     from tensorboardX.summary import hparams
@@ -167,29 +188,29 @@ def write_hparams_experiment(sweep_dir: Path, spec: SweepSpec) -> None:
 
 
 class TrialBoard:
-    """TensorBoard run of one config (its trial dir): per-epoch loss of every seed, each seed's final
-    metrics, and the seed mean/std with the config's HParams session."""
+    """TensorBoard run of one config (its trial dir): per-epoch loss of every unit, each unit's final
+    metrics, and the mean/std over units (the CV score) with the config's HParams session."""
 
     def __init__(self, trial_dir: Path) -> None:
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(str(trial_dir), flush_secs=10)
 
-    def epoch(self, seed: int, epoch: int, loss: float) -> None:
-        self._writer.add_scalar(f"loss/seed_{seed}", loss, epoch)
+    def epoch(self, unit: tuple[int, int], epoch: int, loss: float) -> None:
+        self._writer.add_scalar(f"loss/fold_{unit[0]}_seed_{unit[1]}", loss, epoch)
 
-    def seed_done(self, record: dict) -> None:
+    def unit_done(self, record: dict) -> None:
         for m in METRICS:
             if record.get(m) is not None:
-                self._writer.add_scalar(f"seed_metrics/{m}/seed_{record['seed']}", record[m], 0)
+                self._writer.add_scalar(f"unit_metrics/{m}/fold_{record['fold']}_seed_{record['seed']}", record[m], 0)
 
     def finish(self, hparams_row: dict[str, Any], stats: dict[str, dict]) -> None:
-        """Seed mean/std scalars and the HParams session (only when at least one seed scored)."""
+        """CV mean/std scalars and the HParams session (only when at least one unit scored)."""
         from tensorboardX.summary import hparams
 
-        values = {f"seed_mean/{m}": stats[m]["mean"] for m in METRICS}
-        values.update({f"seed_std/{m}": stats[m]["std"] for m in METRICS}, n_seeds_ok=stats["overall_score"]["n"])
-        if values["n_seeds_ok"]:
+        values = {f"cv_mean/{m}": stats[m]["mean"] for m in METRICS}
+        values.update({f"cv_std/{m}": stats[m]["std"] for m in METRICS}, n_units_ok=stats[METRICS[0]]["n"])
+        if values["n_units_ok"]:
             _, session_start, session_end = hparams(hparam_dict=hparams_row, metric_dict=values)
             self._writer.file_writer.add_summary(session_start)
             for tag, value in values.items():

@@ -1,7 +1,9 @@
-"""Sweep driver: `python launch.py SPEC [--address auto|HOST:PORT|ray://...] [--resume] [--set k=v ...]`.
+"""Sweep driver behind `nbglm sweep SPEC` (and `python launch.py SPEC`): `run_sweep`.
 
-The spec is validated and the dataset and ground-truth DE cache are built before Ray starts; both
-go into the object store once. Results land in `<storage_path>/<name>/` (printed at start and end):
+The spec is validated, the training data read and the cross-validation folds assigned (`folds.csv`)
+before Ray starts; each fold's dataset and ground-truth cache go into the object store once per data
+config (`nbglm.sweep.folds`). When the search ends, the best configs are refit on all training
+perturbations and predict the held-out list (`nbglm.sweep.refit`): the only time the test set is read. Results land in `<storage_path>/<name>/` (printed at start and end):
 Tune's experiment state and one directory per config (its seeds' sub-bundles, records and
 TensorBoard events), plus `results/` rewritten after every finished config.
 
@@ -13,15 +15,15 @@ config started within that second of a crash is sampled afresh (its directory mo
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import ray
 import yaml
 from ray import tune
@@ -32,15 +34,26 @@ from ray.tune.search.optuna import OptunaSearch
 from nbglm import atomic
 from nbglm.config import to_dict
 from nbglm.errors import NbglmError
-from nbglm.multiseed import shared_inputs
-from nbglm.pipeline import check_mode_inputs
-from nbglm.report import report_after_sweep
-from nbglm.sweep.aggregate import TrialInfo, export, print_table, write_hparams_experiment
+from nbglm.data.folds import assign_folds
+from nbglm.data.load import check_inputs, read_inputs
+from nbglm.sweep.aggregate import TrialInfo, export, print_final, print_table, write_hparams_experiment
 from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
+from nbglm.sweep.folds import FoldStore, build_fold, data_key
+from nbglm.sweep.refit import refit
 from nbglm.sweep.space import SweepSpec, load_spec
 from nbglm.sweep.trainable import TRIAL_RESOURCES, SweepContext, train_config, trial_dirname
+from nbglm.sweep.units import injected_faults
 
 SAVED_SPEC = "sweep.yaml"
+FOLDS = "folds.csv"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    sweep_dir: Path
+    rows: list[dict]  # results/configs.csv
+    final: dict | None  # results/final/metrics.json's content; None before the refit or without ground truth
 
 
 class FinalOnlyOptunaSearch(OptunaSearch):
@@ -52,30 +65,6 @@ class FinalOnlyOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launch.py", description="Run an Optuna x seeds sweep on Ray Tune.")
-    p.add_argument("spec", help="sweep spec YAML, e.g. sweeps/rank_search.yaml")
-    p.add_argument("--address", help="attach to a Ray cluster (auto, HOST:PORT or ray://HOST:PORT); "
-                   "default: start a local Ray for this sweep")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in <storage_path>/<name>")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec key (repeatable): --set search.num_samples=4 --set overrides.train.epochs=5")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        rows = run_sweep(args.spec, address=args.address, resume=args.resume, sets=args.sets)
-    except NbglmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
-        return 130
-    return 0 if any(r["n_seeds_ok"] for r in rows) else 1
 
 
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
@@ -166,8 +155,8 @@ class ExportCallback(tune.Callback):
 
 
 def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool = False,
-              sets: list[str] | tuple[str, ...] = ()) -> list[dict]:
-    """Run (or resume) the sweep of `spec_path`; returns the rows of results/configs.csv."""
+              sets: list[str] | tuple[str, ...] = ()) -> SweepResult:
+    """Run (or resume) the sweep of `spec_path`; its export is in `<sweep_dir>/results/`."""
     spec = load_spec(spec_path, sets)
     base_cfg = spec.resolve_base()
     base = to_dict(base_cfg)
@@ -175,19 +164,29 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     print(f"sweep '{spec.name}': results in {sweep_dir}", flush=True)
 
     _check_directory(spec, base, resume)
-    check_mode_inputs(base_cfg)  # a missing checkpoint is one line here, not a failed seed per config
-    data, de_cache = shared_inputs(base_cfg, None)  # read here, shipped to every node via the object store
-    with ray_session(address, units=spec.max_concurrent * len(spec.seeds)):
+    inputs = read_inputs(base_cfg)  # read here, shipped to every node via the object store
+    check_inputs(base_cfg, inputs)  # a held-out list that overlaps training is one line now, not after the search
+    pert_col, control = base_cfg.data.pert_name_col, base_cfg.data.control_name
+    folds_csv = sweep_dir / FOLDS
+    folds = (pd.read_csv(folds_csv, dtype={"label": str}) if resume and folds_csv.is_file()
+             else assign_folds(inputs, pert_col, control, spec.selection.folds, spec.selection.seed))
+    base_folds = [build_fold(base_cfg, inputs, folds, f) for f in range(spec.selection.folds)]  # bad data: here
+    faults = injected_faults()
+    with ray_session(address, units=spec.max_concurrent * len(spec.units())):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu)
         check_shared_storage(sweep_dir)
-        ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu,
-                           data=ray.put(data), de_cache=ray.put(de_cache) if de_cache is not None else None)
+        prebuilt = {data_key(base_cfg): [(ray.put(d), ray.put(c)) for d, c in base_folds]}
+        del base_folds
+        store = FoldStore.remote(replace(inputs, test=None), folds, prebuilt)  # the test set stays here
+        ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu, store=store,
+                           faults=faults)
         trainable = tune.with_resources(tune.with_parameters(train_config, ctx=ctx),
                                         tune.PlacementGroupFactory(TRIAL_RESOURCES))
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's table reports the trials
             sampler_cls = optuna.samplers.TPESampler if spec.search.sampler == "tpe" else optuna.samplers.RandomSampler
             searcher = FinalOnlyOptunaSearch(spec.optuna_space(), metric=spec.metric, mode=spec.mode,
                                              sampler=sampler_cls(seed=spec.search.seed))
@@ -205,15 +204,19 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
             sweep_dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(sweep_dir / SAVED_SPEC,
                               yaml.safe_dump({"spec": spec.raw, "base_config": base}, sort_keys=False))
+            atomic.write_text(folds_csv, folds.to_csv(index=False))
             write_hparams_experiment(sweep_dir, spec)
         with _tune_env():
             grid = tuner.fit()
-    rows = _final_export(spec, base, grid)
-    print_table(spec, rows)
-    report_after_sweep(sweep_dir)  # figures + report.html; a failure is a warning, never a failed sweep
-    print(f"sweep '{spec.name}': results in {sweep_dir}/results (trials.csv, configs.csv, best_config.yaml); "
-          f"tensorboard --logdir {sweep_dir}", flush=True)
-    return rows
+        rows = _final_export(spec, base, grid)
+        print_table(spec, rows)
+        final = None
+        if all(not r.error and r.metrics.get("final") for r in grid) and len(grid) == spec.search.num_samples:
+            final = refit(spec, base, rows, inputs, cpu=cpu, gpu=gpu, faults=faults)
+            print_final(spec, final, inputs.test is not None)
+        else:
+            print(f"sweep '{spec.name}' is unfinished: no refit yet; continue with --resume", flush=True)
+    return SweepResult(spec.name, sweep_dir, rows, final if inputs.test is not None else None)
 
 
 def _final_export(spec: SweepSpec, base: dict, grid: Any) -> list[dict]:

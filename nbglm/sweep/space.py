@@ -23,9 +23,12 @@ import yaml
 from nbglm.config import (Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml,
                           set_dotted, to_dict)
 from nbglm.errors import NbglmError
+from nbglm.metrics import names as metric_names
 
-METRICS = ("overall_score", "des", "pds", "mae")
-SWEEP_MODES = ("train_sample_eval", "sample_eval")  # modes that produce a score to optimise
+# Keys a sampled config cannot change: the data files and labels the folds were cut from, the modes
+# and seeds the sweep itself sets, where results go.
+FIXED_KEYS = ("paths.", "pipeline.", "experiment.", "evaluate.", "data.pert_name_col", "data.control_name",
+              "data.use_split", "data.synthetic.")
 
 
 @dataclass
@@ -36,6 +39,16 @@ class SearchSettings:
 
 
 @dataclass
+class SelectionSettings:
+    """How configs are chosen: K-fold cross-validation over the training perturbations, then the
+    top `refit_top` configs are refit on all of them and predict the held-out list."""
+
+    folds: int = 3
+    seed: int = 0  # fold assignment seed
+    refit_top: int = 1
+
+
+@dataclass
 class SpecFields:
     """The scalar part of a spec (typed like the experiment config); `search.space` and
     `overrides` are free-form and parsed separately."""
@@ -43,7 +56,7 @@ class SpecFields:
     name: str = "sweep"
     base_config: str | None = None  # experiment YAML, relative to the spec file; null = defaults
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    metric: Literal["overall_score", "des", "pds", "mae"] = "overall_score"
+    metric: str = "overall_score"  # a metric of the registry (nbglm.metrics.registry)
     mode: Literal["max", "min"] = "max"
     resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(cpu=1.0, gpu=0.25))  # per seed
     max_concurrent: int = 2  # configs in flight at once
@@ -88,6 +101,7 @@ class SweepSpec(SpecFields):
 
     path: Path = Path()  # the spec file (base_config is relative to it)
     search: SearchSettings = field(default_factory=SearchSettings)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)
     space: dict[str, Param] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
     raw: dict = field(default_factory=dict)  # the spec as resolved (after --set), saved with the results
@@ -115,6 +129,10 @@ class SweepSpec(SpecFields):
         for key, value in params.items():
             set_dotted(raw, key, self.space[key].decode(value))
         return raw
+
+    def units(self) -> list[tuple[int, int]]:
+        """Every (fold, seed) a config runs."""
+        return [(fold, seed) for fold in range(self.selection.folds) for seed in self.seeds]
 
     def optuna_space(self) -> dict[str, Any]:
         return {key: p.distribution() for key, p in self.space.items()}
@@ -148,6 +166,9 @@ def _parse_param(key: str, raw: Any, config_keys: list[str]) -> Param:
     where = f"search.space['{key}']"
     if key not in config_keys:
         raise NbglmError(f"{where}: '{key}' is not a config key{_suggest(key, config_keys)}")
+    if key.startswith(FIXED_KEYS):
+        raise NbglmError(f"{where}: '{key}' cannot act in a sweep (the data files, labels, folds, modes and seeds "
+                         "are fixed for the whole sweep); set it under 'overrides' instead")
     if not isinstance(raw, dict):
         raise NbglmError(f"{where} must be a mapping like {{type: int, low: 2, high: 64, log: true}}")
     allowed = {"type", "low", "high", "log", "choices"}
@@ -234,6 +255,7 @@ def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Sweep
 def _parse(path: Path, raw: dict) -> SweepSpec:
     body = dict(raw)
     search_raw = body.pop("search", None) or {}
+    selection_raw = body.pop("selection", None) or {}
     overrides_raw = body.pop("overrides", None) or {}
     if not isinstance(search_raw, dict):
         raise NbglmError("'search' must be a mapping with space, num_samples, sampler, seed")
@@ -241,12 +263,13 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
         raise NbglmError("'overrides' must be a mapping of experiment config keys")
     search_raw = dict(search_raw)
     space_raw = search_raw.pop("space", None) or {}
-    known = [f.name for f in dataclasses.fields(SpecFields)] + ["search", "overrides"]
+    known = [f.name for f in dataclasses.fields(SpecFields)] + ["search", "selection", "overrides"]
     for key in body:
         if key not in known:
             raise NbglmError(f"unknown key '{key}'{_suggest(str(key), known)}")
     fields = _from_dict(SpecFields, body)
     search = _from_dict(SearchSettings, search_raw, "search")
+    selection = _from_dict(SelectionSettings, selection_raw, "selection")
     if not fields.seeds:
         raise NbglmError("'seeds' is empty: list at least one seed, e.g. seeds: [1, 2, 3]")
     if len(set(fields.seeds)) != len(fields.seeds):
@@ -259,7 +282,11 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     if not fields.name or "/" in fields.name or fields.name in (".", ".."):
         raise NbglmError(f"'name' must be a plain directory name, got {fields.name!r}")
     checks = [
+        (fields.metric in metric_names(),
+         f"'metric' = {fields.metric!r} is invalid: expected one of {', '.join(metric_names())}"),
         (search.num_samples >= 1, "search.num_samples must be >= 1"),
+        (selection.folds >= 2, f"selection.folds = {selection.folds}: cross-validation needs at least 2 folds"),
+        (selection.refit_top >= 1, f"selection.refit_top = {selection.refit_top}: refit at least 1 config"),
         (fields.max_concurrent >= 1, "max_concurrent must be >= 1"),
         (fields.max_failures >= 0, "max_failures must be >= 0"),
         (fields.resources.cpu > 0, "resources.cpu must be > 0 (each seed unit needs some CPU)"),
@@ -273,12 +300,13 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     config_keys = all_keys()
     space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
     overrides = _flatten(overrides_raw)
-    spec = SweepSpec(**vars(fields), path=path, search=search, space=space, overrides=overrides, raw=raw)
+    spec = SweepSpec(**vars(fields), path=path, search=search, selection=selection, space=space,
+                     overrides=overrides, raw=raw)
     if fields.base_config and not spec._base_path().is_file():
         raise NbglmError(f"base_config not found: {spec._base_path()} (it is relative to the spec file)")
     base = spec.resolve_base()
-    if base.pipeline.mode not in SWEEP_MODES:
-        raise NbglmError(f"the base config runs pipeline.mode={base.pipeline.mode}; a sweep needs a mode that "
-                         f"scores each run: {' or '.join(SWEEP_MODES)}")
+    if base.pipeline.mode != "train_sample_eval":
+        raise NbglmError(f"the base config runs pipeline.mode={base.pipeline.mode}; a sweep trains every config "
+                         "on each fold's training part and scores its validation part: use train_sample_eval")
     _check_values(spec)
     return spec

@@ -1,9 +1,13 @@
-"""Sweep trainable: one Ray Tune trial per sampled config; the config's seeds run inside it.
+"""Sweep trainable: one Ray Tune trial per sampled config; the config's units run inside it.
+
+A config is scored by cross-validation over the training perturbations: one unit per (fold, seed),
+trained on the fold's training part and scored on its validation part; Optuna sees only the mean
+over all units. The test set is never read here.
 
 Design: each trial is a light coordinator (it reserves only a token of memory, no CPU or GPU) that
-submits every seed as its own Ray task, a seed unit (`nbglm.sweep.units.seed_unit`, the multi-seed
+submits every (fold, seed) as its own Ray task, a unit (`nbglm.sweep.units.seed_unit`, the multi-seed
 runner's too) requesting the spec's `{CPU: c, GPU: g}`. Ray's scheduler then runs the units of all
-configs in flight as resources allow: the seeds of one config run concurrently when there is room,
+configs in flight as resources allow: the units of one config run concurrently when there is room,
 fractional-GPU units pack onto the same GPUs, and a core or GPU slice freed by one unit goes to the
 next queued unit at once, whichever config it belongs to. A placement group per config (one
 bundle per seed) was the first design; it forced all seeds of a config to share the cores at once
@@ -14,14 +18,14 @@ Why not one trial per (config, seed) grouped by Tune's `Repeater`: the Repeater 
 in searcher memory and has no working save/restore (ray-project/ray#11918, open), so after a driver
 crash a resumed sweep loses or re-runs seed groups, and a partial group could reach the searcher as
 a config's score. With one trial per config, Tune's own trial state is the unit of resume and of
-`max_failures`, and the searcher only ever sees the seed mean, reported once at the end. Each
-finished seed's record is written straight into the trial directory, so a retried or resumed trial
-reruns only the seeds that had not finished.
+`max_failures`, and the searcher only ever sees the mean over units, reported once at the end. Each
+finished unit's record is written straight into the trial directory, so a retried or resumed trial
+reruns only the units that had not finished.
 
-Live progress: while the seeds train, the trainable forwards their per-epoch losses to TensorBoard
+Live progress: while the units train, the trainable forwards their per-epoch losses to TensorBoard
 and, at most once a second, to `tune.report` with the metric keys present but NaN (Tune's strict
 metric check wants them in every result); the driver's `FinalOnlyOptunaSearch` ignores those
-intermediate results, so Optuna is told only the final seed mean.
+intermediate results, so Optuna is told only the final cross-validated mean.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -39,7 +44,7 @@ from nbglm import atomic
 from nbglm.config import from_dict
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
 from nbglm.sweep.space import SweepSpec
-from nbglm.sweep.units import METRICS, UnitPool, launch_unit, seed_stats
+from nbglm.sweep.units import METRICS, UnitPool, unit_stats
 
 REPORT_EVERY_S = 1.0
 # Seed units are scheduled by Ray outside the trial's own placement group (which holds no CPU).
@@ -52,17 +57,17 @@ TRIAL_RESOURCES = [{"memory": 1}]
 class SweepContext:
     """What every trial of one sweep shares; `tune.with_parameters` stores it once.
 
-    `data` and `de_cache` are object refs (put once per sweep): passed on as task arguments they
-    reach each seed unit straight from the object store, never through the trainable.
+    `store` hands out each fold's dataset and DE cache as object refs (built once per data config):
+    passed on as task arguments they reach each unit straight from the object store.
     """
 
     spec: SweepSpec
     base: dict  # resolved base experiment config
     sweep_dir: str
-    cpu: float  # per seed unit, after the no-GPU fallback
+    cpu: float  # per unit, after the no-GPU fallback
     gpu: float
-    data: Any
-    de_cache: Any
+    store: Any  # FoldStore actor handle
+    faults: dict  # injected by tests through NBGLM_TEST_FAULTS; {} in real sweeps
 
 
 def trial_dirname(trial: Any) -> str:
@@ -78,15 +83,18 @@ def _next_attempt(trial_dir: Path) -> int:
     return attempt
 
 
-def _result(records: dict[int, dict], latest: dict[int, tuple[int, float]], final: bool) -> dict[str, Any]:
+Unit = tuple[int, int]  # (fold, seed)
+
+
+def _result(records: dict[Unit, dict], latest: dict[Unit, tuple[int, float]], final: bool) -> dict[str, Any]:
     """One `tune.report` payload; the same keys every time so CSV/JSON logs stay rectangular."""
-    stats = seed_stats(list(records.values())) if final else None
+    stats = unit_stats(list(records.values())) if final else None
     losses = [loss for _, loss in latest.values()]
     out: dict[str, Any] = {  # progress first: Tune's console table shows the leading keys
         "epoch": max((e for e, _ in latest.values()), default=-1),
         "loss": sum(losses) / len(losses) if losses else math.nan,
-        "n_seeds_done": len(records),
-        "n_seeds_ok": sum(r["status"] == "ok" for r in records.values()),
+        "n_units_done": len(records),
+        "n_units_ok": sum(r["status"] == "ok" for r in records.values()),
     }
     for m in METRICS:
         out[m] = stats[m]["mean"] if stats and stats[m]["mean"] is not None else math.nan
@@ -96,39 +104,41 @@ def _result(records: dict[int, dict], latest: dict[int, tuple[int, float]], fina
 
 
 def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
-    """Tune function trainable for one sampled config: run its seeds, stream progress, report the mean."""
+    """Tune function trainable for one sampled config: run its units, stream progress, report the mean."""
     spec = ctx.spec
     trial_dir = Path(ctx.sweep_dir) / Path(tune.get_context().get_trial_dir()).name
     cfg = from_dict(spec.experiment_dict(config, ctx.base))
     attempt = _next_attempt(trial_dir)
-    if cfg.debug.fail_first_attempt and attempt == 1:
-        raise RuntimeError("debug.fail_first_attempt: injected crash of the trial's first attempt")
-    records = {s: r for s in spec.seeds if (r := read_record(trial_dir, s)) and r["status"] == "ok"}
+    if ctx.faults.get("fail_first_attempt") and attempt == 1:
+        raise RuntimeError("injected crash of the trial's first attempt (NBGLM_TEST_FAULTS)")
+    units = spec.units()
+    records = {u: r for u in units if (r := read_record(trial_dir, *u)) and r["status"] == "ok"}
     board = TrialBoard(trial_dir)
-    pool = UnitPool()
-    for seed in spec.seeds:
-        if seed not in records:
-            unit_dir = trial_dir / f"seed_{seed}"
-            pool.submit(seed, unit_dir, launch_unit(cfg, seed, ctx.data, ctx.de_cache, unit_dir,
-                                                    cpu=ctx.cpu, gpu=ctx.gpu, scheduling_strategy=OUTSIDE_TRIAL))
-    latest: dict[int, tuple[int, float]] = {}
+    pool = UnitPool(ctx.cpu, ctx.gpu, ctx.faults, OUTSIDE_TRIAL)
+    folds = ray.get(ctx.store.refs.remote(cfg))
+    for fold, seed in units:
+        if (fold, seed) not in records:
+            data_ref, cache_ref = folds[fold]
+            pool.submit(cfg, seed, fold, data_ref, cache_ref, trial_dir / f"fold_{fold}" / f"seed_{seed}")
+    latest: dict[Unit, tuple[int, float]] = {}
     last_report = time.monotonic()
     while len(pool):
         for event in pool.poll(timeout=REPORT_EVERY_S):
             if event[0] == "epoch":
-                _, seed, epoch, metrics = event
-                latest[seed] = (epoch, float(metrics["loss"]))
-                board.epoch(seed, epoch, float(metrics["loss"]))
+                _, unit, epoch, metrics = event
+                latest[unit] = (epoch, float(metrics["loss"]))
+                board.epoch(unit, epoch, float(metrics["loss"]))
             else:
                 record = records[event[1]] = event[2]
-                atomic.write_json(record_path(trial_dir, record["seed"]), record)
-                board.seed_done(record)
+                atomic.write_json(record_path(trial_dir, *event[1]), record)
+                board.unit_done(record)
         if latest and time.monotonic() - last_report >= REPORT_EVERY_S:
             tune.report(_result(records, latest, final=False))
             last_report = time.monotonic()
-    ordered = [records[s] for s in spec.seeds]
-    board.finish(hparam_values(spec, config), seed_stats(ordered))
+    ordered = [records[u] for u in units]
+    board.finish(hparam_values(spec, config), unit_stats(ordered))
     if not any(r["status"] == "ok" for r in ordered):
         first = ordered[0]
-        raise RuntimeError(f"all {len(ordered)} seeds failed; seed {first['seed']}: {first['error']}")
+        raise RuntimeError(f"all {len(ordered)} units failed; fold {first['fold']} seed {first['seed']}: "
+                           f"{first['error']}")
     tune.report(_result(records, latest, final=True))

@@ -1,4 +1,10 @@
-"""Seed units: one `run_experiment` for one seed, run as a Ray task; shared by `multi_seed` and sweeps.
+"""Units: one `run_experiment` for one (fold, seed), run as a Ray task; shared by `multi_seed` and sweeps.
+
+A sweep unit trains on a cross-validation fold's training part and scores its validation part; a
+`multi_seed` unit (fold None) runs the experiment as configured.
+
+Tests inject crashes through `NBGLM_TEST_FAULTS` (JSON, read once by the driver and handed to the
+trials and units as `faults`): the config schema and saved configs know nothing of it.
 
 A unit runs on the dataset and DE cache the caller put in the object store once (refs passed as
 task arguments arrive zero-copy, whatever the number of units), writes its own sub-bundle, and
@@ -13,6 +19,7 @@ imported inside the unit, before its clock starts, so `start`/`end` time the exp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -30,8 +37,21 @@ import ray
 from nbglm import atomic
 from nbglm.config import Config
 from nbglm.errors import NbglmError
+from nbglm.metrics import names
 
-METRICS = ("overall_score", "des", "pds", "mae")
+METRICS = names()
+FAULTS_ENV = "NBGLM_TEST_FAULTS"  # tests only: {"fail_seeds": [2], "fail_first_attempt": true}
+
+
+def injected_faults() -> dict[str, Any]:
+    """The faults a test asked for in the driver's environment ({} in real runs)."""
+    return json.loads(os.environ.get(FAULTS_ENV) or "{}")
+
+
+def unit_record(seed: int, fold: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A unit's record (one row of trials.csv): every key present, the given ones filled."""
+    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "wall_s": None, "cpu_s": None,
+            "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None, "bundle": None, **fields}
 
 
 def one_line(exc: BaseException) -> str:
@@ -40,29 +60,28 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())[:500]
 
 
-def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> Iterator[tuple]:
-    """Run one seed; yield ("epoch", seed, epoch, {'loss', 'lr'}) per epoch, then ("done", seed, record).
+def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bundle_dir: str,
+          faults: dict) -> Iterator[tuple]:
+    """Run one unit; yield ("epoch", key, epoch, {'loss', 'lr'}) per epoch, then ("done", key, record),
+    with key = (fold, seed).
 
     The experiment runs in a thread so the generator can hand epochs to the caller while it trains.
     """
     from nbglm.pipeline import run_experiment, with_seed
 
     ctx = ray.get_runtime_context()
-    record: dict[str, Any] = {
-        "seed": seed, "status": "ok", "error": None, **{m: None for m in METRICS},
-        "wall_s": None, "cpu_s": None, "start": time.time(), "end": None, "node_id": ctx.get_node_id(),
-        "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])], "pid": os.getpid(),
-        "bundle": bundle_dir,
-    }
+    key = (fold, seed)
+    record = unit_record(seed, fold, start=time.time(), node_id=ctx.get_node_id(), pid=os.getpid(), bundle=bundle_dir,
+                         gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])])
     events: queue.Queue = queue.Queue()
     cpu_start = time.process_time()  # the worker runs nothing else: its CPU time is this unit's
 
     def work() -> None:
         try:
-            if seed in cfg.debug.fail_seeds:
-                raise RuntimeError(f"debug.fail_seeds: injected failure of seed {seed}")
+            if seed in faults.get("fail_seeds", ()):
+                raise RuntimeError(f"{FAULTS_ENV}: injected failure of seed {seed}")
             result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
-                                    on_epoch_end=lambda epoch, m: events.put(("epoch", seed, epoch, dict(m))))
+                                    on_epoch_end=lambda epoch, m: events.put(("epoch", key, epoch, dict(m))))
             record.update({m: result.metrics.get(m) for m in METRICS}, timings=result.timings)
             if not cfg.pipeline.keep_preds:
                 shutil.rmtree(result.bundle / "preds", ignore_errors=True)
@@ -73,9 +92,9 @@ def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> 
             record["end"] = time.time()
             record["wall_s"] = record["end"] - record["start"]
             record["cpu_s"] = time.process_time() - cpu_start
-            events.put(("done", seed, record))
+            events.put(("done", key, record))
 
-    threading.Thread(target=work, name=f"seed-{seed}", daemon=True).start()
+    threading.Thread(target=work, name=f"unit-{fold}-{seed}", daemon=True).start()
     while True:
         item = events.get()
         yield item
@@ -86,33 +105,25 @@ def _unit(cfg: Config, seed: int, data: Any, de_cache: Any, bundle_dir: str) -> 
 seed_unit = ray.remote(_unit)
 
 
-def launch_unit(cfg: Config, seed: int, data_ref: Any, de_cache_ref: Any, bundle_dir: Path, *,
-                cpu: float, gpu: float, scheduling_strategy: Any = None) -> Any:
-    """Start one seed unit as a Ray task; returns its ObjectRefGenerator."""
-    options: dict[str, Any] = {"num_cpus": cpu, "num_gpus": gpu}
-    if scheduling_strategy is not None:
-        options["scheduling_strategy"] = scheduling_strategy
-    return seed_unit.options(**options).remote(cfg, seed, data_ref, de_cache_ref, str(bundle_dir))
-
-
-def failed_record(seed: int, exc: BaseException, bundle_dir: Path) -> dict:
-    """The record of a unit whose worker or node died (Ray has already retried it)."""
-    return {"seed": seed, "status": "failed", "error": one_line(exc), **{m: None for m in METRICS},
-            "wall_s": None, "cpu_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
-            "bundle": str(bundle_dir)}
-
-
 class UnitPool:
-    """Seed units in flight; `poll` hands back what they yielded (epochs, then one final record)."""
+    """Units in flight; `poll` hands back what they yielded (epochs, then one final record)."""
 
-    def __init__(self) -> None:
-        self._live: dict[Any, tuple[int, Path]] = {}  # ObjectRefGenerator -> (seed, bundle dir)
+    def __init__(self, cpu: float, gpu: float, faults: dict, scheduling_strategy: Any = None) -> None:
+        self._options: dict[str, Any] = {"num_cpus": cpu, "num_gpus": gpu}
+        if scheduling_strategy is not None:
+            self._options["scheduling_strategy"] = scheduling_strategy
+        self._faults = faults
+        self._live: dict[Any, tuple[tuple[int | None, int], Path]] = {}  # ObjectRefGenerator -> (key, bundle)
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def submit(self, seed: int, bundle_dir: Path, generator: Any) -> None:
-        self._live[generator] = (seed, bundle_dir)
+    def submit(self, cfg: Config, seed: int, fold: int | None, data_ref: Any, de_cache_ref: Any,
+               bundle_dir: Path) -> None:
+        """Start unit (fold, seed) as a Ray task with the pool's resources."""
+        generator = seed_unit.options(**self._options).remote(cfg, seed, fold, data_ref, de_cache_ref,
+                                                              str(bundle_dir), self._faults)
+        self._live[generator] = ((fold, seed), bundle_dir)
 
     def poll(self, timeout: float) -> list[tuple]:
         """Events from every unit with news, waiting at most `timeout` seconds for the first."""
@@ -124,22 +135,23 @@ class UnitPool:
             ready, _ = ray.wait(live, num_returns=len(live), timeout=0)
         events = []
         for gen in ready:
-            seed, bundle_dir = self._live[gen]
+            (fold, seed), bundle_dir = self._live[gen]
             try:
                 item = ray.get(next(gen))
             except StopIteration:
                 del self._live[gen]
                 continue
             except Exception as exc:  # the task itself failed: worker or node lost
-                item = ("done", seed, failed_record(seed, exc, bundle_dir))
+                record = unit_record(seed, fold, status="failed", error=one_line(exc), bundle=str(bundle_dir))
+                item = ("done", (fold, seed), record)
             if item[0] == "done":
                 del self._live[gen]
             events.append(item)
         return events
 
 
-def seed_stats(records: list[dict]) -> dict[str, dict]:
-    """mean/std/min/max (std: sample, n-1; null below 2 seeds) of each metric over the ok seeds."""
+def unit_stats(records: list[dict]) -> dict[str, dict]:
+    """mean/std/min/max (std: sample, n-1; null below 2 units) of each metric over the ok units."""
     out = {}
     for m in METRICS:
         vals = [float(r[m]) for r in records if r["status"] == "ok" and r.get(m) is not None

@@ -1,5 +1,8 @@
 """`multi_seed` mode: one experiment per seed, run in parallel as Ray tasks, then aggregated.
 
+`nbglm run --set pipeline.mode=multi_seed` lands here: several seeds at once are Ray work, so they
+live in the sweep layer, above the one-experiment pipeline.
+
 Each seed is a seed unit (`nbglm.sweep.units`, the same unit a sweep trial runs per seed) with
 `pipeline.resources`, at most `pipeline.max_workers` in flight, on one object-store copy of the
 dataset and DE cache, writing its sub-bundle `seed_{seed}/`. A seed that crashes is reported in
@@ -11,41 +14,30 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import ray
 
 from nbglm import atomic
 from nbglm.config import Config, to_yaml
-from nbglm.data import Dataset, load_dataset
+from nbglm.data import Dataset
 from nbglm.errors import NbglmError
-from nbglm.metrics import build_de_cache, load_de_cache
-from nbglm.pipeline import ExperimentResult, check_mode_inputs
+from nbglm.pipeline import check_mode_inputs, load_inputs
 from nbglm.sweep.cluster import ray_session, unit_resources
-from nbglm.sweep.units import UnitPool, launch_unit, seed_stats
+from nbglm.sweep.units import METRICS, UnitPool, injected_faults, unit_stats
 
 log = logging.getLogger("nbglm")
 
-_EVALUATING = {"train_sample_eval", "sample_eval", "evaluate_only"}
-
 
 @dataclass
-class MultiSeedResult(ExperimentResult):
-    per_seed: list[dict] = field(default_factory=list)  # one record per seed, in cfg.pipeline.seeds order
-    summary: dict[str, dict] = field(default_factory=dict)  # metric -> mean/std/min/max/n over ok seeds
-
-
-def shared_inputs(cfg: Config, data: Dataset | None) -> tuple[Dataset, Any]:
-    """The dataset and, when the runs evaluate, the ground-truth DE cache: built once, shared by all."""
-    if data is None:
-        data = load_dataset(cfg)
-    if cfg.pipeline.mode not in _EVALUATING or data.test is None:
-        return data, None
-    if cfg.evaluate.de_cache:
-        return data, load_de_cache(cfg.evaluate.de_cache)
-    return data, build_de_cache(data.test, train=data.train, pert_col=data.pert_col, control=data.control)
+class MultiSeedResult:
+    metrics: dict[str, float]  # seed means over the ok seeds; {} when none scored
+    bundle: Path
+    total_s: float
+    failed_seeds: list[int]
+    per_seed: list[dict]  # one record per seed, in cfg.pipeline.seeds order
+    summary: dict[str, dict]  # metric -> mean/std/min/max/n over ok seeds
 
 
 def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path,
@@ -60,32 +52,31 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
     bundle.mkdir(parents=True, exist_ok=True)
     atomic.write_text(bundle / "config.yaml", to_yaml(cfg))
     t0 = time.perf_counter()
-    data, de_cache = shared_inputs(base, data)
+    data, de_cache = load_inputs(base, data)
     records: dict[int, dict] = {}
     limit = min(ps.max_workers or len(ps.seeds), len(ps.seeds))
     with ray_session(address or ps.address, units=limit):
         cpu, gpu = unit_resources(ps.resources.cpu, ps.resources.gpu)
         data_ref = ray.put(data)
         cache_ref = ray.put(de_cache) if de_cache is not None else None
-        pending, pool = list(ps.seeds), UnitPool()
+        pending, pool = list(ps.seeds), UnitPool(cpu, gpu, injected_faults())
         while pending or len(pool):
             while pending and len(pool) < limit:
                 seed = pending.pop(0)
-                unit_dir = bundle / f"seed_{seed}"
-                pool.submit(seed, unit_dir, launch_unit(base, seed, data_ref, cache_ref, unit_dir, cpu=cpu, gpu=gpu))
+                pool.submit(base, seed, None, data_ref, cache_ref, bundle / f"seed_{seed}")
             for event in pool.poll(timeout=1.0):
                 if event[0] == "done":
-                    rec = records[event[1]] = event[2]
+                    rec = records[event[2]["seed"]] = event[2]
                     log.info("seed %d %s%s", rec["seed"], rec["status"],
                              f": {rec['error']}" if rec["error"] else f" overall={rec['overall_score']}")
     per_seed = [records[s] for s in ps.seeds]
-    summary = seed_stats(per_seed)
+    summary = unit_stats(per_seed)
     failed = [r["seed"] for r in per_seed if r["status"] != "ok"]
     total_s = time.perf_counter() - t0
     atomic.write_json(bundle / "metrics" / "multi_seed_metrics.json", {
         "seeds": list(ps.seeds), "base_mode": ps.multi_seed_base_mode, "n_ok": len(per_seed) - len(failed),
         "failed_seeds": failed, "summary": summary, "per_seed": per_seed, "total_s": total_s,
     })
-    means = {m: s["mean"] for m, s in summary.items()} if summary["overall_score"]["n"] else {}
-    return MultiSeedResult(metrics=means, bundle=bundle, timings={"total_s": total_s}, seed=cfg.experiment.seed,
-                           failed_seeds=failed, per_seed=per_seed, summary=summary)
+    means = {m: s["mean"] for m, s in summary.items()} if summary[METRICS[0]]["n"] else {}
+    return MultiSeedResult(metrics=means, bundle=bundle, total_s=total_s, failed_seeds=failed, per_seed=per_seed,
+                           summary=summary)

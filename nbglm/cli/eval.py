@@ -1,0 +1,65 @@
+"""`nbglm eval`: score a prediction against real cells with the VCC metrics, as cell-eval 0.8 does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from nbglm.cli._args import add_data_labels
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="score pred.h5ad against real.h5ad (DES, PDS, MAE, overall score)",
+                       description="Score a prediction with the Virtual Cell Challenge metrics, numerically as "
+                                   "cell-eval 0.8 does.")
+    p.add_argument("--pred", required=True, type=Path, help="predicted cells (h5ad), control cells included")
+    p.add_argument("--real", required=True, type=Path, help="observed held-out cells (h5ad)")
+    baseline = p.add_mutually_exclusive_group()
+    baseline.add_argument("--train", type=Path, help="training data (h5ad) for the cell-mean baseline of the "
+                          "overall score")
+    baseline.add_argument("--de-cache", type=Path, help="ground-truth cache directory from `nbglm build-de-cache`")
+    add_data_labels(p)
+    p.add_argument("--output", type=Path, help="write the metrics as JSON to this file")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from nbglm import atomic
+    from nbglm.metrics import evaluate, load_de_cache, read_eval_h5ad
+
+    cache = load_de_cache(args.de_cache) if args.de_cache else None
+    pred = read_eval_h5ad(args.pred, args.pert_col, "pred")
+    real = read_eval_h5ad(args.real, args.pert_col, "real")
+    train = read_eval_h5ad(args.train, args.pert_col, "train") if args.train else None
+    result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache)
+    Console().print(_table(result))
+    if args.output:
+        atomic.write_text(args.output, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    from nbglm.metrics import profile_metrics
+
+    table = Table(title=f"VCC metrics ({result['n_perturbations']} perturbations, {result['n_genes']} genes)")
+    for column in ("metric", "value", "baseline", "scaled"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    baseline, scaled = result["baseline"] or {}, result["scaled"] or {}
+    for m in profile_metrics():
+        if m.compute is not None:
+            table.add_row(f"{m.title} (best {m.best:g})", f"{result[m.name]:.4f}", _fmt(baseline.get(m.name)),
+                          _fmt(scaled.get(m.name)))
+    overall = result["overall_score"]
+    shown = "n/a (no baseline)" if overall is None else f"{overall:.4f} (x100 = {100 * overall:.2f})"
+    table.add_row("overall score", "", "", shown)
+    return table
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
