@@ -83,7 +83,7 @@ def reference(python: Path, tmp: Path, real: ad.AnnData, pred: ad.AnnData, pert_
 def assert_parity(ref: dict, got: dict) -> None:
     for metric, values in ref["per_perturbation"].items():
         for label, want in values.items():
-            mine = got["per_perturbation"][metric][label]
+            mine = got["per_perturbation"][label][metric]
             assert (want is None) == (mine is None), (metric, label, want, mine)
             if want is not None:
                 assert abs(mine - want) <= 1e-6, (metric, label, want, mine)
@@ -109,9 +109,9 @@ def test_baseline_scores_zero_and_cache_roundtrip(tmp_path):
     real, pred = make_pair(1, 2, 4)
     ref = build_reference(real, pert_col="target", control="non-targeting")
     assert all(v == pytest.approx(0.0, abs=1e-12) for v in scaled(ref.baseline, ref).values())
-    ref.save(tmp_path / "ref.npz")
+    ref.save(tmp_path / "ref")
     again = evaluate_vcc2026(pred, real, pert_col="target", control="non-targeting",
-                             cache=type(ref).load(tmp_path / "ref.npz"))
+                             cache=type(ref).load(tmp_path / "ref"))
     direct = evaluate_vcc2026(pred, real, pert_col="target", control="non-targeting", cache=ref)
     assert again["vcc2026_scaled"] == direct["vcc2026_scaled"]
     assert again["vcc2026_score"] > 0.3  # a replicate-like prediction sits well above the baseline

@@ -8,7 +8,6 @@ loaded, so scoring a submission costs one pred-side summary and one comparison.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,36 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from nbglm import atomic
 from nbglm.errors import NbglmError
+from nbglm.metrics.de_cache import DataIdentity, read_meta, write_meta
+from nbglm.metrics.registry import Metric, register
 from nbglm.metrics.vcc2026_de import DETable, de_metrics, de_table, lfc_nmae_split
 from nbglm.metrics.vcc2026_expr import (Profiles, exclusion_columns, expr_terms, pds_cosine, profiles,
                                         ratio_of_sums)
 
-MEMBERS = ("pds_cosine", "expr_mse_unbiased_capped_norm", "de_wilcoxon_direction_fidelity_yield_raw",
-           "de_wilcoxon_direction_reach_raw", "de_wilcoxon_sig_jaccard", "de_wilcoxon_lfc_nmae")
+PROFILE = "vcc2026"
 MAX_CELL_TOTAL = 1e6
 N_SPLITS = 5
 BASE_SEED = 0
+CACHE_VERSION = 1
+ARRAYS = "reference.npz"
+
+# The registry holds the aggregate and the six raw panel means (their scaled scores, baseline and
+# replicate anchor are in the evaluation result beside them, keyed by the same names).
+register(Metric("vcc2026_score", PROFILE, "max", 1.0, "VCC 2026 score",
+                "mean scaled member: 0 baseline, 1 replicate"))
+_MEMBERS = (  # name, direction, best value (cell-eval2's scoring direction and anchor), title, description
+    ("pds_cosine", "max", 1.0, "PDS cosine", "perturbation discrimination, 0–1"),
+    ("expr_mse_unbiased_capped_norm", "min", 0.0, "expr MSE", "bias-corrected, / distance from control"),
+    ("de_wilcoxon_direction_fidelity_yield_raw", "max", 1.0, "DE fidelity", "direction fidelity yield, 0–1"),
+    ("de_wilcoxon_direction_reach_raw", "max", 1.0, "DE reach", "direction reach, 0–1"),
+    ("de_wilcoxon_sig_jaccard", "max", 1.0, "DE Jaccard", "significant-gene Jaccard, 0–1"),
+    ("de_wilcoxon_lfc_nmae", "min", 0.0, "LFC NMAE", "log2 fold-change error / mean |real|"),
+)
+for _name, _direction, _best, _title, _description in _MEMBERS:
+    register(Metric(_name, PROFILE, _direction, _best, _title, _description, path=(PROFILE, _name)))
+MEMBERS = tuple(m[0] for m in _MEMBERS)
 
 
 @dataclass(frozen=True)
@@ -43,32 +62,41 @@ class Side:
 class Reference:
     """The real side of a context, with the two ends of its scale (panel means per member)."""
 
+    identity: DataIdentity
     genes: np.ndarray
     control: str
     real: Side
     baseline: dict[str, float]
     replicate: dict[str, float]
 
-    def save(self, path: str | Path) -> None:
-        """One .npz: the arrays, plus the names and both scale ends as JSON."""
-        r = self.real
-        meta = {"genes": self.genes.tolist(), "labels": r.labels.tolist(), "control": self.control,
-                "baseline": self.baseline, "replicate": self.replicate}
-        c = r.control_counts
-        np.savez_compressed(Path(path), meta=np.array(json.dumps(meta)), bulk=r.profiles.bulk,
-                            jackknife=r.profiles.jackknife, lfc=r.de.lfc, pvalue=r.de.pvalue, padj=r.de.padj,
-                            kept=r.de.kept, ctrl_data=c.data, ctrl_indices=c.indices, ctrl_indptr=c.indptr,
-                            ctrl_shape=np.array(c.shape))
+    def check(self, real, pert_col: str, control: str) -> None:
+        """Raise a one-line NbglmError unless `real` is the data this reference was built from."""
+        self.identity.check(real, pert_col, control)
+
+    def save(self, directory: str | Path) -> Path:
+        """A cache directory like the vcc2025 one: the arrays as npz, names and scale ends in meta.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        r, c = self.real, self.real.control_counts
+        arrays = {"bulk": r.profiles.bulk, "jackknife": r.profiles.jackknife, "lfc": r.de.lfc, "pvalue": r.de.pvalue,
+                  "padj": r.de.padj, "kept": r.de.kept, "ctrl_data": c.data, "ctrl_indices": c.indices,
+                  "ctrl_indptr": c.indptr, "ctrl_shape": np.array(c.shape)}
+        atomic.write_bytes(directory / ARRAYS, lambda f: np.savez(f, **arrays))
+        write_meta(directory, PROFILE, CACHE_VERSION, self.identity, baseline=self.baseline, replicate=self.replicate)
+        return directory
 
     @classmethod
-    def load(cls, path: str | Path) -> Reference:
-        with np.load(Path(path)) as z:
-            meta = json.loads(str(z["meta"]))
-            labels = np.array(meta["labels"], dtype=object)
+    def load(cls, directory: str | Path) -> Reference:
+        """Read a reference written by :meth:`save`."""
+        directory = Path(directory)
+        meta, identity = read_meta(directory, PROFILE, CACHE_VERSION, ARRAYS)
+        labels = np.array(identity.perts, dtype=object)
+        with np.load(directory / ARRAYS, allow_pickle=False) as z:
             ctrl = sp.csr_matrix((z["ctrl_data"], z["ctrl_indices"], z["ctrl_indptr"]), shape=tuple(z["ctrl_shape"]))
             side = Side(labels, Profiles(labels, z["bulk"], z["jackknife"]),
                         DETable(labels, z["lfc"], z["pvalue"], z["padj"], z["kept"]), ctrl)
-        return cls(np.array(meta["genes"], dtype=object), meta["control"], side, meta["baseline"], meta["replicate"])
+        return cls(identity, np.array(identity.genes, dtype=object), identity.control, side, meta["baseline"],
+                   meta["replicate"])
 
 
 def _counts(adata) -> sp.csr_matrix:
@@ -189,7 +217,7 @@ def build_reference(real, *, pert_col: str, control: str) -> Reference:
     b_side = summarize(b_counts, b_labels, control, ref_control=side.control_counts)
     baseline = compare(b_side, side, genes)["means"]
     replicate = replicate_anchor(counts, real.obs, pert_col, control, genes, side)
-    return Reference(genes, control, side, baseline, replicate)
+    return Reference(DataIdentity.of(real, pert_col, control), genes, control, side, baseline, replicate)
 
 
 def scaled(user: dict[str, float], ref: Reference) -> dict[str, float]:
@@ -233,15 +261,19 @@ def check_submission(pred, ref: Reference, *, pert_col: str) -> None:
 
 def evaluate_vcc2026(pred, real, *, pert_col: str, control: str, cache: Reference | None = None) -> dict:
     """Score `pred` against `real` (raw-count AnnData); `cache` is `build_reference(real)` if held."""
-    ref = cache if cache is not None else build_reference(real, pert_col=pert_col, control=control)
-    if ref.control != control:
-        raise NbglmError(f"vcc2026: the cache was built with control {ref.control!r}, not {control!r}; rebuild it")
+    if cache is None:
+        ref = build_reference(real, pert_col=pert_col, control=control)
+    else:
+        ref = cache
+        ref.check(real, pert_col, control)
     check_submission(pred, ref, pert_col=pert_col)
     side = summarize(_counts(pred), pred.obs[pert_col].astype(str).to_numpy(), control,
                      ref_control=ref.real.control_counts)
     result = compare(side, ref.real, ref.genes)
     sc = scaled(result["means"], ref)
-    per = {m: {str(lab): (float(v) if math.isfinite(v) else None) for lab, v in zip(side.labels, vals, strict=True)}
-           for m, vals in result["per_perturbation"].items()}
+    values = result["per_perturbation"]
+    per = {str(lab): {m: (float(v[i]) if math.isfinite(v[i]) else None) for m, v in values.items()}
+           for i, lab in enumerate(side.labels)}
     return {"vcc2026": result["means"], "vcc2026_scaled": sc, "vcc2026_score": float(np.mean(list(sc.values()))),
-            "vcc2026_baseline": ref.baseline, "vcc2026_replicate": ref.replicate, "per_perturbation": per}
+            "vcc2026_baseline": ref.baseline, "vcc2026_replicate": ref.replicate,
+            "n_perturbations": int(side.labels.size), "n_genes": int(ref.genes.size), "per_perturbation": per}

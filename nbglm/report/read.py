@@ -17,10 +17,8 @@ import pandas as pd
 import yaml
 
 from nbglm.errors import NbglmError
-from nbglm.metrics import names
+from nbglm.metrics import get, names
 from nbglm.sweep.space import Param, SpecFields
-
-METRICS = names()
 
 
 @dataclass
@@ -37,6 +35,15 @@ class Sweep:
     trials: pd.DataFrame  # results/trials.csv: one row per config x fold x seed
     folds: pd.DataFrame  # folds.csv: the fold of every training perturbation and control cell
     final: dict | None  # results/final/metrics.json: CV and test scores of the refit configs
+
+    @property
+    def profile(self) -> str:
+        return get(self.metric).profile
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The registry names of the sweep's profile (the aggregate first): its CSVs' metric columns."""
+        return names(self.profile)
 
     @property
     def seeds(self) -> list[int]:
@@ -81,13 +88,15 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     spec = state["spec"]
     defaults = SpecFields()
     space = {str(k): _param(str(k), v) for k, v in spec["search"]["space"].items()}
-    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
+    metric = spec.get("metric", defaults.metric)
+    metrics = names(get(metric).profile)
+    stats = [f"{m}_{s}" for m in metrics for s in ("mean", "std", "min", "max")]
     final = path / "results" / "final" / "metrics.json"
     return Sweep(
-        path=path, name=spec.get("name", defaults.name), space=space, metric=spec.get("metric", defaults.metric),
+        path=path, name=spec.get("name", defaults.name), space=space, metric=metric,
         mode=spec.get("mode", defaults.mode), base=state["base_config"],
         configs=_read_csv(configs_csv, [*stats, "n_units_ok", "n_units"]),
-        trials=_read_csv(path / "results" / "trials.csv", [*METRICS, "fold", "seed"]),
+        trials=_read_csv(path / "results" / "trials.csv", [*metrics, "fold", "seed"]),
         folds=pd.read_csv(path / "folds.csv", dtype={"label": str}),
         final=json.loads(final.read_text()) if final.is_file() else None,
     )

@@ -23,7 +23,7 @@ import yaml
 from nbglm.config import (Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml,
                           set_dotted, to_dict)
 from nbglm.errors import NbglmError
-from nbglm.metrics import names as metric_names
+from nbglm.metrics import METRICS, get, names
 
 # Keys a sampled config cannot change: the data files and labels the folds were cut from, the modes
 # and seeds the sweep itself sets, where results go.
@@ -56,7 +56,7 @@ class SpecFields:
     name: str = "sweep"
     base_config: str | None = None  # experiment YAML, relative to the spec file; null = defaults
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    metric: str = "overall_score"  # a metric of the registry (nbglm.metrics.registry)
+    metric: str = "overall_score"  # a metric of the registry (nbglm.metrics.registry); its profile is the sweep's
     mode: Literal["max", "min"] = "max"
     resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(cpu=1.0, gpu=0.25))  # per seed
     max_concurrent: int = 2  # configs in flight at once
@@ -105,6 +105,16 @@ class SweepSpec(SpecFields):
     space: dict[str, Param] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
     raw: dict = field(default_factory=dict)  # the spec as resolved (after --set), saved with the results
+
+    @property
+    def profile(self) -> str:
+        """The metric profile every unit is scored with: the one `metric` belongs to."""
+        return get(self.metric).profile
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The registry names a unit record, the exports, TensorBoard and the report carry."""
+        return names(self.profile)
 
     @property
     def sweep_dir(self) -> Path:
@@ -203,6 +213,20 @@ def _parse_param(key: str, raw: Any, config_keys: list[str]) -> Param:
     raise NbglmError(f"{where}: 'type' must be one of int, float, categorical, got {kind!r}")
 
 
+def _profile_override(path: Path, base_config: Any, overrides: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The overrides with `evaluate.profile` set to the metric's profile; one line when the base
+    config or the overrides already ask for another (the units would report the wrong metrics)."""
+    profile = get(metric).profile
+    set_here = overrides.get("evaluate.profile")
+    base = path.parent / str(base_config)
+    set_in_base = (read_yaml(base).get("evaluate") or {}).get("profile") if base_config and base.is_file() else None
+    for where, value in (("overrides", set_here), (f"base_config {base_config}", set_in_base)):
+        if value is not None and value != profile:
+            raise NbglmError(f"'metric' = {metric!r} is a {profile} metric but {where} sets evaluate.profile={value}: "
+                             f"set evaluate.profile={profile} or pick a {value} metric")
+    return {**overrides, "evaluate.profile": profile}
+
+
 def _check_values(spec: SweepSpec) -> None:
     """Build the base config once per bound/choice so the config's own checks reject bad values now."""
     base = to_dict(spec.resolve_base())
@@ -282,8 +306,8 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     if not fields.name or "/" in fields.name or fields.name in (".", ".."):
         raise NbglmError(f"'name' must be a plain directory name, got {fields.name!r}")
     checks = [
-        (fields.metric in metric_names(),
-         f"'metric' = {fields.metric!r} is invalid: expected one of {', '.join(metric_names())}"),
+        (fields.metric in METRICS,
+         f"'metric' = {fields.metric!r} is invalid: expected one of {', '.join(METRICS)}"),
         (search.num_samples >= 1, "search.num_samples must be >= 1"),
         (selection.folds >= 2, f"selection.folds = {selection.folds}: cross-validation needs at least 2 folds"),
         (selection.refit_top >= 1, f"selection.refit_top = {selection.refit_top}: refit at least 1 config"),
@@ -299,7 +323,7 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
                          "e.g. model.rank: {type: int, low: 2, high: 64}")
     config_keys = all_keys()
     space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
-    overrides = _flatten(overrides_raw)
+    overrides = _profile_override(path, body.get("base_config"), _flatten(overrides_raw), fields.metric)
     spec = SweepSpec(**vars(fields), path=path, search=search, selection=selection, space=space,
                      overrides=overrides, raw=raw)
     if fields.base_config and not spec._base_path().is_file():

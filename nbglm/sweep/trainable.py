@@ -44,7 +44,7 @@ from nbglm import atomic
 from nbglm.config import from_dict
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
 from nbglm.sweep.space import SweepSpec
-from nbglm.sweep.units import METRICS, UnitPool, unit_stats
+from nbglm.sweep.units import UnitPool, unit_stats
 
 REPORT_EVERY_S = 1.0
 # Seed units are scheduled by Ray outside the trial's own placement group (which holds no CPU).
@@ -86,9 +86,10 @@ def _next_attempt(trial_dir: Path) -> int:
 Unit = tuple[int, int]  # (fold, seed)
 
 
-def _result(records: dict[Unit, dict], latest: dict[Unit, tuple[int, float]], final: bool) -> dict[str, Any]:
+def _result(records: dict[Unit, dict], latest: dict[Unit, tuple[int, float]], final: bool,
+            metrics: tuple[str, ...]) -> dict[str, Any]:
     """One `tune.report` payload; the same keys every time so CSV/JSON logs stay rectangular."""
-    stats = unit_stats(list(records.values())) if final else None
+    stats = unit_stats(list(records.values()), metrics) if final else None
     losses = [loss for _, loss in latest.values()]
     out: dict[str, Any] = {  # progress first: Tune's console table shows the leading keys
         "epoch": max((e for e, _ in latest.values()), default=-1),
@@ -96,7 +97,7 @@ def _result(records: dict[Unit, dict], latest: dict[Unit, tuple[int, float]], fi
         "n_units_done": len(records),
         "n_units_ok": sum(r["status"] == "ok" for r in records.values()),
     }
-    for m in METRICS:
+    for m in metrics:
         out[m] = stats[m]["mean"] if stats and stats[m]["mean"] is not None else math.nan
         out[f"{m}_std"] = stats[m]["std"] if stats and stats[m]["std"] is not None else math.nan
     out["final"] = final
@@ -113,7 +114,7 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
         raise RuntimeError("injected crash of the trial's first attempt (NBGLM_TEST_FAULTS)")
     units = spec.units()
     records = {u: r for u in units if (r := read_record(trial_dir, *u)) and r["status"] == "ok"}
-    board = TrialBoard(trial_dir)
+    board = TrialBoard(trial_dir, spec.metrics)
     pool = UnitPool(ctx.cpu, ctx.gpu, ctx.faults, OUTSIDE_TRIAL)
     folds = ray.get(ctx.store.refs.remote(cfg))
     for fold, seed in units:
@@ -133,12 +134,12 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
                 atomic.write_json(record_path(trial_dir, *event[1]), record)
                 board.unit_done(record)
         if latest and time.monotonic() - last_report >= REPORT_EVERY_S:
-            tune.report(_result(records, latest, final=False))
+            tune.report(_result(records, latest, False, spec.metrics))
             last_report = time.monotonic()
     ordered = [records[u] for u in units]
-    board.finish(hparam_values(spec, config), unit_stats(ordered))
+    board.finish(hparam_values(spec, config), unit_stats(ordered, spec.metrics))
     if not any(r["status"] == "ok" for r in ordered):
         first = ordered[0]
         raise RuntimeError(f"all {len(ordered)} units failed; fold {first['fold']} seed {first['seed']}: "
                            f"{first['error']}")
-    tune.report(_result(records, latest, final=True))
+    tune.report(_result(records, latest, True, spec.metrics))

@@ -37,9 +37,8 @@ import ray
 from nbglm import atomic
 from nbglm.config import Config
 from nbglm.errors import NbglmError
-from nbglm.metrics import names
+from nbglm.metrics import names, values
 
-METRICS = names()
 FAULTS_ENV = "NBGLM_TEST_FAULTS"  # tests only: {"fail_seeds": [2], "fail_first_attempt": true}
 
 
@@ -48,9 +47,10 @@ def injected_faults() -> dict[str, Any]:
     return json.loads(os.environ.get(FAULTS_ENV) or "{}")
 
 
-def unit_record(seed: int, fold: int | None = None, **fields: Any) -> dict[str, Any]:
-    """A unit's record (one row of trials.csv): every key present, the given ones filled."""
-    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "wall_s": None, "cpu_s": None,
+def unit_record(seed: int, fold: int | None, metrics: tuple[str, ...], **fields: Any) -> dict[str, Any]:
+    """A unit's record (one row of trials.csv): every key present, the given ones filled; `metrics`
+    are the registry names of the experiment's profile (`names(cfg.evaluate.profile)`)."""
+    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(metrics), "wall_s": None, "cpu_s": None,
             "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None, "bundle": None, **fields}
 
 
@@ -71,7 +71,8 @@ def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bu
 
     ctx = ray.get_runtime_context()
     key = (fold, seed)
-    record = unit_record(seed, fold, start=time.time(), node_id=ctx.get_node_id(), pid=os.getpid(), bundle=bundle_dir,
+    record = unit_record(seed, fold, names(cfg.evaluate.profile), start=time.time(), node_id=ctx.get_node_id(),
+                         pid=os.getpid(), bundle=bundle_dir,
                          gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])])
     events: queue.Queue = queue.Queue()
     cpu_start = time.process_time()  # the worker runs nothing else: its CPU time is this unit's
@@ -82,7 +83,7 @@ def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bu
                 raise RuntimeError(f"{FAULTS_ENV}: injected failure of seed {seed}")
             result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
                                     on_epoch_end=lambda epoch, m: events.put(("epoch", key, epoch, dict(m))))
-            record.update({m: result.metrics.get(m) for m in METRICS}, timings=result.timings)
+            record.update(values(result.metrics, cfg.evaluate.profile), timings=result.timings)
             if not cfg.pipeline.keep_preds:
                 shutil.rmtree(result.bundle / "preds", ignore_errors=True)
         except Exception as exc:
@@ -113,7 +114,8 @@ class UnitPool:
         if scheduling_strategy is not None:
             self._options["scheduling_strategy"] = scheduling_strategy
         self._faults = faults
-        self._live: dict[Any, tuple[tuple[int | None, int], Path]] = {}  # ObjectRefGenerator -> (key, bundle)
+        # ObjectRefGenerator -> (key, bundle, the unit's metric names)
+        self._live: dict[Any, tuple[tuple[int | None, int], Path, tuple[str, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -123,7 +125,7 @@ class UnitPool:
         """Start unit (fold, seed) as a Ray task with the pool's resources."""
         generator = seed_unit.options(**self._options).remote(cfg, seed, fold, data_ref, de_cache_ref,
                                                               str(bundle_dir), self._faults)
-        self._live[generator] = ((fold, seed), bundle_dir)
+        self._live[generator] = ((fold, seed), bundle_dir, names(cfg.evaluate.profile))
 
     def poll(self, timeout: float) -> list[tuple]:
         """Events from every unit with news, waiting at most `timeout` seconds for the first."""
@@ -135,14 +137,14 @@ class UnitPool:
             ready, _ = ray.wait(live, num_returns=len(live), timeout=0)
         events = []
         for gen in ready:
-            (fold, seed), bundle_dir = self._live[gen]
+            (fold, seed), bundle_dir, metrics = self._live[gen]
             try:
                 item = ray.get(next(gen))
             except StopIteration:
                 del self._live[gen]
                 continue
             except Exception as exc:  # the task itself failed: worker or node lost
-                record = unit_record(seed, fold, status="failed", error=one_line(exc), bundle=str(bundle_dir))
+                record = unit_record(seed, fold, metrics, status="failed", error=one_line(exc), bundle=str(bundle_dir))
                 item = ("done", (fold, seed), record)
             if item[0] == "done":
                 del self._live[gen]
@@ -150,10 +152,10 @@ class UnitPool:
         return events
 
 
-def unit_stats(records: list[dict]) -> dict[str, dict]:
+def unit_stats(records: list[dict], metrics: tuple[str, ...]) -> dict[str, dict]:
     """mean/std/min/max (std: sample, n-1; null below 2 units) of each metric over the ok units."""
     out = {}
-    for m in METRICS:
+    for m in metrics:
         vals = [float(r[m]) for r in records if r["status"] == "ok" and r.get(m) is not None
                 and math.isfinite(float(r[m]))]
         out[m] = {
