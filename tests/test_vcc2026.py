@@ -158,3 +158,50 @@ def test_submission_checks(small_ref, change, message):
     real, pred, ref = small_ref
     with pytest.raises(NbglmError, match=message):
         evaluate_vcc2026(change(pred), real, pert_col="target", control="non-targeting", cache=ref)
+
+
+def test_cli_builds_the_reference_once_and_scores_with_it(tmp_path, capsys):
+    from nbglm.cli import main
+
+    real, pred = make_pair(1, 2, 4)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    labels = ["--pert-col", "target", "--control", "non-targeting"]
+    assert main(["build-de-cache", "--profile", "vcc2026", "--real", str(tmp_path / "real.h5ad"),
+                 "--output", str(tmp_path / "ref"), *labels]) == 0
+    files = ["--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad"), *labels]
+    assert main(["eval", "--profile", "vcc2026", *files, "--de-cache", str(tmp_path / "ref"),
+                 "--output", str(tmp_path / "m.json")]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    want = evaluate_vcc2026(pred, real, pert_col="target", control="non-targeting")
+    assert set(got) >= {"vcc2026", "vcc2026_scaled", "vcc2026_score", "per_perturbation"}
+    assert got["vcc2026_scaled"] == pytest.approx(want["vcc2026_scaled"], abs=1e-12)
+    assert "VCC 2026 score" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["eval", *files, "--de-cache", str(tmp_path / "ref")]) == 2  # a vcc2025 eval of a vcc2026 cache
+    assert "is a vcc2026 cache, not a vcc2025 one" in capsys.readouterr().err
+    assert main(["eval", "--profile", "vcc2026", *files, "--train", str(tmp_path / "real.h5ad")]) == 2
+    assert "--train is the vcc2025 baseline's input" in capsys.readouterr().err
+    frac = pred.copy()
+    frac.X = frac.X * 0.5
+    frac.write_h5ad(tmp_path / "frac.h5ad")
+    assert main(["eval", "--profile", "vcc2026", "--pred", str(tmp_path / "frac.h5ad"), "--real",
+                 str(tmp_path / "real.h5ad"), *labels, "--de-cache", str(tmp_path / "ref")]) == 2
+    err = capsys.readouterr().err
+    assert "integral raw counts" in err and err.count("\n") == 1
+
+
+def test_reference_refuses_other_data(small_ref):
+    real, _, ref = small_ref
+    fewer = real[real.obs["target"] != "X1"].copy()
+    with pytest.raises(NbglmError, match="other perturbations"):
+        evaluate_vcc2026(fewer, fewer, pert_col="target", control="non-targeting", cache=ref)
+
+
+def test_a_baseline_model_refuses_the_vcc2026_profile():
+    from nbglm.config import load_config
+    from nbglm.pipeline import check_mode_inputs
+
+    with pytest.raises(NbglmError, match="predicts log1p expression") as err:
+        check_mode_inputs(load_config(None, ["model.name=cell_mean", "evaluate.profile=vcc2026"]))
+    assert "\n" not in str(err.value)

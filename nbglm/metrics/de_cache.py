@@ -133,8 +133,8 @@ def read_meta(directory: Path, profile: str, version: int, arrays: str) -> tuple
                          f"`nbglm build-de-cache --profile {profile}`")
     meta = json.loads(meta_path.read_text())
     if meta.get("profile", "vcc2025") != profile:
-        raise NbglmError(f"{directory} holds a {meta['profile']} cache, not a {profile} one; evaluate with "
-                         f"the profile {meta['profile']} or rebuild it with --profile {profile}")
+        raise NbglmError(f"the DE cache in {directory} is a {meta['profile']} cache, not a {profile} one; score with "
+                         f"the profile {meta['profile']}, or rebuild it with `nbglm build-de-cache --profile {profile}`")
     if meta.get("version") != version:
         raise NbglmError(f"the cache in {directory} has format {meta.get('version')}, expected {version}; rebuild it")
     identity = DataIdentity(**{k: v if isinstance(v, str) else tuple(v) for k, v in meta["identity"].items()})

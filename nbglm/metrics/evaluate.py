@@ -94,8 +94,8 @@ def _check_profile(profile: str, cache: GroundTruthCache | Reference | None) -> 
     if profile not in profiles():
         raise NbglmError(f"unknown metric profile {profile!r}; known: {', '.join(profiles())}")
     if cache is not None and cache_profile(cache) != profile:
-        raise NbglmError(f"the cache holds the {cache_profile(cache)} real side, not {profile}'s; "
-                         f"rebuild it with `nbglm build-de-cache --profile {profile}`")
+        raise NbglmError(f"the DE cache is a {cache_profile(cache)} cache, not a {profile} one; score with the profile "
+                         f"{cache_profile(cache)}, or rebuild it with `nbglm build-de-cache --profile {profile}`")
 
 
 def cache_profile(cache: GroundTruthCache | Reference) -> str:

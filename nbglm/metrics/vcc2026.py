@@ -20,7 +20,7 @@ from nbglm import atomic
 from nbglm.errors import NbglmError
 from nbglm.metrics.de_cache import DataIdentity, read_meta, write_meta
 from nbglm.metrics.registry import Metric, register
-from nbglm.metrics.vcc2026_de import DETable, de_metrics, de_table, lfc_nmae_split
+from nbglm.metrics.vcc2026_de import DETable, Normalised, de_metrics, de_table, lfc_nmae_split, normalise
 from nbglm.metrics.vcc2026_expr import (Profiles, exclusion_columns, expr_terms, pds_cosine, profiles,
                                         ratio_of_sums)
 
@@ -112,17 +112,18 @@ def _codes(cell_labels: np.ndarray, control: str, labels: np.ndarray) -> np.ndar
 
 
 def summarize(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str,
-              ref_control: sp.csr_matrix | None = None) -> Side:
-    """Summary of one file; with `ref_control` the DE compares against those control cells instead."""
+              ref_control: sp.csr_matrix | None = None, cells: Normalised | None = None) -> Side:
+    """Summary of one file; with `ref_control` the DE compares against those control cells instead;
+    `cells` is `normalise(counts)` when the caller holds it."""
     labels = np.array(sorted(set(cell_labels.tolist()) - {control}), dtype=object)
     codes = _codes(cell_labels, control, labels)
     ctrl = counts[codes == 0]
     prof = profiles(counts, codes, labels)
     if ref_control is None:
-        de = de_table(counts, codes, labels)
+        de = de_table(cells if cells is not None else normalise(counts), codes, labels)
     else:
         pert = codes > 0
-        de = de_table(sp.vstack([ref_control, counts[pert]], format="csr"),
+        de = de_table(normalise(sp.vstack([ref_control, counts[pert]], format="csr")),
                       np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]), labels)
     return Side(labels, prof, de, sp.csr_matrix(ctrl))
 
@@ -187,7 +188,7 @@ def _halves(obs: pd.DataFrame, pert_col: str, seed: int) -> tuple[np.ndarray, np
 
 
 def replicate_anchor(counts: sp.csr_matrix, obs: pd.DataFrame, pert_col: str, control: str,
-                     genes: np.ndarray, full: Side) -> dict[str, float]:
+                     genes: np.ndarray, full: Side, cells: Normalised) -> dict[str, float]:
     """Mean over 5 split-halves (seeds from SeedSequence(0)) of half B scored against half A, each
     half with its own control; `de_wilcoxon_lfc_nmae` takes its gate from the full reference."""
     cell_labels = obs[pert_col].astype(str).to_numpy()
@@ -195,8 +196,8 @@ def replicate_anchor(counts: sp.csr_matrix, obs: pd.DataFrame, pert_col: str, co
     runs = []
     for seed in seeds:
         ia, ib = _halves(obs, pert_col, seed)
-        half_a = summarize(counts[ia], cell_labels[ia], control)
-        half_b = summarize(counts[ib], cell_labels[ib], control)
+        half_a = summarize(counts[ia], cell_labels[ia], control, cells=cells.rows(ia))
+        half_b = summarize(counts[ib], cell_labels[ib], control, cells=cells.rows(ib))
         if not (np.array_equal(half_a.labels, full.labels) and np.array_equal(half_b.labels, full.labels)):
             raise NbglmError("vcc2026: a perturbation has fewer than 2 cells; the replicate anchor needs 2 or more per group")
         means = compare(half_b, half_a, genes, own_control=True)["means"]
@@ -212,11 +213,12 @@ def build_reference(real, *, pert_col: str, control: str) -> Reference:
     cell_labels = real.obs[pert_col].astype(str).to_numpy()
     if control not in set(cell_labels.tolist()):
         raise NbglmError(f"vcc2026: control label {control!r} not found in the real data's obs[{pert_col!r}]")
-    side = summarize(counts, cell_labels, control)
+    cells = normalise(counts)
+    side = summarize(counts, cell_labels, control, cells=cells)
     b_counts, b_labels = baseline_counts(counts, cell_labels, control, genes)
     b_side = summarize(b_counts, b_labels, control, ref_control=side.control_counts)
     baseline = compare(b_side, side, genes)["means"]
-    replicate = replicate_anchor(counts, real.obs, pert_col, control, genes, side)
+    replicate = replicate_anchor(counts, real.obs, pert_col, control, genes, side, cells)
     return Reference(DataIdentity.of(real, pert_col, control), genes, control, side, baseline, replicate)
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
 from nbglm.errors import NbglmError
 
 BULK_TARGET = 5e4
-_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -43,28 +43,44 @@ def profiles(counts: sp.csr_matrix, codes: np.ndarray, labels: np.ndarray) -> Pr
     bulk = np.log1p(sums * scale[:, None])
     order = np.argsort(codes, kind="stable")
     bounds = np.searchsorted(codes[order], np.arange(n_groups + 1))
-    jk = np.array([_jackknife(counts[order[lo:hi]], sums[g], totals[g])
-                   for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))])
-    return Profiles(labels, bulk, jk)
+    lib = np.asarray(counts.sum(axis=1)).ravel()
+    s1, s2 = _jackknife_sums(counts.data, counts.indices, counts.indptr, order, bounds, sums, totals, lib)
+    n = np.diff(bounds).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        jk = (n - 1) / n * (s2 - s1**2 / n[:, None]).sum(axis=1)
+    jk[(n < 2) | (totals <= 0)] = 0.0
+    return Profiles(labels, bulk, np.maximum(jk, 0.0))
 
 
-def _jackknife(rows: sp.csr_matrix, p: np.ndarray, total: float) -> float:
-    """C = (n-1)/n sum_g sum_i (v_ig - mean_i v_ig)^2, v the profile without cell i; 0 below 2 cells."""
-    n = rows.shape[0]
-    if n < 2 or total <= 0:
-        return 0.0
-    lib = np.asarray(rows.sum(axis=1)).ravel()
-    b = np.log1p(BULK_TARGET * p / total)
-    s1 = np.zeros(p.size)
-    s2 = np.zeros(p.size)
-    for lo in range(0, n, _CHUNK):
-        r = total - lib[lo:lo + _CHUNK]
-        safe = np.where(r > 0, r, 1.0)[:, None]
-        v = np.log1p(BULK_TARGET * (p[None, :] - rows[lo:lo + _CHUNK].toarray()) / safe)
-        v = np.where((r > 0)[:, None], v, 0.0) - b[None, :]
-        s1 += v.sum(axis=0)
-        s2 += np.einsum("ij,ij->j", v, v)
-    return max((n - 1) / n * float((s2 - s1**2 / n).sum()), 0.0)
+@numba.njit(parallel=True, cache=True)
+def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib):  # pragma: no cover - compiled
+    """Per group and gene, the sums of v and v^2 over the group's cells, v = the delete-one profile
+    minus the group's profile: log1p(5e4 (p - x_i) / (T - lib_i)) - log1p(5e4 p / T), 0 - the
+    profile where the cell holds everything. Every gene of every cell is visited (the deleted
+    cell's zeros move the profile too); its stored entries replace their zero-count term."""
+    n_groups, n_genes = sums.shape
+    s1 = np.zeros((n_groups, n_genes))
+    s2 = np.zeros((n_groups, n_genes))
+    for g in numba.prange(n_groups):
+        total = totals[g]
+        if bounds[g + 1] - bounds[g] < 2 or total <= 0:
+            continue
+        b = np.log1p(BULK_TARGET * sums[g] / total)
+        for c in range(bounds[g], bounds[g + 1]):
+            cell = order[c]
+            r = total - lib[cell]
+            for j in range(n_genes):
+                v = (np.log1p(BULK_TARGET * sums[g, j] / r) if r > 0 else 0.0) - b[j]
+                s1[g, j] += v
+                s2[g, j] += v * v
+            if r > 0:
+                for k in range(indptr[cell], indptr[cell + 1]):
+                    j = indices[k]
+                    zero = np.log1p(BULK_TARGET * sums[g, j] / r) - b[j]
+                    v = np.log1p(BULK_TARGET * (sums[g, j] - data[k]) / r) - b[j]
+                    s1[g, j] += v - zero
+                    s2[g, j] += v * v - zero * zero
+    return s1, s2
 
 
 def exclusion_columns(labels: np.ndarray, genes: np.ndarray, panel: np.ndarray) -> np.ndarray:
