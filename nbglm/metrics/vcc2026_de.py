@@ -42,12 +42,13 @@ class DETable:
 
 
 def cpm(x: sp.csr_matrix) -> sp.csr_matrix:
-    """Counts per million per cell in scanpy's `normalize_total` arithmetic (x / (total / 1e6))."""
-    x = sp.csr_matrix(x, dtype=np.float64, copy=True)
-    totals = np.asarray(x.sum(axis=1)).ravel() / CPM_TARGET
+    """Counts per million per cell in scanpy's `normalize_total` arithmetic (x / (total / 1e6));
+    the result shares `x`'s index arrays."""
+    data = x.data.astype(np.float64)
+    totals = np.asarray(sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape).sum(axis=1)).ravel() / CPM_TARGET
     totals[totals == 0] = 1.0
-    x.data /= np.repeat(totals, np.diff(x.indptr))
-    return x
+    data /= np.repeat(totals, np.diff(x.indptr))
+    return sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape)
 
 
 def _group_means(x: sp.csr_matrix, codes: np.ndarray, n_groups: int) -> np.ndarray:

@@ -26,30 +26,42 @@ class Profiles:
     jackknife: np.ndarray
 
 
-def group_sums(counts: sp.csr_matrix, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """float64 column sums of each group's rows."""
-    onehot = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(n_groups, codes.size))
-    return np.asarray((onehot @ counts.astype(np.float64)).todense())
-
-
 def profiles(counts: sp.csr_matrix, codes: np.ndarray, labels: np.ndarray) -> Profiles:
     """Profiles and jackknife corrections of group 0 (control) and groups 1.. (`labels`)."""
-    counts = sp.csr_matrix(counts, dtype=np.float64)
+    counts = sp.csr_matrix(counts)
     n_groups = labels.size + 1
-    sums = group_sums(counts, codes, n_groups)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(n_groups + 1))
+    sums, lib = _group_sums(counts.data, counts.indices, counts.indptr, order, bounds, counts.shape[1])
     totals = sums.sum(axis=1)
     scale = np.zeros_like(totals)
     scale[totals > 0] = BULK_TARGET / totals[totals > 0]
     bulk = np.log1p(sums * scale[:, None])
-    order = np.argsort(codes, kind="stable")
-    bounds = np.searchsorted(codes[order], np.arange(n_groups + 1))
-    lib = np.asarray(counts.sum(axis=1)).ravel()
     s1, s2 = _jackknife_sums(counts.data, counts.indices, counts.indptr, order, bounds, sums, totals, lib)
     n = np.diff(bounds).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         jk = (n - 1) / n * (s2 - s1**2 / n[:, None]).sum(axis=1)
     jk[(n < 2) | (totals <= 0)] = 0.0
     return Profiles(labels, bulk, np.maximum(jk, 0.0))
+
+
+@numba.njit(parallel=True, cache=True)
+def _group_sums(data, indices, indptr, order, bounds, n_genes):  # pragma: no cover - compiled
+    """float64 column sums of each group's rows (rows `order[bounds[g]:bounds[g+1]]`) and each
+    row's total, read from the stored values as they are (no float64 copy of the matrix)."""
+    n_groups = bounds.size - 1
+    sums = np.zeros((n_groups, n_genes))
+    lib = np.zeros(indptr.size - 1)
+    for g in numba.prange(n_groups):
+        for c in range(bounds[g], bounds[g + 1]):
+            row = order[c]
+            total = 0.0
+            for k in range(indptr[row], indptr[row + 1]):
+                v = np.float64(data[k])
+                sums[g, indices[k]] += v
+                total += v
+            lib[row] = total
+    return sums, lib
 
 
 @numba.njit(parallel=True, cache=True)
