@@ -120,11 +120,12 @@ def summarize(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str,
     ctrl = counts[codes == 0]
     prof = profiles(counts, codes, labels)
     if ref_control is None:
-        de = de_table(cells if cells is not None else normalise(counts), codes, labels)
+        de = de_table(counts, cells if cells is not None else normalise(counts), codes, labels)
     else:
         pert = codes > 0
-        de = de_table(normalise(sp.vstack([ref_control, counts[pert]], format="csr")),
-                      np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]), labels)
+        both = sp.vstack([ref_control, counts[pert]], format="csr")
+        de = de_table(both, normalise(both), np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]),
+                      labels)
     return Side(labels, prof, de, sp.csr_matrix(ctrl))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -41,45 +42,69 @@ class DETable:
     kept: np.ndarray
 
 
-def cpm(x: sp.csr_matrix) -> sp.csr_matrix:
-    """Counts per million per cell in scanpy's `normalize_total` arithmetic (x / (total / 1e6));
-    the result shares `x`'s index arrays."""
-    data = x.data.astype(np.float64)
-    totals = np.asarray(sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape).sum(axis=1)).ravel() / CPM_TARGET
-    totals[totals == 0] = 1.0
-    data /= np.repeat(totals, np.diff(x.indptr))
-    return sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape)
-
-
-def _group_means(x: sp.csr_matrix, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Arithmetic mean of each group's rows (dense, float64)."""
-    counts = np.bincount(codes, minlength=n_groups).astype(np.float64)
-    onehot = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(n_groups, codes.size))
-    return np.asarray((onehot @ x).todense()) / np.maximum(counts, 1.0)[:, None]
-
-
 @dataclass(frozen=True)
 class Normalised:
-    """Cells in CPM, and log1p(CPM) as order codes (what the rank-sum test sees). Both are per
-    cell, so a subset of cells (a replicate half) is a row slice: no second normalisation."""
+    """Per cell: its CPM divisor (total / 1e6, scanpy's `normalize_total` arithmetic), and its
+    log1p(CPM) values as order codes (what the rank-sum test sees). Both are per cell, so a subset
+    of cells (a replicate half) is a row slice: no second normalisation. The CPM values themselves
+    are not kept (8 bytes per stored count): the group means divide as they sum."""
 
-    cpm: sp.csr_matrix
+    divisor: np.ndarray
     ranked: sp.csr_matrix
 
     def rows(self, index: np.ndarray) -> Normalised:
-        return Normalised(self.cpm[index], self.ranked[index])
+        return Normalised(self.divisor[index], self.ranked[index])
 
 
 def normalise(counts: sp.csr_matrix) -> Normalised:
-    norm = cpm(counts)
-    ranked = sp.csr_matrix((order_codes(np.log1p(norm.data)), norm.indices, norm.indptr), shape=norm.shape)
-    return Normalised(norm, ranked)
+    divisor = _row_totals(counts.data, counts.indptr) / CPM_TARGET
+    divisor[divisor == 0] = 1.0
+    values = _divide_rows(counts.data, counts.indptr, divisor)
+    ranked = sp.csr_matrix((order_codes(np.log1p(values, out=values)), counts.indices, counts.indptr),
+                           shape=counts.shape)
+    return Normalised(divisor, ranked)
 
 
-def de_table(cells: Normalised, codes: np.ndarray, labels: np.ndarray) -> DETable:
-    """DE of groups 1.. (`labels`) against group 0 (the control), cell i in group `codes[i]`."""
+@numba.njit(cache=True)
+def _row_totals(data, indptr):  # pragma: no cover - compiled
+    out = np.zeros(indptr.size - 1)
+    for row in range(indptr.size - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            out[row] += data[k]
+    return out
+
+
+@numba.njit(cache=True)
+def _divide_rows(data, indptr, divisor):  # pragma: no cover - compiled
+    """float64 data / divisor[row] per stored entry (IEEE division: numpy's result, bit for bit)."""
+    out = np.empty(data.size)
+    for row in range(indptr.size - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            out[k] = np.float64(data[k]) / divisor[row]
+    return out
+
+
+@numba.njit(cache=True)
+def _cpm_group_means(data, indices, indptr, divisor, codes, n_groups, n_genes):  # pragma: no cover - compiled
+    """Mean CPM of each group's rows (dense, float64), dividing each count as it is summed."""
+    sums = np.zeros((n_groups, n_genes))
+    rows = np.zeros(n_groups)
+    for row in range(indptr.size - 1):
+        g = codes[row]
+        rows[g] += 1.0
+        for k in range(indptr[row], indptr[row + 1]):
+            sums[g, indices[k]] += np.float64(data[k]) / divisor[row]
+    for g in range(n_groups):
+        sums[g] /= max(rows[g], 1.0)
+    return sums
+
+
+def de_table(counts: sp.csr_matrix, cells: Normalised, codes: np.ndarray, labels: np.ndarray) -> DETable:
+    """DE of groups 1.. (`labels`) against group 0 (the control) on raw `counts` (`cells` is their
+    normalisation), cell i in group `codes[i]`."""
     n_groups = labels.size + 1
-    means = _group_means(cells.cpm, codes, n_groups)
+    means = _cpm_group_means(counts.data, counts.indices, counts.indptr, cells.divisor, codes, n_groups,
+                             counts.shape[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         lfc = np.log2((means[1:] + EPSILON) / (means[0] + EPSILON))
     ranks = rank_sum_test(cells.ranked, codes, n_groups)

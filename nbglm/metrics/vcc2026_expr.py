@@ -64,35 +64,119 @@ def _group_sums(data, indices, indptr, order, bounds, n_genes):  # pragma: no co
     return sums, lib
 
 
+_SERIES_TOL = 1e-17  # relative truncation error of the series path
+_SERIES_MAX_DELTA = 0.5  # above this (a cell holding a third of its group or more) the series is slow
+_SERIES_MAX_TERMS = 64
+
+
 @numba.njit(parallel=True, cache=True)
 def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib):  # pragma: no cover - compiled
     """Per group and gene, the sums of v and v^2 over the group's cells, v = the delete-one profile
     minus the group's profile: log1p(5e4 (p - x_i) / (T - lib_i)) - log1p(5e4 p / T), 0 - the
-    profile where the cell holds everything. Every gene of every cell is visited (the deleted
-    cell's zeros move the profile too); its stored entries replace their zero-count term."""
+    profile where the cell holds everything. Every gene of every cell counts (deleting a cell
+    moves the profile of the genes it has no count of too); stored entries replace their
+    zero-count term.
+
+    Why a series: for a zero count, v = log1p(w d) exactly, with w = q / (1 + q) of the gene's
+    profile q = 5e4 p / T and d = lib / (T - lib) of the cell. Expanding log1p and log1p^2 in
+    powers of w d turns the cells x genes logarithms into per-group power sums of d and a short
+    polynomial per gene. A group with a cell of d > 0.5, or fewer cells than terms, is summed
+    directly.
+    """
     n_groups, n_genes = sums.shape
     s1 = np.zeros((n_groups, n_genes))
     s2 = np.zeros((n_groups, n_genes))
     for g in numba.prange(n_groups):
-        total = totals[g]
-        if bounds[g + 1] - bounds[g] < 2 or total <= 0:
+        lo, hi, total = bounds[g], bounds[g + 1], totals[g]
+        if hi - lo < 2 or total <= 0:
             continue
         b = np.log1p(BULK_TARGET * sums[g] / total)
-        for c in range(bounds[g], bounds[g + 1]):
+        d_max = 0.0
+        for c in range(lo, hi):
+            r = total - lib[order[c]]
+            d_max = max(d_max, lib[order[c]] / r if r > 0 else np.inf)
+        terms = _series_terms(d_max)
+        if 0 < terms < hi - lo:
+            _zeros_by_series(s1[g], s2[g], order[lo:hi], sums[g], total, lib, terms)
+        else:
+            _zeros_directly(s1[g], s2[g], order[lo:hi], sums[g], total, lib, b)
+        for c in range(lo, hi):
             cell = order[c]
             r = total - lib[cell]
-            for j in range(n_genes):
-                v = (np.log1p(BULK_TARGET * sums[g, j] / r) if r > 0 else 0.0) - b[j]
-                s1[g, j] += v
-                s2[g, j] += v * v
-            if r > 0:
-                for k in range(indptr[cell], indptr[cell + 1]):
-                    j = indices[k]
-                    zero = np.log1p(BULK_TARGET * sums[g, j] / r) - b[j]
-                    v = np.log1p(BULK_TARGET * (sums[g, j] - data[k]) / r) - b[j]
-                    s1[g, j] += v - zero
-                    s2[g, j] += v * v - zero * zero
+            if r <= 0:
+                continue
+            d = lib[cell] / r
+            for k in range(indptr[cell], indptr[cell + 1]):
+                j = indices[k]
+                q = BULK_TARGET * sums[g, j] / total
+                wd = q / (1.0 + q) * d
+                if terms > 0:
+                    zero = 0.0
+                    for m in range(terms, 0, -1):  # log1p(wd) by the same series (Horner)
+                        zero = zero * wd + (1.0 if m % 2 == 1 else -1.0) / m
+                    zero *= wd
+                else:
+                    zero = np.log1p(wd)
+                # v - zero = log1p(5e4 (p - x) / r) - log1p(5e4 p / r), as one logarithm
+                step = np.log1p(-BULK_TARGET * data[k] / (r + BULK_TARGET * sums[g, j]))
+                s1[g, j] += step
+                s2[g, j] += step * (2.0 * zero + step)
     return s1, s2
+
+
+@numba.njit(cache=True)
+def _series_terms(d_max):  # pragma: no cover - compiled
+    """Terms of the log1p series that bring its relative tail under _SERIES_TOL; 0: sum directly."""
+    if d_max > _SERIES_MAX_DELTA:
+        return 0
+    if d_max <= 0.0:
+        return 1
+    return min(int(np.ceil(np.log(_SERIES_TOL * (1.0 - d_max)) / np.log(d_max))) + 1, _SERIES_MAX_TERMS)
+
+
+@numba.njit(cache=True)
+def _zeros_by_series(s1, s2, cells, p, total, lib, terms):  # pragma: no cover - compiled
+    """Every cell's zero-count term of every gene, summed as power series in w d:
+    log1p(x) = sum_m (-1)^(m+1) x^m / m and log1p(x)^2 = sum_m (-1)^m 2 H(m-1) x^m / m."""
+    moments = np.zeros(terms + 1)
+    for cell in cells:
+        d = lib[cell] / (total - lib[cell])
+        power = d
+        for m in range(1, terms + 1):
+            moments[m] += power
+            power *= d
+    c1 = np.zeros(terms + 1)
+    c2 = np.zeros(terms + 1)
+    harmonic = 0.0
+    for m in range(1, terms + 1):
+        sign = 1.0 if m % 2 == 1 else -1.0
+        c1[m] = sign * moments[m] / m
+        c2[m] = -sign * 2.0 * harmonic * moments[m] / m
+        harmonic += 1.0 / m
+    for j in range(p.size):
+        q = BULK_TARGET * p[j] / total
+        w = q / (1.0 + q)
+        a1 = 0.0
+        a2 = 0.0
+        for m in range(terms, 0, -1):  # Horner
+            a1 = a1 * w + c1[m]
+            a2 = a2 * w + c2[m]
+        s1[j] += a1 * w
+        s2[j] += a2 * w
+
+
+@numba.njit(cache=True)
+def _zeros_directly(s1, s2, cells, p, total, lib, b):  # pragma: no cover - compiled
+    """Every cell's zero-count term of every gene, one logarithm each: log1p(w d), or minus the
+    profile where the cell holds all of its group's counts."""
+    for cell in cells:
+        r = total - lib[cell]
+        d = lib[cell] / r if r > 0 else 0.0
+        for j in range(p.size):
+            q = BULK_TARGET * p[j] / total
+            v = np.log1p(q / (1.0 + q) * d) if r > 0 else -b[j]
+            s1[j] += v
+            s2[j] += v * v
 
 
 def exclusion_columns(labels: np.ndarray, genes: np.ndarray, panel: np.ndarray) -> np.ndarray:
