@@ -43,9 +43,8 @@ _MEMBERS = (  # name, direction, best value (cell-eval2's scoring direction and 
     ("de_wilcoxon_sig_jaccard", "max", 1.0, "DE Jaccard", "significant-gene Jaccard, 0–1"),
     ("de_wilcoxon_lfc_nmae", "min", 0.0, "LFC NMAE", "log2 fold-change error / mean |real|"),
 )
-for _name, _direction, _best, _title, _description in _MEMBERS:
-    register(Metric(_name, PROFILE, _direction, _best, _title, _description, path=(PROFILE, _name)))
-MEMBERS = tuple(m[0] for m in _MEMBERS)
+MEMBERS = tuple(register(Metric(name, PROFILE, direction, best, title, description, path=(PROFILE, name))).name
+                for name, direction, best, title, description in _MEMBERS)
 
 
 @dataclass(frozen=True)

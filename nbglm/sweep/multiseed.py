@@ -70,7 +70,7 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
                 if event[0] == "done":
                     rec = records[event[2]["seed"]] = event[2]
                     log.info("seed %d %s%s", rec["seed"], rec["status"],
-                             f": {rec['error']}" if rec["error"] else f" {metrics[0]}={rec[metrics[0]]}")
+                             f": {rec['error']}" if rec["error"] else f" overall={rec[metrics[0]]}")
     per_seed = [records[s] for s in ps.seeds]
     summary = unit_stats(per_seed, metrics)
     failed = [r["seed"] for r in per_seed if r["status"] != "ok"]
