@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
     cache = load_cache(args.de_cache) if args.de_cache else None
     pred = read_eval_h5ad(args.pred, args.pert_col, "pred")
-    real = read_eval_h5ad(args.real, args.pert_col, "real")
+    # vcc2026 with a cache reads only the real file's labels and genes (its identity check)
+    real = read_eval_h5ad(args.real, args.pert_col, "real", labels_only=cache is not None and args.profile == "vcc2026")
     train = read_eval_h5ad(args.train, args.pert_col, "train") if args.train else None
     result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache,
                       profile=args.profile)
