@@ -188,8 +188,8 @@ def _celleval2_python() -> str:
     return str(python)
 
 
-def worker_2026(side: str, real_path: str, pred_path: str, cache_dir: str, repeats: str) -> None:
-    """Child: one untimed call, then `repeats` timed ones; prints the times, the six means and peak RSS."""
+def worker_2026(side: str, real_path: str, pred_path: str, cache_dir: str, repeats: str, warmup: str = "1") -> None:
+    """Child: `warmup` untimed calls, then `repeats` timed ones; prints the times, the six means and peak RSS."""
     import logging
     import warnings
 
@@ -228,11 +228,11 @@ def worker_2026(side: str, real_path: str, pred_path: str, cache_dir: str, repea
             return evaluate_vcc2026(pred, real, pert_col="target_gene", control=CONTROL, cache=cache)["vcc2026"]
 
     times = []
-    for i in range(int(repeats) + 1):
+    for i in range(int(repeats) + int(warmup)):
         pred, real = ad.read_h5ad(pred_path), ad.read_h5ad(real_path)
         start = time.perf_counter()
         means_ = call(pred, real)
-        if i:
+        if i >= int(warmup):
             times.append(time.perf_counter() - start)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"times": times, "means": means_, "peak_mib": peak_mib}), flush=True)
@@ -249,7 +249,10 @@ def _command_peak(command: list[str], log: Path) -> tuple[float, float]:
     return seconds, int(run.stderr.strip().splitlines()[-1]) / 1024
 
 
-def bench_2026(name: str, repeats: int, workdir: Path, commands: bool, full: bool) -> None:
+def bench_2026(name: str, repeats: int, workdir: Path, commands: bool, full: bool, cold: bool = False) -> None:
+    """`cold`: cell-eval2 in-process without its warm-up call and its command not run (at the VCC size
+    on a loaded machine each cell-eval2 call takes many minutes); the commands then compare with its
+    in-process time, a lower bound of its command's."""
     from nbglm.metrics import build_reference
 
     n_perts, n_genes, n_cells, depth = SIZES[name]
@@ -267,8 +270,9 @@ def bench_2026(name: str, repeats: int, workdir: Path, commands: bool, full: boo
     for side in sides:
         python = _celleval2_python() if side.startswith("cell-eval2") else sys.executable
         before = os.getloadavg()[0]
-        run = subprocess.run([python, __file__, "--worker2026", side, real_path, pred_path, cache_dir, str(repeats)],
-                             capture_output=True, text=True)
+        warmup = "0" if cold and side.startswith("cell-eval2") else "1"
+        run = subprocess.run([python, __file__, "--worker2026", side, real_path, pred_path, cache_dir, str(repeats),
+                              warmup], capture_output=True, text=True)
         if run.returncode:
             raise SystemExit(f"{side} failed:\n{run.stderr[-3000:]}")
         results[side] = json.loads(run.stdout.strip().splitlines()[-1])
@@ -292,6 +296,8 @@ def bench_2026(name: str, repeats: int, workdir: Path, commands: bool, full: boo
     ce2 = [str(Path(_celleval2_python()).parent / "cell-eval2"), "run", "--preset", "vcc2026", "-ap", pred_path,
            "-ar", real_path, *labels, "-o", str(workdir / f"{name}_ce2_out")]
     runs = {"cell-eval2 run": ce2, "nbglm eval --de-cache": [*nbglm, "--de-cache", cache_dir], "nbglm eval": nbglm}
+    if cold:
+        del runs["cell-eval2 run"]
     print(f"{'command':<24}{'median s':>10}{'min s':>9}{'speed-up':>10}{'peak RSS MiB':>14}{'1-min load':>14}")
     measured = {}
     for label, command in runs.items():
@@ -300,11 +306,14 @@ def bench_2026(name: str, repeats: int, workdir: Path, commands: bool, full: boo
         measured[label] = ([t for t, _ in timed], max(p for _, p in timed), (before, os.getloadavg()[0]))
     for label, (times, peak, load) in measured.items():
         median = statistics.median(times)
-        reference = statistics.median(measured["cell-eval2 run"][0])
+        reference = (statistics.median(results["cell-eval2 metrics"]["times"]) if cold
+                     else statistics.median(measured["cell-eval2 run"][0]))
         speed = f"{reference / median:>9.1f}x" if label != "cell-eval2 run" else f"{'':>10}"
         print(f"{label:<24}{median:>10.2f}{min(times):>9.2f}{speed}{peak:>14.0f}{load[0]:>7.1f}-{load[1]:<6.1f}")
     print("speed-ups: nbglm full over cell-eval2 full; nbglm+cache and the commands over cell-eval2's metrics alone "
-          "(`run --preset vcc2026` computes no baseline or anchor; `nbglm eval` without a cache computes both)")
+          "(`run --preset vcc2026` computes no baseline or anchor; `nbglm eval` without a cache computes both)"
+          + ("; cell-eval2 cold: one call without a warm-up, its command not run, the commands compared with its "
+             "in-process time" if cold else ""))
 
 
 def main() -> None:
@@ -312,22 +321,28 @@ def main() -> None:
         worker(*sys.argv[2:6])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--worker2026":
-        worker_2026(*sys.argv[2:7])
+        worker_2026(*sys.argv[2:8])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the small size")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and size (default: %(default)s)")
     parser.add_argument("--profile", choices=("vcc2025", "vcc2026"), default="vcc2025",
                         help="vcc2025: cell-eval 0.8 vs nbglm; vcc2026: cell-eval2 0.20 vs nbglm (default: %(default)s)")
+    parser.add_argument("--size", choices=("small", "vcc", "both"), default="both", help="sizes to time (default: both)")
     parser.add_argument("--no-commands", action="store_true", help="vcc2026: skip the whole-command timings")
+    parser.add_argument("--cold-celleval2", action="store_true",
+                        help="vcc2026: cell-eval2 without its warm-up call, its command not run (commands are then "
+                             "compared with its in-process time)")
     parser.add_argument("--full-at-vcc", action="store_true",
                         help="vcc2026: also time the full sides (baseline and anchor) at the VCC size (cell-eval2 "
                              "takes about 7 metric runs there)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("small",) if args.quick else ("small", "vcc"):
+        sizes = ("small",) if args.quick else ("small", "vcc") if args.size == "both" else (args.size,)
+        for name in sizes:
             if args.profile == "vcc2026":
-                bench_2026(name, args.repeats, Path(tmp), not args.no_commands, name == "small" or args.full_at_vcc)
+                bench_2026(name, args.repeats, Path(tmp), not args.no_commands, name == "small" or args.full_at_vcc,
+                           args.cold_celleval2)
             else:
                 bench(name, args.repeats, Path(tmp))
 
