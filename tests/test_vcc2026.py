@@ -205,3 +205,19 @@ def test_a_baseline_model_refuses_the_vcc2026_profile():
     with pytest.raises(NbglmError, match="predicts log1p expression") as err:
         check_mode_inputs(load_config(None, ["model.name=cell_mean", "evaluate.profile=vcc2026"]))
     assert "\n" not in str(err.value)
+
+
+def test_order_codes_and_row_stacking_match_their_plain_numpy_forms():
+    from nbglm.metrics.vcc2026 import _stack_rows
+    from nbglm.metrics.vcc2026_de import order_codes
+
+    rng = np.random.default_rng(0)
+    values = np.log1p(rng.poisson(3.0, 5000) / rng.uniform(0.5, 2.0, 5000))
+    values[::7] = values[3]  # ties
+    _, inverse = np.unique(values, return_inverse=True)
+    np.testing.assert_array_equal(order_codes(values), (inverse + 1).astype(np.float32))
+    top = sp.random(5, 40, density=0.3, format="csr", random_state=1, dtype=np.float32)
+    x = sp.random(30, 40, density=0.3, format="csr", random_state=2, dtype=np.float32)
+    rows = rng.random(30) < 0.5
+    stacked = _stack_rows(top, x, rows)
+    np.testing.assert_array_equal(stacked.toarray(), sp.vstack([top, x[rows]]).toarray())
