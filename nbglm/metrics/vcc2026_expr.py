@@ -100,6 +100,11 @@ def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib):  #
             _zeros_by_series(s1[g], s2[g], order[lo:hi], sums[g], total, lib, terms)
         else:
             _zeros_directly(s1[g], s2[g], order[lo:hi], sums[g], total, lib, b)
+        q = BULK_TARGET * sums[g] / total
+        w = q / (1.0 + q)
+        coef = np.zeros(terms + 1)
+        for m in range(1, terms + 1):
+            coef[m] = (1.0 if m % 2 == 1 else -1.0) / m
         for c in range(lo, hi):
             cell = order[c]
             r = total - lib[cell]
@@ -108,12 +113,11 @@ def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib):  #
             d = lib[cell] / r
             for k in range(indptr[cell], indptr[cell + 1]):
                 j = indices[k]
-                q = BULK_TARGET * sums[g, j] / total
-                wd = q / (1.0 + q) * d
+                wd = w[j] * d
                 if terms > 0:
                     zero = 0.0
                     for m in range(terms, 0, -1):  # log1p(wd) by the same series (Horner)
-                        zero = zero * wd + (1.0 if m % 2 == 1 else -1.0) / m
+                        zero = zero * wd + coef[m]
                     zero *= wd
                 else:
                     zero = np.log1p(wd)
