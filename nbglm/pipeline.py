@@ -43,8 +43,9 @@ class ExperimentResult:
     history: list[dict] = field(default_factory=list)  # per-epoch {'epoch', 'loss', 'lr'}
 
 
-def check_mode_inputs(cfg: Config) -> None:
-    """Fail before any work when the mode lacks an input it needs, naming the key to set."""
+def check_mode_inputs(cfg: Config, data: Dataset | None = None) -> None:
+    """Fail before any work when the mode lacks an input it needs, naming the key to set (`data`:
+    the dataset a caller built, e.g. a cross-validation fold whose validation part plays the test set)."""
     mode = cfg.pipeline.mode
     if cfg.model.name in BASELINES and mode in {"sample_eval", "sample"}:
         raise NbglmError(f"model.name={cfg.model.name} is a baseline with no checkpoint: "
@@ -61,7 +62,7 @@ def check_mode_inputs(cfg: Config) -> None:
             raise NbglmError("pipeline.mode=evaluate_only needs paths.pred_h5ad (the predictions to score)")
         if not Path(pred).is_file():
             raise NbglmError(f"prediction file not found: {pred} (check paths.pred_h5ad)")
-    if mode in EVALUATING_MODES and cfg.paths.train_h5ad and not cfg.paths.test_h5ad:
+    if mode in EVALUATING_MODES and data is None and cfg.paths.train_h5ad and not cfg.paths.test_h5ad:
         raise NbglmError(f"pipeline.mode={mode} scores predictions against real held-out cells: "
                          "set paths.test_h5ad, or use pipeline.mode=train_sample")
     if cfg.evaluate.de_cache and not Path(cfg.evaluate.de_cache).is_dir():
@@ -111,7 +112,7 @@ def run_experiment(
     if cfg.pipeline.mode == "multi_seed":
         raise NbglmError("pipeline.mode=multi_seed runs several seeds on Ray: start it with `nbglm run`, "
                          "or call nbglm.sweep.multiseed.run_multi_seed")
-    check_mode_inputs(cfg)
+    check_mode_inputs(cfg, data)
     # Inputs first: a bad file fails here, before the bundle exists.
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -211,7 +211,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
         rows = _final_export(spec, base, grid)
         print_table(spec, rows)
         final = None
-        if all(not r.error and r.metrics.get("final") for r in grid) and len(grid) == spec.search.num_samples:
+        interrupted = [r for r in grid if not r.error and not r.metrics.get("final")]
+        if not interrupted and len(grid) == spec.search.num_samples:
             final = refit(spec, base, rows, inputs, cpu=cpu, gpu=gpu, faults=faults)
             print_final(spec, final, inputs.test is not None)
         else:
