@@ -70,8 +70,7 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
                                  "cv": _stats(row), "failed_seeds": [r["seed"] for r in recs if r["status"] != "ok"],
                                  "units": sorted(recs, key=lambda r: r["seed"])}
         if has_truth:
-            entry["test"] = {m: {k: v for k, v in s.items() if k in ("mean", "std", "n")}
-                             for m, s in unit_stats(recs).items()}
+            entry["test"] = unit_stats(recs)
             cv, test = entry["cv"][spec.metric]["mean"], entry["test"][spec.metric]["mean"]
             entry["cv_minus_test"] = None if test is None else cv - test
         summary["configs"].append(entry)
