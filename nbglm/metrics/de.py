@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,9 +31,12 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import erfc
 
-_F32_VALUE_BITS = 31  # bit patterns of non-negative float32 values sort like the values
-_BLOCK_KEYS = 1 << 16  # keys per block (512 KiB, sorted and scanned in cache) ...
-_MAX_BLOCKS = 64  # ... but at most this many: every row writes to every block
+from nbglm.metrics.radix import radix_is_faster, sort_keys
+
+_BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
+_MAX_BLOCKS = 256  # ... but at most this many: more write cursors slow the scatter more than
+# the sort gains (a larger block is split in cache, see nbglm.metrics.radix)
+_TASKS_PER_THREAD = 8  # runs of blocks per thread, so that uneven blocks even out
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
 
@@ -58,25 +62,32 @@ def n_threads() -> int:
 
 
 @numba.njit(parallel=True, cache=True)
-def _count_entries(data, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
-    """Per chunk of rows: nonzero entries per gene; and float64 column sums per group."""
+def _count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
+    """Per chunk of rows: nonzero entries per gene; float64 column sums per group; and the
+    smallest and largest value code of a nonzero entry."""
     n_rows = indptr.size - 1
     counts = np.zeros((n_chunks, n_genes), dtype=np.int64)
     sums = np.zeros((n_chunks, n_groups, n_genes))
+    code_lo = np.full(n_chunks, np.iinfo(np.int64).max)
+    code_hi = np.zeros(n_chunks, dtype=np.int64)
     for c in numba.prange(n_chunks):
+        lo, hi = code_lo[c], code_hi[c]
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g = groups[row]
             for k in range(indptr[row], indptr[row + 1]):
                 if data[k] != 0:
                     counts[c, indices[k]] += 1
                     sums[c, g, indices[k]] += data[k]
-    return counts, sums.sum(axis=0)
+                    lo, hi = min(lo, np.int64(codes[k])), max(hi, np.int64(codes[k]))
+        code_lo[c], code_hi[c] = lo, hi
+    return counts, sums.sum(axis=0), code_lo.min(), code_hi.max()
 
 
 @numba.njit(parallel=True, cache=True)
-def _scatter_keys(data, codes, indices, indptr, groups, gene_block, start, n_keys, gene_shift, group_bits):  # pragma: no cover
-    """The `n_keys` int64 keys ``gene | value code | group``, one per nonzero entry; chunk c writes
-    block b's keys from `start[c, b]` on, so that each block's keys end up contiguous."""
+def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, start, n_keys, gene_shift, group_bits):  # pragma: no cover
+    """The `n_keys` int64 keys ``gene | value code - code_lo | group``, one per nonzero entry;
+    chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
+    contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
     keys = np.empty(n_keys, dtype=np.int64)
     for c in numba.prange(n_chunks):
@@ -91,7 +102,7 @@ def _scatter_keys(data, codes, indices, indptr, groups, gene_block, start, n_key
                             cursor[block] = pos
                         block = gene_block[j]
                         pos = cursor[block]
-                    keys[pos] = (np.int64(j) << gene_shift) | (np.int64(codes[k]) << group_bits) | g
+                    keys[pos] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
                     pos += 1
             if block >= 0:
                 cursor[block] = pos
@@ -131,6 +142,16 @@ def _scan(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma:
         prev = key
 
 
+@numba.njit(nogil=True, cache=True)
+def _radix_sort_and_scan(keys, edges, scratch, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover
+    """Blocks ``keys[edges[i]:edges[i + 1]]`` one after the other: radix sorted, then scanned
+    while still in cache."""
+    for b in range(edges.size - 1):
+        block = keys[edges[b] : edges[b + 1]]
+        in_scratch = sort_keys(block, scratch)
+        _scan(scratch[: block.size] if in_scratch else block, gene_shift, group_bits, group_w, count, below, ties)
+
+
 def rank_sum_test(
     x: Matrix, groups: np.ndarray, n_groups: int, group_weights: np.ndarray | None = None
 ) -> RankSum:
@@ -150,34 +171,49 @@ def rank_sum_test(
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
 
     group_bits = max(1, int(n_groups - 1).bit_length())
-    if x.dtype == np.float32:  # the bit patterns sort like the values
-        value_bits, codes = _F32_VALUE_BITS, x.data.view(np.uint32)
+    if x.dtype == np.float32:  # the bit patterns of non-negative float32 values sort like the values
+        codes = x.data.view(np.uint32)
     else:  # ranks among the distinct values
-        uniques, codes = np.unique(x.data, return_inverse=True)
-        value_bits = max(1, int(uniques.size).bit_length())
+        codes = np.unique(x.data, return_inverse=True)[1]
+
+    workers = n_threads()
+    gene_counts, sums, code_lo, code_hi = _count_entries(
+        x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes, workers
+    )
+    value_bits = max(1, int(max(0, code_hi - code_lo)).bit_length())  # only the bits the values use
     gene_shift = value_bits + group_bits
     if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
         raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
-
-    workers = n_threads()
-    gene_counts, sums = _count_entries(x.data, x.indices, x.indptr, groups, n_groups, n_genes, workers)
     entries = gene_counts.sum(axis=0)
     n_keys = int(entries.sum())
     n_blocks = int(np.clip(n_keys // _BLOCK_KEYS, 1, _MAX_BLOCKS))
     gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, n_keys)  # blocks of about equal keys
     counts = np.stack([np.bincount(gene_block, weights=row, minlength=n_blocks) for row in gene_counts]).astype(np.int64)
     start = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T - counts  # block-major: a block's chunks in a row
-    keys = _scatter_keys(x.data, codes, x.indices, x.indptr, groups, gene_block, start, n_keys, gene_shift, group_bits)
+    keys = _scatter_keys(
+        x.data, codes, code_lo, x.indices, x.indptr, groups, gene_block, start, n_keys, gene_shift, group_bits
+    )
 
     out = tuple(np.zeros((n_genes, n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
-
-    def sort_and_scan(block: np.ndarray) -> None:
-        block.sort()
-        _scan(block, gene_shift, group_bits, group_w, *out)
-
     edges = np.append(start[0], n_keys)
+    radix = radix_is_faster()
+    scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+    for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
+        scratch.put(np.empty(int(np.diff(edges).max()), dtype=np.int64))
+
+    def sort_and_scan(run: np.ndarray) -> None:
+        if radix:
+            buffer = scratch.get()
+            _radix_sort_and_scan(keys, run, buffer, gene_shift, group_bits, group_w, *out)
+            scratch.put(buffer)
+            return
+        for lo, hi in zip(run[:-1], run[1:], strict=True):
+            keys[lo:hi].sort()
+            _scan(keys[lo:hi], gene_shift, group_bits, group_w, *out)
+
+    cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(sort_and_scan, [keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]))
+        list(pool.map(sort_and_scan, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
     count, below, ties = (a.T for a in out)
 
     w = group_w[1:, None]
