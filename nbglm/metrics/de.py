@@ -7,11 +7,13 @@ log2 fold changes of ``expm1(mean(log1p x))`` pseudobulks.
 pdex re-ranks the control cells for every perturbation and gene. Here every stored value of the
 matrix is packed into one integer key ``gene | value | group``, and the keys are scattered into
 blocks of consecutive genes with about equal numbers of keys (a counting sort; its counting pass
-also sums each group's values). A pool of threads then sorts each block with numpy's vectorised
-sort and runs one compiled scan over it that gives every group's rank sum against control:
+also sums each group's values). A pool of threads then sorts each block with a radix sort (see
+:mod:`nbglm.metrics.radix`; numpy's sort where a probe finds it faster on this CPU) and runs one
+compiled scan over it that gives every group's rank sum against control:
 control sorts first within a tie block, so a running count of control entries is each entry's
 rank among the controls. Zeros are never stored or sorted: with non-negative data they form one
-tie block whose contribution has a closed form. The sort and the kernels release the GIL.
+tie block whose contribution has a closed form. Value codes count from the smallest stored value, so a block's keys span few bits. The sort
+and the kernels release the GIL.
 
 Why sort everything rather than look each perturbation entry up among its gene's sorted control
 values: the lookups hit a table larger than L2 in a data-dependent order; a compiled bucket lookup
