@@ -12,8 +12,8 @@ also sums each group's values). A pool of threads then sorts each block with a r
 compiled scan over it that gives every group's rank sum against control:
 control sorts first within a tie block, so a running count of control entries is each entry's
 rank among the controls. Zeros are never stored or sorted: with non-negative data they form one
-tie block whose contribution has a closed form. Value codes count from the smallest stored value, so a block's keys span few bits. The sort
-and the kernels release the GIL.
+tie block whose contribution has a closed form. Value codes count from the smallest stored
+value, so that a block's keys span few bits. The sort and the kernels release the GIL.
 
 Why sort everything rather than look each perturbation entry up among its gene's sorted control
 values: the lookups hit a table larger than L2 in a data-dependent order; a compiled bucket lookup
