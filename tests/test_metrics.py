@@ -28,6 +28,7 @@ from nbglm.metrics import (
     summarize_adata,
     to_log1p,
 )
+from nbglm.metrics.io import read_counts_for_eval
 from nbglm.metrics.radix import _BUCKET_KEYS, radix_is_faster, radix_sort, sort_keys
 from nbglm.metrics.vcc import group_codes
 from nbglm.metrics.cli import add_build_de_cache_parser, add_eval_parser
@@ -496,3 +497,33 @@ def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
     assert "overall score" in capsys.readouterr().out
     with pytest.raises(NbglmError, match="pred file not found"):
         _cli(["eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(tmp_path / "real.h5ad")])
+
+
+def test_read_counts_for_eval_reads_what_the_metrics_use(tmp_path: Path) -> None:
+    real = make_counts(73)
+    real.obs["other"] = np.arange(real.n_obs)
+    real.obsm["pca"] = np.zeros((real.n_obs, 2))
+    real.write_h5ad(tmp_path / "real.h5ad")
+    ours = read_counts_for_eval(tmp_path / "real.h5ad", "target_gene", "real")
+    assert sp.issparse(ours.X) and ours.X.dtype == real.X.dtype and ours.X.format == "csr"
+    assert (ours.X != real.X).nnz == 0
+    np.testing.assert_array_equal(ours.var_names, real.var_names)
+    np.testing.assert_array_equal(ours.obs["target_gene"].to_numpy(str), real.obs["target_gene"].to_numpy(str))
+    assert list(ours.obs.columns) == ["target_gene"] and not ours.obsm
+    dense = ad.AnnData(X=real.X.toarray(), obs=real.obs, var=real.var)
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    np.testing.assert_array_equal(read_counts_for_eval(tmp_path / "dense.h5ad", "target_gene", "pred").X, dense.X)
+
+
+def test_read_counts_for_eval_errors_are_one_line(tmp_path: Path) -> None:
+    make_counts(74).write_h5ad(tmp_path / "real.h5ad")
+    (tmp_path / "junk.h5ad").write_bytes(b"not an hdf5 file")
+    cases = [
+        (tmp_path / "missing.h5ad", "target_gene", "pred file not found"),
+        (tmp_path / "junk.h5ad", "target_gene", "cannot read pred file .*junk.h5ad as h5ad: "),
+        (tmp_path / "real.h5ad", "perturbation", "pred has no obs column 'perturbation' \\(columns: target_gene"),
+    ]
+    for path, pert_col, message in cases:
+        with pytest.raises(NbglmError, match=message) as error:
+            read_counts_for_eval(path, pert_col, "pred")
+        assert "\n" not in str(error.value)

@@ -11,9 +11,9 @@ import anndata as ad
 from rich.console import Console
 from rich.table import Table
 
-from nbglm.errors import NbglmError
 from nbglm.metrics.de_cache import atomic_write, build_de_cache, load_de_cache
 from nbglm.metrics.evaluate import evaluate
+from nbglm.metrics.io import read_counts_for_eval
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -58,21 +58,15 @@ def add_build_de_cache_parser(subparsers: argparse._SubParsersAction) -> argpars
     return parser
 
 
-def _read(path: Path, what: str) -> ad.AnnData:
-    if not path.is_file():
-        raise NbglmError(f"{what} file not found: {path}")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as error:  # anndata/h5py raise many kinds; the user needs the file and reason
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise NbglmError(f"cannot read {what} file {path} as h5ad: {reason}") from error
+def _read(path: Path, what: str, pert_col: str) -> ad.AnnData:
+    return read_counts_for_eval(path, pert_col, what)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, print a table, optionally write JSON; returns the exit code."""
     cache = load_de_cache(args.de_cache) if args.de_cache else None
-    pred, real = _read(args.pred, "pred"), _read(args.real, "real")
-    train = _read(args.train, "train") if args.train else None
+    pred, real = _read(args.pred, "pred", args.pert_col), _read(args.real, "real", args.pert_col)
+    train = _read(args.train, "train", args.pert_col) if args.train else None
     result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache)
     Console().print(_table(result))
     if args.output:
@@ -83,8 +77,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_build_de_cache(args: argparse.Namespace) -> int:
     """Build and save the ground-truth cache; returns the exit code."""
-    real = _read(args.real, "real")
-    train = _read(args.train, "train") if args.train else None
+    real = _read(args.real, "real", args.pert_col)
+    train = _read(args.train, "train", args.pert_col) if args.train else None
     cache = build_de_cache(real, train, pert_col=args.pert_col, control=args.control)
     cache.save(args.output)
     if cache.baseline is None:
