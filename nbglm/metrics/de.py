@@ -154,24 +154,22 @@ def _radix_sort_and_scan(keys, edges, scratch, gene_shift, group_bits, group_w, 
         _scan(scratch[: block.size] if in_scratch else block, gene_shift, group_bits, group_w, count, below, ties)
 
 
-def rank_sum_test(
-    x: Matrix, groups: np.ndarray, n_groups: int, group_weights: np.ndarray | None = None
-) -> RankSum:
-    """Mann-Whitney U test of every group against group 0 (control) for every gene.
+@dataclass(frozen=True)
+class PackedKeys:
+    """One int64 key ``gene << gene_shift | value code << group_bits | group`` per nonzero entry,
+    in blocks of consecutive genes: block i is ``keys[edges[i]:edges[i + 1]]``, unsorted.
+    `sums` (groups x genes) are the column sums over each group's rows."""
 
-    `x` (cells x genes, dense or sparse, non-negative, no NaN) is compared column by column;
-    `groups[i]` in [0, n_groups) is cell i's group. `group_weights[g]` (default 1) says how many
-    identical cells each row of group g stands for, so a group of identical cells can be one row.
-    Returns (n_groups - 1, genes) arrays for groups 1.. in order, equal to
-    ``scipy.stats.mannwhitneyu(pert, control, method="asymptotic", use_continuity=True)``
-    (U of the perturbation) as pdex computes it.
-    """
-    groups = np.asarray(groups, dtype=np.int64)
-    x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
+    keys: np.ndarray
+    edges: np.ndarray
+    gene_shift: int
+    group_bits: int
+    sums: np.ndarray
+
+
+def pack_keys(x: sp.csr_matrix, groups: np.ndarray, n_groups: int) -> PackedKeys:
+    """The keys of CSR `x` (int64 `groups` per row), scattered into blocks of about equal size."""
     n_genes = x.shape[1]
-    group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
-    n_per_group = np.bincount(groups, minlength=n_groups) * group_w
-
     group_bits = max(1, int(n_groups - 1).bit_length())
     if x.dtype == np.float32:  # the bit patterns of non-negative float32 values sort like the values
         codes = x.data.view(np.uint32)
@@ -195,9 +193,30 @@ def rank_sum_test(
     keys = _scatter_keys(
         x.data, codes, code_lo, x.indices, x.indptr, groups, gene_block, start, n_keys, gene_shift, group_bits
     )
+    return PackedKeys(keys, np.append(start[0], n_keys), gene_shift, group_bits, sums)
 
-    out = tuple(np.zeros((n_genes, n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
-    edges = np.append(start[0], n_keys)
+
+def rank_sum_test(
+    x: Matrix, groups: np.ndarray, n_groups: int, group_weights: np.ndarray | None = None
+) -> RankSum:
+    """Mann-Whitney U test of every group against group 0 (control) for every gene.
+
+    `x` (cells x genes, dense or sparse, non-negative, no NaN) is compared column by column;
+    `groups[i]` in [0, n_groups) is cell i's group. `group_weights[g]` (default 1) says how many
+    identical cells each row of group g stands for, so a group of identical cells can be one row.
+    Returns (n_groups - 1, genes) arrays for groups 1.. in order, equal to
+    ``scipy.stats.mannwhitneyu(pert, control, method="asymptotic", use_continuity=True)``
+    (U of the perturbation) as pdex computes it.
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
+    group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
+    n_per_group = np.bincount(groups, minlength=n_groups) * group_w
+    packed = pack_keys(x, groups, n_groups)
+    keys, edges, shifts = packed.keys, packed.edges, (packed.gene_shift, packed.group_bits)
+
+    workers = n_threads()
+    out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
     radix = radix_is_faster()
     scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
     for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
@@ -206,13 +225,14 @@ def rank_sum_test(
     def sort_and_scan(run: np.ndarray) -> None:
         if radix:
             buffer = scratch.get()
-            _radix_sort_and_scan(keys, run, buffer, gene_shift, group_bits, group_w, *out)
+            _radix_sort_and_scan(keys, run, buffer, *shifts, group_w, *out)
             scratch.put(buffer)
             return
         for lo, hi in zip(run[:-1], run[1:], strict=True):
             keys[lo:hi].sort()
-            _scan(keys[lo:hi], gene_shift, group_bits, group_w, *out)
+            _scan(keys[lo:hi], *shifts, group_w, *out)
 
+    n_blocks = edges.size - 1
     cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(sort_and_scan, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
@@ -226,7 +246,7 @@ def rank_sum_test(
     u1 = group_w[0] * below[1:] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
     z_all = zeros + ctrl_zeros
     tie_term = (z_all * z_all * z_all - z_all) + (ties[0] + ties[1:])
-    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), sums)
+    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), packed.sums)
 
 
 def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:
