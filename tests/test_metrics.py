@@ -28,6 +28,7 @@ from nbglm.metrics import (
     summarize_adata,
     to_log1p,
 )
+from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.io import read_counts_for_eval
 from nbglm.metrics.radix import _BUCKET_KEYS, radix_is_faster, radix_sort, sort_keys
 from nbglm.metrics.vcc import group_codes
@@ -527,3 +528,13 @@ def test_read_counts_for_eval_errors_are_one_line(tmp_path: Path) -> None:
         with pytest.raises(NbglmError, match=message) as error:
             read_counts_for_eval(path, pert_col, "pred")
         assert "\n" not in str(error.value)
+
+
+def test_borrowed_buffers_are_never_lent_twice_at_once() -> None:
+    with borrowed("test buffer", 64) as outer, borrowed("test buffer", 32) as inner:
+        assert outer.size == 64 and inner.size == 32 and not np.shares_memory(outer, inner)
+        outer[:] = 1
+        inner[:] = 2
+        assert (outer == 1).all()
+    with borrowed("test buffer", 16) as again:  # the larger one was kept and is lent again
+        assert again.size == 16 and again.base.size == 64

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import erfc
 
+from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.radix import radix_is_faster, sort_keys
 
 _BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
@@ -86,12 +87,11 @@ def _count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_ch
 
 
 @numba.njit(parallel=True, cache=True)
-def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, start, n_keys, gene_shift, group_bits):  # pragma: no cover
-    """The `n_keys` int64 keys ``gene | value code - code_lo | group``, one per nonzero entry;
-    chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
+def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, start, keys, gene_shift, group_bits):  # pragma: no cover
+    """Fill `keys` with the int64 keys ``gene | value code - code_lo | group``, one per nonzero
+    entry; chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
     contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
-    keys = np.empty(n_keys, dtype=np.int64)
     for c in numba.prange(n_chunks):
         cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
@@ -108,7 +108,6 @@ def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, sta
                     pos += 1
             if block >= 0:
                 cursor[block] = pos
-    return keys
 
 
 @numba.njit(nogil=True, cache=True)
@@ -167,8 +166,9 @@ class PackedKeys:
     sums: np.ndarray
 
 
-def pack_keys(x: sp.csr_matrix, groups: np.ndarray, n_groups: int) -> PackedKeys:
-    """The keys of CSR `x` (int64 `groups` per row), scattered into blocks of about equal size."""
+def pack_keys(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, out: np.ndarray | None = None) -> PackedKeys:
+    """The keys of CSR `x` (int64 `groups` per row), scattered into blocks of about equal size,
+    written to `out` (bytes, at least 8 per stored entry) when given."""
     n_genes = x.shape[1]
     group_bits = max(1, int(n_groups - 1).bit_length())
     if x.dtype == np.float32:  # the bit patterns of non-negative float32 values sort like the values
@@ -190,10 +190,37 @@ def pack_keys(x: sp.csr_matrix, groups: np.ndarray, n_groups: int) -> PackedKeys
     gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, n_keys)  # blocks of about equal keys
     counts = np.stack([np.bincount(gene_block, weights=row, minlength=n_blocks) for row in gene_counts]).astype(np.int64)
     start = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T - counts  # block-major: a block's chunks in a row
-    keys = _scatter_keys(
-        x.data, codes, code_lo, x.indices, x.indptr, groups, gene_block, start, n_keys, gene_shift, group_bits
-    )
+    keys = np.empty(n_keys, dtype=np.int64) if out is None else out[: 8 * n_keys].view(np.int64)
+    _scatter_keys(x.data, codes, code_lo, x.indices, x.indptr, groups, gene_block, start, keys, gene_shift, group_bits)
     return PackedKeys(keys, np.append(start[0], n_keys), gene_shift, group_bits, sums)
+
+
+def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, n_genes: int) -> tuple[np.ndarray, ...]:
+    """Sort and scan every block on the thread pool: (groups x genes) nonzero counts, control
+    entries below, and tie terms (see :func:`_scan`)."""
+    keys, edges, shifts = packed.keys, packed.edges, (packed.gene_shift, packed.group_bits)
+    workers = n_threads()
+    out = tuple(np.zeros((n_genes, group_w.size), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
+    radix = radix_is_faster()
+    scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+    for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
+        scratch.put(np.empty(int(np.diff(edges).max()), dtype=np.int64))
+
+    def sort_and_scan(run: np.ndarray) -> None:
+        if radix:
+            spare = scratch.get()
+            _radix_sort_and_scan(keys, run, spare, *shifts, group_w, *out)
+            scratch.put(spare)
+            return
+        for lo, hi in zip(run[:-1], run[1:], strict=True):
+            keys[lo:hi].sort()
+            _scan(keys[lo:hi], *shifts, group_w, *out)
+
+    n_blocks = edges.size - 1
+    cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(sort_and_scan, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+    return tuple(a.T for a in out)
 
 
 def rank_sum_test(
@@ -212,31 +239,9 @@ def rank_sum_test(
     x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
-    packed = pack_keys(x, groups, n_groups)
-    keys, edges, shifts = packed.keys, packed.edges, (packed.gene_shift, packed.group_bits)
-
-    workers = n_threads()
-    out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
-    radix = radix_is_faster()
-    scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
-    for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
-        scratch.put(np.empty(int(np.diff(edges).max()), dtype=np.int64))
-
-    def sort_and_scan(run: np.ndarray) -> None:
-        if radix:
-            buffer = scratch.get()
-            _radix_sort_and_scan(keys, run, buffer, *shifts, group_w, *out)
-            scratch.put(buffer)
-            return
-        for lo, hi in zip(run[:-1], run[1:], strict=True):
-            keys[lo:hi].sort()
-            _scan(keys[lo:hi], *shifts, group_w, *out)
-
-    n_blocks = edges.size - 1
-    cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(sort_and_scan, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
-    count, below, ties = (a.T for a in out)
+    with borrowed("de keys", 8 * x.nnz) as buffer:
+        packed = pack_keys(x, groups, n_groups, buffer)
+        count, below, ties = _sort_and_scan(packed, group_w, x.shape[1])
 
     w = group_w[1:, None]
     n_ctrl = n_per_group[0]
