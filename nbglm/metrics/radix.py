@@ -2,7 +2,8 @@
 
 Why not numpy's sort: numpy sorts int64 with a vectorised sort on some x86 CPUs and a scalar one on
 others, 4.9 and 58 ns per key on two EPYC machines of the same kind, so the metrics' speed
-depended on the processor. A radix sort costs about the same everywhere.
+depended on the processor (``scripts/bench_metrics.py`` prints both sorts' ns per key on the
+machine at hand). A radix sort costs about the same everywhere.
 
 Why it is short: the DE keys of one block share their high bits (the block's genes), so only
 ``key - min`` is sorted, over just the bits that vary, in as few passes of at most
@@ -25,7 +26,7 @@ import numpy as np
 _MAX_DIGIT_BITS = 13  # 8,192 counters per pass (64 KiB) stay in L2: three passes cover a block
 _BUCKET_KEYS = 1 << 15  # keys sorted in cache at once: 256 KiB plus as much scratch, in L2
 _INSERTION_KEYS = 32  # below this, counting passes cost more than they save
-_PROBE_KEYS = 1 << 16  # a typical block
+_PROBE_KEYS = 1 << 16  # a typical block's size
 _PROBE_BITS = 40  # a typical block's key range
 
 
@@ -143,15 +144,11 @@ def radix_sort(keys, scratch):  # pragma: no cover - compiled
         keys[:] = scratch[: keys.size]
 
 
-def _probe_keys(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 1 << _PROBE_BITS, _PROBE_KEYS, dtype=np.int64)
-
-
 @functools.cache
 def radix_is_faster() -> bool:
     """Whether :func:`radix_sort` beats numpy's sort on this CPU: both sort the same typical block
     (65,536 random 40-bit keys) three times, interleaved; the best time of each decides."""
-    keys = _probe_keys(np.random.default_rng(0))
+    keys = np.random.default_rng(0).integers(0, 1 << _PROBE_BITS, _PROBE_KEYS, dtype=np.int64)
     scratch = np.empty_like(keys)
     radix_sort(keys.copy(), scratch)  # compiled or loaded from numba's cache outside the timing
     best = {"numpy": np.inf, "radix": np.inf}
