@@ -19,10 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nbglm.metrics import build_de_cache, read_eval_h5ad
+    from nbglm.metrics import build_de_cache, read_counts_for_eval
 
-    real = read_eval_h5ad(args.real, args.pert_col, "real")
-    train = read_eval_h5ad(args.train, args.pert_col, "train") if args.train else None
+    real = read_counts_for_eval(args.real, args.pert_col, "real")
+    train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
     cache = build_de_cache(real, train, pert_col=args.pert_col, control=args.control)
     cache.save(args.output)
     if cache.baseline is None:

@@ -29,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from nbglm import atomic
-    from nbglm.metrics import evaluate, load_de_cache, read_eval_h5ad
+    from nbglm.metrics import evaluate, load_de_cache, read_counts_for_eval
 
     cache = load_de_cache(args.de_cache) if args.de_cache else None
-    pred = read_eval_h5ad(args.pred, args.pert_col, "pred")
-    real = read_eval_h5ad(args.real, args.pert_col, "real")
-    train = read_eval_h5ad(args.train, args.pert_col, "train") if args.train else None
+    pred = read_counts_for_eval(args.pred, args.pert_col, "pred")
+    real = read_counts_for_eval(args.real, args.pert_col, "real")
+    train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
     result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache)
     Console().print(_table(result))
     if args.output:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import anndata as ad
@@ -11,17 +10,6 @@ import numpy as np
 from nbglm.errors import NbglmError
 from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache
 from nbglm.metrics.vcc import baseline_summary, check_pair, overall_score, scaled_scores, score, summarize_adata
-
-
-def read_eval_h5ad(path: Path, pert_col: str, what: str) -> ad.AnnData:
-    """An h5ad file to score, or a one-line error naming the file and the reason."""
-    if not path.is_file():
-        raise NbglmError(f"{what} file not found: {path}")
-    try:
-        return ad.read_h5ad(path)
-    except Exception as error:  # anndata/h5py raise many kinds; the user needs the file and reason
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise NbglmError(f"cannot read {what} file {path} as h5ad: {reason}") from None
 
 
 def evaluate(
