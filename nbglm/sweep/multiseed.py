@@ -24,7 +24,7 @@ from nbglm.config import Config, to_yaml
 from nbglm.data import Dataset
 from nbglm.errors import NbglmError
 from nbglm.pipeline import check_mode_inputs, load_inputs
-from nbglm.sweep.cluster import ray_session, unit_resources
+from nbglm.sweep.cluster import CONNECT_TIMEOUT_S, ray_session, unit_resources
 from nbglm.sweep.units import METRICS, UnitPool, injected_faults, unit_stats
 
 log = logging.getLogger("nbglm")
@@ -41,7 +41,7 @@ class MultiSeedResult:
 
 
 def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path,
-                   address: str | None = None) -> MultiSeedResult:
+                   address: str | None = None, connect_timeout: float = CONNECT_TIMEOUT_S) -> MultiSeedResult:
     """Run every seed of `cfg.pipeline.seeds` in parallel on Ray and write the aggregated metrics."""
     ps = cfg.pipeline
     if ps.multi_seed_base_mode == "multi_seed":
@@ -55,7 +55,7 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
     data, de_cache = load_inputs(base, data)
     records: dict[int, dict] = {}
     limit = min(ps.max_workers or len(ps.seeds), len(ps.seeds))
-    with ray_session(address or ps.address, units=limit):
+    with ray_session(address or ps.address, units=limit, timeout=connect_timeout):
         cpu, gpu = unit_resources(ps.resources.cpu, ps.resources.gpu)
         data_ref = ray.put(data)
         cache_ref = ray.put(de_cache) if de_cache is not None else None

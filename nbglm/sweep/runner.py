@@ -37,7 +37,7 @@ from nbglm.errors import NbglmError
 from nbglm.data.folds import assign_folds
 from nbglm.data.load import check_inputs, read_inputs
 from nbglm.sweep.aggregate import TrialInfo, export, print_final, print_table, write_hparams_experiment
-from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
+from nbglm.sweep.cluster import CONNECT_TIMEOUT_S, check_shared_storage, ray_session, unit_resources
 from nbglm.sweep.folds import FoldStore, build_fold, data_key
 from nbglm.sweep.refit import refit
 from nbglm.sweep.space import SweepSpec, load_spec
@@ -155,7 +155,7 @@ class ExportCallback(tune.Callback):
 
 
 def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool = False,
-              sets: list[str] | tuple[str, ...] = ()) -> SweepResult:
+              sets: list[str] | tuple[str, ...] = (), connect_timeout: float = CONNECT_TIMEOUT_S) -> SweepResult:
     """Run (or resume) the sweep of `spec_path`; its export is in `<sweep_dir>/results/`."""
     spec = load_spec(spec_path, sets)
     base_cfg = spec.resolve_base()
@@ -172,7 +172,7 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
              else assign_folds(inputs, pert_col, control, spec.selection.folds, spec.selection.seed))
     base_folds = [build_fold(base_cfg, inputs, folds, f) for f in range(spec.selection.folds)]  # bad data: here
     faults = injected_faults()
-    with ray_session(address, units=spec.max_concurrent * len(spec.units())):
+    with ray_session(address, units=spec.max_concurrent * len(spec.units()), timeout=connect_timeout):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu)
         check_shared_storage(sweep_dir)
         prebuilt = {data_key(base_cfg): [(ray.put(d), ray.put(c)) for d, c in base_folds]}
