@@ -167,6 +167,22 @@ def check_new_output(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NbglmError(f"output {out} already exists and is not an empty directory; choose a new one or remove it")
+    existing = next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"output {out} cannot be created ({existing} is not a writable directory); choose "
+                         "another path")
+    return out
+
+
+def check_new_file(out: str | Path) -> Path:
+    """Refuse an existing `out`, or one whose directory cannot be written: before the work, not after."""
+    out = Path(out)
+    if out.exists():
+        raise NbglmError(f"output {out} already exists; choose a new name or remove it")
+    existing = next(p for p in [out.parent.resolve(), *out.parent.resolve().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"output {out} cannot be written ({existing} is not a writable directory); choose "
+                         "another path")
     return out
 
 

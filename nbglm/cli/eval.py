@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from nbglm import atomic
     from nbglm.metrics import evaluate, load_de_cache, read_eval_h5ad
 
+    if args.output:
+        atomic.check_new_file(args.output)
+    atomic.refuse_failed(args.pred)
     cache = load_de_cache(args.de_cache) if args.de_cache else None
     pred = read_eval_h5ad(args.pred, args.pert_col, "pred")
     real = read_eval_h5ad(args.real, args.pert_col, "real")
