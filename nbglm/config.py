@@ -380,6 +380,8 @@ def read_yaml(path: str | Path) -> dict:
         raise NbglmError(f"config file not found: {p} (check the path)")
     try:
         raw = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise NbglmError(f"config file {p} is not text (not UTF-8); give a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

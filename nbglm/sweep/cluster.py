@@ -46,7 +46,7 @@ def _first_line(exc: BaseException) -> str:
 CONNECT_TIMEOUT_S = 10.0  # default deadline of an attach attempt (--connect-timeout)
 
 
-def _check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Fail within `timeout` on HOST:PORT or ray://HOST:PORT where nothing listens, or where what
     listens does not speak gRPC (Ray's GCS and Ray Client both do): a gRPC server answers a call to
     a method it lacks with UNIMPLEMENTED at once, anything else fails or stays silent."""
@@ -154,7 +154,7 @@ def connect(address: str | None, units: int = 1, timeout: float = CONNECT_TIMEOU
         return True
     if timeout <= 0:
         raise NbglmError(f"--connect-timeout must be a positive number of seconds, got {timeout:g}")
-    _check_reachable(address, timeout)
+    check_address(address, timeout)
     try:  # Ray retries its GCS connection once a second for RAY_gcs_server_port_wait_time_s
         with _quiet_stderr(), _environ(RAY_gcs_server_port_wait_time_s=str(max(1, round(timeout)))):
             ray.init(address=address, runtime_env=package_runtime_env())

@@ -24,7 +24,7 @@ from nbglm.config import Config, to_yaml
 from nbglm.data import Dataset
 from nbglm.errors import NbglmError
 from nbglm.pipeline import check_mode_inputs, check_sizes, load_inputs
-from nbglm.sweep.cluster import CONNECT_TIMEOUT_S, ray_session, unit_resources
+from nbglm.sweep.cluster import CONNECT_TIMEOUT_S, check_address, ray_session, unit_resources
 from nbglm.sweep.units import METRICS, UnitPool, injected_faults, unit_stats
 
 log = logging.getLogger("nbglm")
@@ -48,6 +48,8 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
         raise NbglmError("pipeline.multi_seed_base_mode cannot be multi_seed; use e.g. train_sample_eval")
     base = replace(cfg, pipeline=replace(ps, mode=ps.multi_seed_base_mode))
     check_mode_inputs(base)
+    if address or ps.address:
+        check_address(address or ps.address, connect_timeout)  # before the data is read
     bundle = Path(bundle_dir).resolve()
     t0 = time.perf_counter()
     data, de_cache = load_inputs(base, data)

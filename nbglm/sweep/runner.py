@@ -37,7 +37,8 @@ from nbglm.errors import NbglmError
 from nbglm.data.folds import assign_folds
 from nbglm.data.load import check_inputs, read_inputs
 from nbglm.sweep.aggregate import TrialInfo, export, print_final, print_table, write_hparams_experiment
-from nbglm.sweep.cluster import CONNECT_TIMEOUT_S, check_shared_storage, ray_session, unit_resources
+from nbglm.sweep.cluster import (CONNECT_TIMEOUT_S, check_address, check_shared_storage, ray_session,
+                                 unit_resources)
 from nbglm.sweep.folds import FoldStore, build_fold, data_key
 from nbglm.pipeline import check_sizes
 from nbglm.sweep.refit import refit
@@ -168,6 +169,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     print(f"sweep '{spec.name}': results in {sweep_dir}", flush=True)
 
     _check_directory(spec, base, resume)
+    if address:
+        check_address(address, connect_timeout)  # before the data is read: a wrong address costs seconds
     inputs = read_inputs(base_cfg)  # read here, shipped to every node via the object store
     check_inputs(base_cfg, inputs)  # a held-out list that overlaps training is one line now, not after the search
     pert_col, control = base_cfg.data.pert_name_col, base_cfg.data.control_name
