@@ -9,6 +9,7 @@ or a page of Ray's log. A local Ray listens on 127.0.0.1 only (`start_local`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -112,6 +113,18 @@ def _is_auth_error(exc: BaseException | None) -> bool:
     return False
 
 
+@contextmanager
+def _loopback() -> Iterator[None]:
+    """Ray with its node IP on the loopback address (see `start_local`), for one init."""
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 def start_local(**kwargs: Any) -> None:
     """`ray.init` of a new local Ray whose every socket listens on 127.0.0.1 only.
 
@@ -122,13 +135,8 @@ def start_local(**kwargs: Any) -> None:
     The setting is made for this start only (the processes Ray spawns inherit it); the dashboard,
     which would listen on its own host setting, is not started.
     """
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
-            ray.init(address="local", include_dashboard=False, **kwargs)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
+    with _loopback():
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 def connect(address: str | None, units: int = 1, timeout: float = CONNECT_TIMEOUT_S) -> bool:
@@ -155,8 +163,12 @@ def connect(address: str | None, units: int = 1, timeout: float = CONNECT_TIMEOU
     if timeout <= 0:
         raise NbglmError(f"--connect-timeout must be a positive number of seconds, got {timeout:g}")
     check_address(address, timeout)
-    try:  # Ray retries its GCS connection once a second for RAY_gcs_server_port_wait_time_s
-        with _quiet_stderr(), _environ(RAY_gcs_server_port_wait_time_s=str(max(1, round(timeout)))):
+    # Ray would turn a loopback address into this machine's outward IP, where a loopback-only Ray
+    # (ours) does not listen; its GCS attempts take ~6 s each (5 s connect + 1 s pause).
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    local = _loopback() if host in ("127.0.0.1", "localhost", "::1", "[::1]") else contextlib.nullcontext()
+    try:
+        with _quiet_stderr(), local, _environ(RAY_gcs_server_port_wait_time_s=str(max(1, int(timeout // 6)))):
             ray.init(address=address, runtime_env=package_runtime_env())
     except Exception as exc:  # ConnectionError, AuthenticationError, ...: one line for the user
         if _is_auth_error(exc):
