@@ -180,7 +180,7 @@ def run_experiment(
     if data is None:
         data = load_dataset(cfg)
         timings["load_s"] = time.perf_counter() - t_start
-    mode, seed = cfg.pipeline.mode, cfg.experiment.seed
+    mode = cfg.pipeline.mode
     pred = _read_pred(cfg.paths.pred_h5ad, data) if mode == "evaluate_only" else None
     model = _load_pretrained(cfg.pipeline.pretrained_ckpt, data) if mode in {"sample_eval", "sample"} else None
     check_sizes(cfg, data)
