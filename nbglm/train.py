@@ -263,6 +263,17 @@ def _progress_bar(enabled: bool | None, total: int):
     return bar, bar.add_task("training", total=total)
 
 
+def _check_initial(loss: torch.Tensor, cfg: Config) -> bool:
+    """Before the first update: a loss that is already not finite comes from the model's starting
+    values or the data, which no learning rate can cause; say so (returns False: checked once)."""
+    if not math.isfinite(float(loss.detach())):
+        m = cfg.model
+        raise NbglmError(f"the loss is {float(loss.detach())} before the first update, so the learning rate is not the cause: "
+                         f"check model.alpha_init (now {m.alpha_init:g}), model.theta_min / theta_max (now "
+                         f"{m.theta_min:g} / {m.theta_max:g}) and model.losses.primary ({m.losses.primary})")
+    return False
+
+
 def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
         progress: bool | None = None) -> FitResult:
     """Fit the model of `cfg` on `data.train`; deterministic on CPU for a given experiment.seed.
@@ -303,6 +314,7 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
         sched.step()
 
     history: list[dict] = []
+    first = True
     try:
         for epoch in range(1, tcfg.epochs + 1):
             t0 = time.perf_counter()
@@ -310,19 +322,22 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
             if tcfg.fit_mode == "whole":
                 for pert, log_sf, phase, y in batches.epoch():
                     loss = fn(model(pert, log_sf, phase), y, model.theta).mean()
+                    first = first and _check_initial(loss, cfg)
                     step(loss)
                     total += loss.detach() * len(pert)
                     weight += len(pert)
             else:
                 for _ in range(steps_per_epoch):
                     loss = bulk.loss(model, loss_name)
+                    first = first and _check_initial(loss, cfg)
                     step(loss)
                     total += loss.detach()
                     weight += 1
             epoch_loss = float(total) / weight
             if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
-                raise NbglmError(f"training diverged at epoch {epoch} (loss {epoch_loss}): "
-                                 f"lower train.lr (now {tcfg.lr:g})")
+                clip = "" if tcfg.grad_clip > 0 else ", or set train.grad_clip > 0 (now 0: no clipping)"
+                raise NbglmError(f"training diverged at epoch {epoch} (loss {epoch_loss}) after a finite start: "
+                                 f"lower train.lr (now {tcfg.lr:g}){clip}")
             metrics = {"loss": epoch_loss, "lr": opt.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
             history.append({"epoch": epoch, **metrics})
             if on_epoch_end is not None:
@@ -375,6 +390,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Low
     path = Path(path)
     if not path.is_file():
         raise NbglmError(f"checkpoint not found: {path}")
+    atomic.refuse_failed(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         fmt = ckpt.get("format")

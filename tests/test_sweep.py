@@ -222,12 +222,12 @@ def test_resources_beyond_the_cluster_are_one_line_errors(ray_local, tmp_path: P
 
 
 def test_unreachable_address_is_a_fast_one_line_error() -> None:
-    from nbglm.sweep.cluster import _check_reachable
+    from nbglm.sweep.cluster import check_address
 
     with pytest.raises(NbglmError, match="cannot reach Ray at 127.0.0.1:1"):
-        _check_reachable("127.0.0.1:1")
+        check_address("127.0.0.1:1")
     with pytest.raises(NbglmError, match="bad Ray address"):
-        _check_reachable("localhost")
+        check_address("localhost")
 
 
 def _kill_processes_with_env(name: str, value: str) -> None:

@@ -19,12 +19,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nbglm import atomic
     from nbglm.metrics import build_de_cache, read_counts_for_eval
 
+    atomic.check_new_output(args.output)
     real = read_counts_for_eval(args.real, args.pert_col, "real")
     train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
     cache = build_de_cache(real, train, pert_col=args.pert_col, control=args.control)
-    cache.save(args.output)
+    with atomic.atomic_dir(args.output) as tmp:
+        cache.save(tmp)
     if cache.baseline is None:
         baseline = "no baseline (no --train)"
     else:

@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from nbglm import atomic
     from nbglm.metrics import evaluate, load_de_cache, read_counts_for_eval
 
+    if args.output:
+        atomic.check_new_file(args.output)
+    atomic.refuse_failed(args.pred)
     cache = load_de_cache(args.de_cache) if args.de_cache else None
     pred = read_counts_for_eval(args.pred, args.pert_col, "pred")
     real = read_counts_for_eval(args.real, args.pert_col, "real")

@@ -72,7 +72,8 @@ def per_perturbation(sweep: Sweep, trial_id: str) -> tuple[pd.DataFrame, dict[st
     if the sweep's unit bundles are gone."""
     ok = sweep.trials[(sweep.trials["trial_id"] == trial_id) & (sweep.trials["status"] == "ok")]
     files = [p for f, s in zip(ok["fold"], ok["seed"])
-             if (p := sweep.unit_bundle(trial_id, int(f), int(s)) / "metrics" / "metrics.json").is_file()]
+             if (p := sweep.unit_bundle(trial_id, int(f), int(s)) / "metrics" / "metrics.json").is_file()
+             and not (p.parents[1] / atomic.FAILED).exists()]
     if files:
         runs = [json.loads(p.read_text()) for p in files]
         source = f"{len(runs)} unit bundle(s) of trial {trial_id}"

@@ -82,7 +82,8 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
 def _write_final(spec: SweepSpec, cfg: Any, summary: dict[str, Any]) -> None:
     """results/final/: config.yaml and one seed's pred.h5ad of the selected config, metrics.json."""
     out = spec.sweep_dir / "results" / FINAL
-    bundles = sorted((spec.sweep_dir / FINAL / f"config_{summary['selected']}").glob("seed_*/preds/pred.h5ad"))
+    bundles = sorted(p for p in (spec.sweep_dir / FINAL / f"config_{summary['selected']}").glob("seed_*/preds/pred.h5ad")
+                     if not (p.parents[1] / atomic.FAILED).exists())  # a seed that failed after sampling
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "config.yaml", f"# Selected by cross-validation in sweep '{spec.name}' (trial "
                       f"{summary['selected']}); refit on all training perturbations.\n" + to_yaml(cfg))

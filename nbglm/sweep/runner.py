@@ -32,13 +32,15 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from nbglm import atomic
-from nbglm.config import to_dict
+from nbglm.config import from_dict, to_dict
 from nbglm.errors import NbglmError
 from nbglm.data.folds import assign_folds
 from nbglm.data.load import check_inputs, read_inputs
 from nbglm.sweep.aggregate import TrialInfo, export, print_final, print_table, write_hparams_experiment
-from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
+from nbglm.sweep.cluster import (CONNECT_TIMEOUT_S, check_address, check_shared_storage, ray_session,
+                                 unit_resources)
 from nbglm.sweep.folds import FoldStore, build_fold, data_key
+from nbglm.pipeline import check_sizes
 from nbglm.sweep.refit import refit
 from nbglm.sweep.space import SweepSpec, load_spec
 from nbglm.sweep.trainable import TRIAL_RESOURCES, SweepContext, train_config, trial_dirname
@@ -89,6 +91,9 @@ def _check_directory(spec: SweepSpec, base: dict, resume: bool) -> None:
         return
     if not has_state:
         raise NbglmError(f"nothing to resume in {sweep_dir} (no Tune experiment state); run without --resume")
+    if sweep_dir.stat().st_mode & 0o022:  # --resume unpickles Tune's state: whoever can write it runs code here
+        raise NbglmError(f"refusing to resume from {sweep_dir}: it is writable by group or others, and resuming "
+                         f"loads Tune's pickled state from it; `chmod go-w {sweep_dir}` if you trust its content")
     if saved.is_file():
         old = yaml.safe_load(saved.read_text())
         diff = _first_difference(old, {"spec": spec.raw, "base_config": base})
@@ -155,7 +160,7 @@ class ExportCallback(tune.Callback):
 
 
 def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool = False,
-              sets: list[str] | tuple[str, ...] = ()) -> SweepResult:
+              sets: list[str] | tuple[str, ...] = (), connect_timeout: float = CONNECT_TIMEOUT_S) -> SweepResult:
     """Run (or resume) the sweep of `spec_path`; its export is in `<sweep_dir>/results/`."""
     spec = load_spec(spec_path, sets)
     base_cfg = spec.resolve_base()
@@ -164,6 +169,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     print(f"sweep '{spec.name}': results in {sweep_dir}", flush=True)
 
     _check_directory(spec, base, resume)
+    if address:
+        check_address(address, connect_timeout)  # before the data is read: a wrong address costs seconds
     inputs = read_inputs(base_cfg)  # read here, shipped to every node via the object store
     check_inputs(base_cfg, inputs)  # a held-out list that overlaps training is one line now, not after the search
     pert_col, control = base_cfg.data.pert_name_col, base_cfg.data.control_name
@@ -171,8 +178,9 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     folds = (pd.read_csv(folds_csv, dtype={"label": str}) if resume and folds_csv.is_file()
              else assign_folds(inputs, pert_col, control, spec.selection.folds, spec.selection.seed))
     base_folds = [build_fold(base_cfg, inputs, folds, f) for f in range(spec.selection.folds)]  # bad data: here
+    _check_sizes(spec, base, base_folds[0][0])
     faults = injected_faults()
-    with ray_session(address, units=spec.max_concurrent * len(spec.units())):
+    with ray_session(address, units=spec.max_concurrent * len(spec.units()), timeout=connect_timeout):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu)
         check_shared_storage(sweep_dir)
         prebuilt = {data_key(base_cfg): [(ray.put(d), ray.put(c)) for d, c in base_folds]}
@@ -218,6 +226,18 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
         else:
             print(f"sweep '{spec.name}' is unfinished: no refit yet; continue with --resume", flush=True)
     return SweepResult(spec.name, sweep_dir, rows, final if inputs.test is not None else None)
+
+
+def _check_sizes(spec: SweepSpec, base: dict, data: Any) -> None:
+    """The base config and each end of every search range must fit in memory on the fold data."""
+    points = [{}] + [{key: v} for key, p in spec.space.items()
+                     for v in (p.labels() if p.type == "categorical" else [p.low, p.high])]
+    for point in points:
+        try:
+            check_sizes(from_dict(spec.experiment_dict(point, base)), data)
+        except NbglmError as exc:
+            where = f"search.space['{next(iter(point))}'] = {next(iter(point.values()))!r}: " if point else ""
+            raise NbglmError(f"{where}{exc}") from None
 
 
 def _final_export(spec: SweepSpec, base: dict, grid: Any) -> list[dict]:

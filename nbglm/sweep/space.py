@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from nbglm.config import (Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml,
-                          set_dotted, to_dict)
+from nbglm.config import (PLAIN_NAME, Config, ResourcesConfig, _from_dict, all_keys, from_dict, is_plain_name,
+                          parse_override, read_yaml, set_dotted, to_dict)
 from nbglm.errors import NbglmError
 from nbglm.metrics import names as metric_names
 
@@ -252,6 +253,18 @@ def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Sweep
         raise NbglmError(f"sweep spec {path.name}: {msg}") from None
 
 
+def _check_storage(sweep_dir: Path) -> None:
+    """The sweep directory must be a directory, or creatable in a writable one: checked before Ray
+    starts, not when Tune first writes."""
+    existing = next(p for p in [sweep_dir, *sweep_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise NbglmError(f"storage_path: {existing} is a file, so {sweep_dir} cannot be created; set storage_path "
+                         "to a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"storage_path: {existing} is not writable, so {sweep_dir} cannot be written; set "
+                         "storage_path to a directory you can write")
+
+
 def _parse(path: Path, raw: dict) -> SweepSpec:
     body = dict(raw)
     search_raw = body.pop("search", None) or {}
@@ -279,8 +292,8 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
         raise NbglmError(f"storage_path {fields.storage_path!r}: only local paths and file:// are supported: every "
                          "node writes seed records straight into the sweep directory, so on a cluster use a path all "
                          "nodes mount (NFS, or the bucket mounted with s3fs/gcsfuse)")
-    if not fields.name or "/" in fields.name or fields.name in (".", ".."):
-        raise NbglmError(f"'name' must be a plain directory name, got {fields.name!r}")
+    if not is_plain_name(fields.name):
+        raise NbglmError(f"'name' must be {PLAIN_NAME}, got {fields.name!r}")
     checks = [
         (fields.metric in metric_names(),
          f"'metric' = {fields.metric!r} is invalid: expected one of {', '.join(metric_names())}"),
@@ -290,6 +303,7 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
         (fields.max_concurrent >= 1, "max_concurrent must be >= 1"),
         (fields.max_failures >= 0, "max_failures must be >= 0"),
         (fields.resources.cpu > 0, "resources.cpu must be > 0 (each seed unit needs some CPU)"),
+        (fields.resources.gpu >= 0, f"resources.gpu = {fields.resources.gpu:g}: a GPU share must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -297,6 +311,7 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     if not isinstance(space_raw, dict) or not space_raw:
         raise NbglmError("search.space is empty: add at least one entry, "
                          "e.g. model.rank: {type: int, low: 2, high: 64}")
+    _check_storage(Path(fields.storage_path.removeprefix("file://")).expanduser().resolve() / fields.name)
     config_keys = all_keys()
     space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
     overrides = _flatten(overrides_raw)
