@@ -53,7 +53,7 @@ def test_relative_storage_path_resolves_under_the_working_directory(tmp_path: Pa
         ("search.space.model.gp_activation.choices=[swish]", "value 'swish' is rejected"),
         ("search.space.model.rank.step=2", "unknown field 'step'"),
         ("search.space={}", "search.space is empty"),
-        ("search.sampler=grid", "one of tpe, random"),
+        ("search.sampler=grid", "one of tpe, random, nsga2, cmaes"),
         ("overrides.train.epoch=3", "unknown config key 'train.epoch'; did you mean 'train.epochs'"),
         ("overrides.pipeline.mode=multi_seed", "use train_sample_eval"),
         ("base_config=missing.yaml", "base_config not found"),

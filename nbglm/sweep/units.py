@@ -48,10 +48,17 @@ def injected_faults() -> dict[str, Any]:
     return json.loads(os.environ.get(FAULTS_ENV) or "{}")
 
 
+VAL_SIGNAL = "val_nll"  # per-epoch validation signal of a cross-validation unit (nbglm.train.fit)
+
+
 def unit_record(seed: int, fold: int | None = None, **fields: Any) -> dict[str, Any]:
-    """A unit's record (one row of trials.csv): every key present, the given ones filled."""
-    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "wall_s": None, "cpu_s": None,
-            "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None, "bundle": None, **fields}
+    """A unit's record (one row of trials.csv): every key present, the given ones filled.
+
+    `history` holds one {'epoch', 'loss', VAL_SIGNAL} per trained epoch, so a resumed trial knows
+    the early-stopping signal of units that finished before the crash; `epochs_done` counts them."""
+    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "epochs_done": 0,
+            "wall_s": None, "cpu_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
+            "bundle": None, "history": [], **fields}
 
 
 def one_line(exc: BaseException) -> str:
@@ -62,8 +69,8 @@ def one_line(exc: BaseException) -> str:
 
 def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bundle_dir: str,
           faults: dict) -> Iterator[tuple]:
-    """Run one unit; yield ("epoch", key, epoch, {'loss', 'lr'}) per epoch, then ("done", key, record),
-    with key = (fold, seed).
+    """Run one unit; yield ("epoch", key, epoch, {'loss', 'lr', ...}) per epoch, then ("done", key, record),
+    with key = (fold, seed). A cross-validation unit (fold set) adds VAL_SIGNAL to each epoch.
 
     The experiment runs in a thread so the generator can hand epochs to the caller while it trains.
     """
@@ -80,8 +87,13 @@ def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bu
         try:
             if seed in faults.get("fail_seeds", ()):
                 raise RuntimeError(f"{FAULTS_ENV}: injected failure of seed {seed}")
+            def on_epoch_end(epoch: int, metrics: dict) -> None:
+                record["epochs_done"] = epoch
+                record["history"].append({"epoch": epoch, "loss": metrics["loss"], VAL_SIGNAL: metrics.get(VAL_SIGNAL)})
+                events.put(("epoch", key, epoch, dict(metrics)))
+
             result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
-                                    on_epoch_end=lambda epoch, m: events.put(("epoch", key, epoch, dict(m))))
+                                    on_epoch_end=on_epoch_end, val_signal=fold is not None)
             record.update({m: result.metrics.get(m) for m in METRICS}, timings=result.timings)
             if not cfg.pipeline.keep_preds:
                 shutil.rmtree(result.bundle / "preds", ignore_errors=True)
@@ -124,6 +136,15 @@ class UnitPool:
         generator = seed_unit.options(**self._options).remote(cfg, seed, fold, data_ref, de_cache_ref,
                                                               str(bundle_dir), self._faults)
         self._live[generator] = ((fold, seed), bundle_dir)
+
+    def cancel(self) -> list[tuple[int | None, int]]:
+        """Kill every unit still in flight (early stopping); return their keys. Forced: a gentle
+        cancel would end the generator but leave its training thread burning the worker's CPU."""
+        keys = [key for key, _ in self._live.values()]
+        for gen in self._live:
+            ray.cancel(gen, force=True)
+        self._live.clear()
+        return keys
 
     def poll(self, timeout: float) -> list[tuple]:
         """Events from every unit with news, waiting at most `timeout` seconds for the first."""
