@@ -141,13 +141,12 @@ class SweepSpec(SpecFields):
 
     @property
     def rank_metric(self) -> str:
-        """The metric that ranks configs (best config, refit, tables): the objective of a single-objective
-        search; for several objectives the stated rule, the profile's aggregate score (registry's first)."""
-        return metric_names()[0] if self.multi_objective else str(self.metric)
+        """The metric that ranks configs (best config, refit, tables); see `rank_objective`."""
+        return rank_objective(self.metric, self.mode)[0]
 
     @property
     def rank_mode(self) -> str:
-        return get_metric(self.rank_metric).direction if self.multi_objective else str(self.mode)
+        return rank_objective(self.metric, self.mode)[1]
 
     @property
     def sweep_dir(self) -> Path:
@@ -182,6 +181,16 @@ class SweepSpec(SpecFields):
 
     def _base_path(self) -> Path:
         return (self.path.parent / str(self.base_config)).resolve()
+
+
+def rank_objective(metric: str | list[str], mode: str | list[str]) -> tuple[str, str]:
+    """(metric, mode) that ranks configs: the objective of a single-objective search; for several
+    objectives the stated rule, the profile's aggregate score (the registry's first metric), which
+    picks best_config.yaml and the refit from the Pareto front."""
+    if isinstance(metric, list):
+        name = metric_names()[0]
+        return name, get_metric(name).direction
+    return metric, str(mode)
 
 
 def _label(choice: Any) -> Any:
