@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
                 if event[0] == "epoch":
                     _, unit, epoch, metrics = event
                     histories[unit].append({"epoch": epoch, "loss": float(metrics["loss"]),
-                                            VAL_SIGNAL: metrics.get(VAL_SIGNAL)})
+                                            VAL_SIGNAL: metrics.get(VAL_SIGNAL), "t": time.time()})
                     board.epoch(unit, epoch, float(metrics["loss"]))
                 else:
                     record = records[event[1]] = event[2]
@@ -157,7 +158,7 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
     except SystemExit:  # the scheduler stopped this config: Tune ends the trial inside tune.report
         for unit in pool.cancel():
             record = unit_record(unit[1], unit[0], status="stopped", epochs_done=len(histories[unit]),
-                                 history=histories[unit])
+                                 history=histories[unit], end=time.time())
             atomic.write_json(record_path(trial_dir, *unit), record)
         board.close()
         raise

@@ -54,8 +54,9 @@ VAL_SIGNAL = "val_nll"  # per-epoch validation signal of a cross-validation unit
 def unit_record(seed: int, fold: int | None = None, **fields: Any) -> dict[str, Any]:
     """A unit's record (one row of trials.csv): every key present, the given ones filled.
 
-    `history` holds one {'epoch', 'loss', VAL_SIGNAL} per trained epoch, so a resumed trial knows
-    the early-stopping signal of units that finished before the crash; `epochs_done` counts them."""
+    `history` holds one {'epoch', 'loss', VAL_SIGNAL, 't' (its end, epoch seconds)} per trained epoch,
+    so a resumed trial knows the early-stopping signal of units that finished before the crash (and a
+    benchmark knows when each epoch's compute was spent); `epochs_done` counts them."""
     return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "epochs_done": 0,
             "wall_s": None, "cpu_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
             "bundle": None, "history": [], **fields}
@@ -89,7 +90,8 @@ def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bu
                 raise RuntimeError(f"{FAULTS_ENV}: injected failure of seed {seed}")
             def on_epoch_end(epoch: int, metrics: dict) -> None:
                 record["epochs_done"] = epoch
-                record["history"].append({"epoch": epoch, "loss": metrics["loss"], VAL_SIGNAL: metrics.get(VAL_SIGNAL)})
+                record["history"].append({"epoch": epoch, "loss": metrics["loss"], VAL_SIGNAL: metrics.get(VAL_SIGNAL),
+                                          "t": time.time()})
                 events.put(("epoch", key, epoch, dict(metrics)))
 
             result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
