@@ -65,6 +65,7 @@ WARM_ROWS = [
         (["metric=[des, pds]"], "differ in length"),
         (["early_stopping={min_epochs: 1, reduction_factor: 1}"], "reduction_factor = 1.0 must be > 1"),
         (["search.sampler=cmaes", *MULTI], "cmaes optimises one objective"),
+        (["callbacks=[wandb]"], "callbacks: 'wandb' is unknown"),
     ],
 )
 def test_bad_search_settings_are_one_line_exit_2_and_write_nothing(
@@ -220,3 +221,21 @@ def test_warm_started_sweep_tells_the_old_configs_first(ray_local, tmp_path: Pat
     (row,) = _csv(tmp_path / "smoke" / "results" / "configs.csv")
     assert study.trials[2].user_attrs[TUNE_TRIAL_ID] == row["trial_id"]
     assert study.trials[2].value == pytest.approx(float(row["overall_score_mean"]))
+
+
+def test_mlflow_callback_logs_every_config_to_a_local_store(ray_local, tmp_path: Path) -> None:
+    mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
+
+    from nbglm.sweep.runner import run_sweep
+    from nbglm.sweep.search import MLRUNS
+
+    run_sweep(SMOKE, sets=[f"storage_path={tmp_path}", "search.num_samples=2", "seeds=[1]", "callbacks=[mlflow]"])
+    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "smoke" / MLRUNS).as_uri())
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    configs = _csv(tmp_path / "smoke" / "results" / "configs.csv")
+    assert len(runs) == 2
+    by_rank = {r.data.params["model.rank"]: r for r in runs}
+    for c in configs:
+        run = by_rank[c["model.rank"]]
+        assert run.data.metrics["overall_score"] == pytest.approx(float(c["overall_score_mean"]))

@@ -192,7 +192,8 @@ def progress_line(spec: SweepSpec, config_rows: list[dict], slots: int) -> str:
     if not ranked:
         best = "no config scored yet"
     else:
-        front = f"Pareto front {sum(bool(r.get(PARETO)) for r in config_rows)} config(s), " if spec.multi_objective else ""
+        n_front = sum(bool(r.get(PARETO)) for r in config_rows)
+        front = f"Pareto front {n_front} config(s), " if spec.multi_objective else ""
         best = f"{front}best so far {metric} {ranked[0][f'{metric}_mean']:.4f} (trial {ranked[0]['trial_id']})"
     eta = _duration(left * unit_s / max(1, slots)) if done else "unknown"
     return (f"sweep '{spec.name}': {len(done)}/{spec.search.num_samples} configs"

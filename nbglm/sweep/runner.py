@@ -44,7 +44,7 @@ from nbglm.sweep.aggregate import TrialInfo, export, print_final, print_table, p
 from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
 from nbglm.sweep.folds import FoldStore, build_fold, data_key
 from nbglm.sweep.refit import refit
-from nbglm.sweep.search import SweepASHA, make_searcher
+from nbglm.sweep.search import SweepASHA, make_searcher, tracker_callbacks
 from nbglm.sweep.space import SweepSpec, load_spec, warm_start_rows
 from nbglm.sweep.trainable import TRIAL_RESOURCES, SweepContext, train_config, trial_dirname
 from nbglm.sweep.units import injected_faults
@@ -209,7 +209,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=str(sweep_dir.parent),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    callbacks=[ExportCallback(spec, base, slots), CSVLoggerCallback(), JsonLoggerCallback()],
+                    callbacks=[ExportCallback(spec, base, slots), CSVLoggerCallback(), JsonLoggerCallback(),
+                               *tracker_callbacks(spec)],
                 ),
             )
             atomic.write_text(sweep_dir / SAVED_SPEC,

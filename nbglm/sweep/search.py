@@ -26,9 +26,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from nbglm import atomic
 from nbglm.sweep.space import Param, SweepSpec
-from nbglm.sweep.units import VAL_SIGNAL
+from nbglm.sweep.units import ASHA_SIGNAL
 
 STUDY_DB = "optuna.db"
+MLRUNS = "mlruns"  # the MLflow callback's local file store, in the sweep dir
 ASHA_STATE = "asha.pkl"
 TUNE_TRIAL_ID = "tune_trial_id"  # Optuna user attribute: the Tune trial (config_<id> directory)
 
@@ -135,7 +136,7 @@ class SweepASHA(ASHAScheduler):
     def __init__(self, spec: SweepSpec, epochs: int) -> None:
         es = spec.early_stopping
         assert es is not None
-        super().__init__(time_attr="epoch", metric=VAL_SIGNAL, mode="min", max_t=epochs,
+        super().__init__(time_attr="epoch", metric=ASHA_SIGNAL, mode="min", max_t=epochs,
                          grace_period=es.min_epochs, reduction_factor=es.reduction_factor, brackets=1,
                          stop_last_trials=False)
         self._state_path = str(spec.sweep_dir / ASHA_STATE)
@@ -182,3 +183,16 @@ class SweepASHA(ASHAScheduler):
         self._load()
         if self._trial_info.pop(trial.trial_id, None) is not None:
             self._save()
+
+
+def tracker_callbacks(spec: SweepSpec) -> list[Any]:
+    """The spec's experiment trackers as Tune callbacks: `mlflow` logs every config (its params, each
+    reported epoch and the final CV means) as one MLflow run in a local file store in the sweep dir,
+    experiment = the sweep's name (`mlflow ui --backend-store-uri <sweep dir>/mlruns`)."""
+    out = []
+    if "mlflow" in spec.callbacks:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(tracking_uri=(spec.sweep_dir / MLRUNS).as_uri(), experiment_name=spec.name,
+                                        save_artifact=False))
+    return out

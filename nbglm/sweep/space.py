@@ -33,6 +33,7 @@ FIXED_KEYS = ("paths.", "pipeline.", "experiment.", "evaluate.", "data.pert_name
 
 
 SAMPLERS = ("tpe", "random", "nsga2", "cmaes")
+CALLBACKS = ("mlflow",)  # experiment trackers a sweep can log to
 EARLY_STOPPING_TYPES = ("asha",)
 
 
@@ -83,6 +84,7 @@ class SpecFields:
     max_concurrent: int = 2  # configs in flight at once
     max_failures: int = 1  # retries of a crashed config trial
     storage_path: str = "sweep_results"  # results go to <storage_path>/<name>/
+    callbacks: list[str] = field(default_factory=list)  # trackers: mlflow (local store <sweep dir>/mlruns)
 
 
 @dataclass(frozen=True)
@@ -370,7 +372,8 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
 
 def _check_objectives(metric: Any, mode: Any) -> None:
     """One metric with one mode, or equally long lists of distinct registry metrics and modes."""
-    metrics, modes = (metric, mode) if isinstance(metric, list) else ([metric], mode if isinstance(mode, list) else [mode])
+    metrics = metric if isinstance(metric, list) else [metric]
+    modes = mode if isinstance(mode, list) else [mode]
     if isinstance(metric, list) != isinstance(mode, list) or len(metrics) != len(modes):
         raise NbglmError(f"'metric' {metric!r} and 'mode' {mode!r} differ in length: give one mode per metric")
     if not metrics or len(set(metrics)) != len(metrics):
@@ -410,6 +413,13 @@ def _check_search(spec: SweepSpec, epochs: int) -> None:
             raise NbglmError("search.sampler = cmaes needs the cmaes package: pip install 'nbglm[cmaes]'")
     if spec.search.warm_start is not None:
         warm_start_rows(spec)
+    for name in spec.callbacks:
+        if name not in CALLBACKS:
+            raise NbglmError(f"callbacks: {name!r} is unknown: expected one of {', '.join(CALLBACKS)}")
+        import importlib.util
+
+        if importlib.util.find_spec(name) is None:
+            raise NbglmError(f"callbacks: {name} needs the {name} package: pip install 'nbglm[{name}]'")
 
 
 def warm_start_rows(spec: SweepSpec) -> list[dict[str, str]]:

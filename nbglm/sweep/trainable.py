@@ -23,13 +23,14 @@ finished unit's record is written straight into the trial directory, so a retrie
 reruns only the units that had not finished.
 
 Progress and early stopping: the trainable reports once per epoch that every unit has passed
-(`epoch`), with the mean training loss and the mean validation signal (`val_nll`, each unit's NB NLL
-of its fold's validation pseudobulks; never the test set) over the units, and the metric keys present
-but NaN (Tune's strict metric check wants them in every result). An ASHA scheduler reads `epoch` and
-`val_nll`; the driver's searcher ignores these intermediate results, so Optuna is told only the
-final cross-validated mean, or that the trial was pruned. When the scheduler stops a trial, Tune
-raises SystemExit inside `tune.report`: the trainable then kills its units and records each unfinished
-one as `stopped` with the epochs it trained.
+(`epoch`), with means over the units of the training loss, of the validation NB NLL (`val_nll`: each
+unit's NLL of its fold's validation pseudobulks; never the test set) and of each unit's lowest
+`val_nll` so far (`val_nll_best`, what ASHA reads: `nbglm.sweep.units.ASHA_SIGNAL`), and the metric
+keys present but NaN (Tune's strict metric check wants them in every result). The driver's searcher
+ignores these intermediate results, so Optuna is told only the final cross-validated mean, or that
+the trial was pruned. When the scheduler stops a trial, Tune raises SystemExit inside `tune.report`:
+the trainable records each unfinished unit as `stopped` and cancels it; the unit stops at its next
+epoch end and rewrites its record with the epochs it trained.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from nbglm import atomic
 from nbglm.config import from_dict
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
 from nbglm.sweep.space import SweepSpec
-from nbglm.sweep.units import METRICS, VAL_SIGNAL, UnitPool, unit_record, unit_stats
+from nbglm.sweep.units import ASHA_SIGNAL, METRICS, VAL_SIGNAL, UnitPool, unit_record, unit_stats
 
 POLL_S = 1.0
 # Seed units are scheduled by Ray outside the trial's own placement group (which holds no CPU).
@@ -102,10 +103,13 @@ def _result(epoch: int, histories: dict[Unit, list[dict]], records: dict[Unit, d
     CSV/JSON logs stay rectangular. `histories`: each unit's per-epoch {'loss', VAL_SIGNAL}."""
     stats = unit_stats(list(records.values())) if final else None
     at = [h[epoch - 1] for h in histories.values() if len(h) >= epoch]
+    best = [min((e[VAL_SIGNAL] for e in h[:epoch] if e.get(VAL_SIGNAL) is not None), default=None)
+            for h in histories.values()]
     out: dict[str, Any] = {  # progress first: Tune's console table shows the leading keys
         "epoch": epoch,
         "loss": _mean([e["loss"] for e in at]),
         VAL_SIGNAL: _mean([e.get(VAL_SIGNAL) for e in at]),
+        ASHA_SIGNAL: _mean(best),
         "n_units_done": len(records),
         "n_units_ok": sum(r["status"] == "ok" for r in records.values()),
     }
@@ -118,7 +122,7 @@ def _result(epoch: int, histories: dict[Unit, list[dict]], records: dict[Unit, d
 
 def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
     """Tune function trainable for one sampled config: run its units, report each epoch all of them
-    passed, then the cross-validated mean; on an early stop, kill the units and record them."""
+    passed, then the cross-validated mean; on an early stop, cancel the units and record them."""
     spec = ctx.spec
     trial_dir = Path(ctx.sweep_dir) / Path(tune.get_context().get_trial_dir()).name
     cfg = from_dict(spec.experiment_dict(config, ctx.base))
@@ -136,30 +140,38 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
     for fold, seed in units:
         if (fold, seed) not in records:
             data_ref, cache_ref = folds[fold]
-            pool.submit(cfg, seed, fold, data_ref, cache_ref, trial_dir / f"fold_{fold}" / f"seed_{seed}")
+            pool.submit(cfg, seed, fold, data_ref, cache_ref, trial_dir / f"fold_{fold}" / f"seed_{seed}",
+                        record_path(trial_dir, fold, seed))
+
+    def take(events: list[tuple]) -> None:
+        for event in events:
+            if event[0] == "epoch":
+                _, unit, epoch, metrics = event
+                histories[unit].append({"epoch": epoch, "loss": float(metrics["loss"]),
+                                        VAL_SIGNAL: metrics.get(VAL_SIGNAL), "t": metrics["t"]})
+                board.epoch(unit, epoch, float(metrics["loss"]))
+            else:
+                record = records[event[1]] = event[2]
+                atomic.write_json(record_path(trial_dir, *event[1]), record)
+                board.unit_done(record)
+
     reported = 0
     try:
         while len(pool):
-            for event in pool.poll(timeout=POLL_S):
-                if event[0] == "epoch":
-                    _, unit, epoch, metrics = event
-                    histories[unit].append({"epoch": epoch, "loss": float(metrics["loss"]),
-                                            VAL_SIGNAL: metrics.get(VAL_SIGNAL), "t": time.time()})
-                    board.epoch(unit, epoch, float(metrics["loss"]))
-                else:
-                    record = records[event[1]] = event[2]
-                    atomic.write_json(record_path(trial_dir, *event[1]), record)
-                    board.unit_done(record)
+            take(pool.poll(timeout=POLL_S))
             # a finished unit (failed ones too) has passed every epoch; the others the ones they trained
             passed = min(epochs if u in records else len(histories[u]) for u in units)
             while reported < min(passed, epochs - 1):  # the last epoch is reported with the final result
                 reported += 1
                 tune.report(_result(reported, histories, records, final=False))
     except SystemExit:  # the scheduler stopped this config: Tune ends the trial inside tune.report
-        for unit in pool.cancel():
+        while events := pool.poll(timeout=0):  # what the units sent meanwhile: epochs, units that finished
+            take(events)
+        for unit in pool.live():  # provisional records; each cancelled unit overwrites its own when it stops
             record = unit_record(unit[1], unit[0], status="stopped", epochs_done=len(histories[unit]),
                                  history=histories[unit], end=time.time())
             atomic.write_json(record_path(trial_dir, *unit), record)
+        pool.cancel()
         board.close()
         raise
     ordered = [records[u] for u in units]
