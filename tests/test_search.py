@@ -227,10 +227,10 @@ def test_mlflow_callback_logs_every_config_to_a_local_store(ray_local, tmp_path:
     mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
 
     from nbglm.sweep.runner import run_sweep
-    from nbglm.sweep.search import MLRUNS
+    from nbglm.sweep.search import mlflow_store
 
     run_sweep(SMOKE, sets=[f"storage_path={tmp_path}", "search.num_samples=2", "seeds=[1]", "callbacks=[mlflow]"])
-    client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "smoke" / MLRUNS).as_uri())
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_store(tmp_path / "smoke"))
     experiment = client.get_experiment_by_name("smoke")
     runs = client.search_runs([experiment.experiment_id])
     configs = _csv(tmp_path / "smoke" / "results" / "configs.csv")

@@ -29,7 +29,7 @@ from nbglm.sweep.space import Param, SweepSpec
 from nbglm.sweep.units import ASHA_SIGNAL
 
 STUDY_DB = "optuna.db"
-MLRUNS = "mlruns"  # the MLflow callback's local file store, in the sweep dir
+MLFLOW_DB = "mlflow.db"  # the MLflow callback's local store (SQLite: MLflow 3 refuses new file stores)
 ASHA_STATE = "asha.pkl"
 TUNE_TRIAL_ID = "tune_trial_id"  # Optuna user attribute: the Tune trial (config_<id> directory)
 
@@ -187,12 +187,17 @@ class SweepASHA(ASHAScheduler):
 
 def tracker_callbacks(spec: SweepSpec) -> list[Any]:
     """The spec's experiment trackers as Tune callbacks: `mlflow` logs every config (its params, each
-    reported epoch and the final CV means) as one MLflow run in a local file store in the sweep dir,
-    experiment = the sweep's name (`mlflow ui --backend-store-uri <sweep dir>/mlruns`)."""
+    reported epoch and the final CV means) as one MLflow run in a local store in the sweep dir,
+    experiment = the sweep's name (`mlflow ui --backend-store-uri sqlite:///<sweep dir>/mlflow.db`)."""
     out = []
     if "mlflow" in spec.callbacks:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        out.append(MLflowLoggerCallback(tracking_uri=(spec.sweep_dir / MLRUNS).as_uri(), experiment_name=spec.name,
+        out.append(MLflowLoggerCallback(tracking_uri=mlflow_store(spec.sweep_dir), experiment_name=spec.name,
                                         save_artifact=False))
     return out
+
+
+def mlflow_store(sweep_dir: Path) -> str:
+    """The tracking URI of the sweep's MLflow store."""
+    return f"sqlite:///{sweep_dir / MLFLOW_DB}"

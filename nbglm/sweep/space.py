@@ -84,7 +84,7 @@ class SpecFields:
     max_concurrent: int = 2  # configs in flight at once
     max_failures: int = 1  # retries of a crashed config trial
     storage_path: str = "sweep_results"  # results go to <storage_path>/<name>/
-    callbacks: list[str] = field(default_factory=list)  # trackers: mlflow (local store <sweep dir>/mlruns)
+    callbacks: list[str] = field(default_factory=list)  # trackers: mlflow (local store <sweep dir>/mlflow.db)
 
 
 @dataclass(frozen=True)
