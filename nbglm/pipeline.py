@@ -168,8 +168,11 @@ def run_experiment(
     bundle_dir: Path | None = None,
     on_epoch_end: EpochCallback | None = None,
     de_cache: GroundTruthCache | None = None,
+    val_signal: bool = False,
 ) -> ExperimentResult:
-    """Run `cfg.pipeline.mode` and write its bundle; `data`/`de_cache` let callers load once."""
+    """Run `cfg.pipeline.mode` and write its bundle; `data`/`de_cache` let callers load once.
+
+    `val_signal`: per-epoch 'val_nll' on `data.test` (`nbglm.train.fit`); for cross-validation units only."""
     if cfg.pipeline.mode == "multi_seed":
         raise NbglmError("pipeline.mode=multi_seed runs several seeds on Ray: start it with `nbglm run`, "
                          "or call nbglm.sweep.multiseed.run_multi_seed")
@@ -186,7 +189,7 @@ def run_experiment(
     model = _load_pretrained(cfg.pipeline.pretrained_ckpt, data) if mode in {"sample_eval", "sample"} else None
     check_sizes(cfg, data)
     fill = partial(_fill, cfg, data, final=final, pred=pred, model=model, timings=timings, t_start=t_start,
-                   on_epoch_end=on_epoch_end, de_cache=de_cache)
+                   on_epoch_end=on_epoch_end, de_cache=de_cache, val_signal=val_signal)
     if bundle_dir is None:
         with atomic.atomic_dir(final) as tmp:  # appears only once complete
             return fill(tmp)
@@ -200,7 +203,8 @@ def run_experiment(
 
 def _fill(cfg: Config, data: Dataset, bundle: Path, *, final: Path, pred: ad.AnnData | None,
           model: LowRankNBGLM | None, timings: dict[str, float], t_start: float,
-          on_epoch_end: EpochCallback | None, de_cache: GroundTruthCache | None) -> ExperimentResult:
+          on_epoch_end: EpochCallback | None, de_cache: GroundTruthCache | None,
+          val_signal: bool) -> ExperimentResult:
     """Train / sample / evaluate as the mode says, writing into `bundle` (`final` once complete)."""
     mode, seed = cfg.pipeline.mode, cfg.experiment.seed
     atomic.write_text(bundle / "config.yaml", to_yaml(cfg))
@@ -209,7 +213,7 @@ def _fill(cfg: Config, data: Dataset, bundle: Path, *, final: Path, pred: ad.Ann
         log.info("run %s mode=%s seed=%d bundle=%s", cfg.experiment.name, mode, seed, final)
         if pred is None:
             if model is None and cfg.model.name not in BASELINES:
-                fitted = _train(cfg, data, bundle, on_epoch_end)
+                fitted = _train(cfg, data, bundle, on_epoch_end, val_signal)
                 model, history, timings["train_s"] = fitted.model, fitted.history, fitted.wall_time_s
             t0 = time.perf_counter()
             pred = predict_baseline(cfg, data, seed) if model is None else sample_heldout(model, data, cfg, seed=seed)
@@ -245,9 +249,10 @@ def _load_pretrained(path: str, data: Dataset) -> LowRankNBGLM:
     return model
 
 
-def _train(cfg: Config, data: Dataset, bundle: Path, on_epoch_end: EpochCallback | None) -> FitResult:
+def _train(cfg: Config, data: Dataset, bundle: Path, on_epoch_end: EpochCallback | None,
+           val_signal: bool) -> FitResult:
     """Fit a new model and checkpoint it before anything is sampled from it."""
-    result = fit(cfg, data, on_epoch_end=on_epoch_end)
+    result = fit(cfg, data, on_epoch_end=on_epoch_end, val_signal=val_signal)
     save_checkpoint(bundle / "ckpt" / "model.pt", result.model, cfg)
     log.info("trained %d epochs in %.1fs, final loss %.4f", len(result.history), result.wall_time_s,
              result.history[-1]["loss"] if result.history else float("nan"))

@@ -53,7 +53,7 @@ def test_relative_storage_path_resolves_under_the_working_directory(tmp_path: Pa
         ("search.space.model.gp_activation.choices=[swish]", "value 'swish' is rejected"),
         ("search.space.model.rank.step=2", "unknown field 'step'"),
         ("search.space={}", "search.space is empty"),
-        ("search.sampler=grid", "one of tpe, random"),
+        ("search.sampler=grid", "one of tpe, random, nsga2, cmaes"),
         ("overrides.train.epoch=3", "unknown config key 'train.epoch'; did you mean 'train.epochs'"),
         ("overrides.pipeline.mode=multi_seed", "use train_sample_eval"),
         ("base_config=missing.yaml", "base_config not found"),
@@ -255,7 +255,9 @@ def _in_saved_state(sweep_dir: Path, trial_id: str) -> bool:
                for f in sweep_dir.glob("experiment_state-*.json"))
 
 
-def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_local, tmp_path: Path) -> None:
+def _kill_mid_sweep(tmp_path: Path, sets: list[str]) -> list[Path]:
+    """Run the sweep in a driver process and SIGKILL it (and its Ray) once a finished config is in
+    Tune's saved state and the next one is running; return the finished configs' directories."""
     import os
     import shutil
     import signal
@@ -265,9 +267,7 @@ def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_
     import time
 
     from nbglm.sweep.aggregate import read_record
-    from nbglm.sweep.runner import run_sweep
 
-    sets = _sweep_sets(tmp_path, "search.num_samples=4", "max_concurrent=1")
     sweep_dir = tmp_path / "smoke"
     ray_tmp = tempfile.mkdtemp(prefix="nbr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
@@ -276,7 +276,7 @@ def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_
     driver = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), str(SMOKE), *(f"--set={s}" for s in sets)],
                               cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
         while True:  # kill once a finished config is in Tune's saved state and the next one is running
             finished = [d for d in sweep_dir.glob("config_*")
                         if all(read_record(d, f, s) for f in (0, 1) for s in (1, 2))
@@ -295,6 +295,16 @@ def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_
         _kill_processes_with_env("RAY_TMPDIR", ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
         log.close()
+    return finished
+
+
+def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_local, tmp_path: Path) -> None:
+    from nbglm.sweep.aggregate import read_record
+    from nbglm.sweep.runner import run_sweep
+
+    sets = _sweep_sets(tmp_path, "search.num_samples=4", "max_concurrent=1")
+    sweep_dir = tmp_path / "smoke"
+    finished = _kill_mid_sweep(tmp_path, sets)
     units = [(f, s) for f in (0, 1) for s in (1, 2)]
     before = {d.name.removeprefix("config_"): [read_record(d, *u) for u in units] for d in finished}
 
@@ -309,3 +319,45 @@ def test_sigkill_mid_sweep_then_resume_runs_nothing_twice_and_loses_nothing(ray_
         assert [read_record(sweep_dir / f"config_{trial_id}", *u) for u in units] == records
     assert json.loads((sweep_dir / "results" / "final" / "metrics.json").read_text())["selected"] in {
         c["trial_id"] for c in configs}  # the resumed sweep chose and refit once it was complete
+
+
+def test_sigkill_with_asha_and_the_study_then_resume_loses_and_repeats_nothing(ray_local, tmp_path: Path) -> None:
+    import optuna
+
+    from nbglm.sweep.aggregate import read_record
+    from nbglm.sweep.runner import run_sweep
+    from nbglm.sweep.search import TUNE_TRIAL_ID, study_storage
+
+    sets = _sweep_sets(tmp_path, "search.num_samples=4", "max_concurrent=1", "search.sampler=random",
+                       "early_stopping={type: asha, min_epochs: 1, reduction_factor: 2}", "overrides.train.epochs=6",
+                       "overrides.train.steps_per_epoch=40")
+    sweep_dir = tmp_path / "smoke"
+    finished = _kill_mid_sweep(tmp_path, sets)
+    units = [(f, s) for f in (0, 1) for s in (1, 2)]
+    before = {d.name.removeprefix("config_"): [read_record(d, *u) for u in units] for d in finished}
+    storage = study_storage(sweep_dir)
+    told = {t.user_attrs[TUNE_TRIAL_ID]: (t.state, t.values) for t in optuna.load_study(
+        study_name="smoke", storage=storage).trials if t.state.is_finished()}
+    assert set(before) <= set(told)  # the study was on disk before the kill
+
+    run_sweep(SMOKE, sets=sets, resume=True)
+    configs = {c["trial_id"]: c for c in _csv(sweep_dir / "results" / "configs.csv")}
+    assert len(configs) == 4 and {c["status"] for c in configs.values()} <= {"ok", "stopped"}
+    for trial_id, records in before.items():  # finished before the kill: kept, not run again
+        assert [read_record(sweep_dir / f"config_{trial_id}", *u) for u in units] == records
+    study = optuna.load_study(study_name="smoke", storage=storage)
+    by_config = {}
+    for t in study.trials:
+        assert t.state != optuna.trial.TrialState.RUNNING
+        if t.state != optuna.trial.TrialState.FAIL:  # FAIL: sampled in the second before the kill, replaced
+            assert t.user_attrs[TUNE_TRIAL_ID] not in by_config, "a config was told twice"
+            by_config[t.user_attrs[TUNE_TRIAL_ID]] = t
+    assert set(by_config) == set(configs)  # every config in the study, once
+    for trial_id, trial in by_config.items():
+        stopped = configs[trial_id]["status"] == "stopped"
+        assert trial.state == (optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.COMPLETE)
+        if trial_id in told:  # told before the kill: the same outcome after the resume
+            assert (trial.state, trial.values) == told[trial_id]
+    assert (sweep_dir / "asha.pkl").is_file()
+    assert json.loads((sweep_dir / "results" / "final" / "metrics.json").read_text())["selected"] in {
+        t for t, c in configs.items() if c["status"] == "ok"}

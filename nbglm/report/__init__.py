@@ -15,7 +15,7 @@ from nbglm import atomic
 from nbglm.baselines import BASELINES
 from nbglm.errors import NbglmError
 from nbglm.report.figures import (N_COMPARED, axis_label, plot_best_vs_baselines, plot_cv_vs_test,
-                                  plot_metric_vs_params, plot_per_perturbation)
+                                  plot_metric_vs_params, plot_pareto, plot_per_perturbation)
 from nbglm.report.html import render_html
 from nbglm.report.read import METRICS, load_sweep
 from nbglm.report.runs import baselines, per_perturbation
@@ -50,6 +50,11 @@ def write_report(sweep_dir: str | Path, top: int = 10) -> Path:
          "dashed: the cell_mean baseline's mean."),
         *(vs_params[m] for m in METRICS[1:]),
     ]
+    if len(sweep.objectives) > 1:
+        figures.insert(1, (plot_pareto(sweep, out / "pareto.png"),
+                           f"Multi-objective search over {', '.join(m for m, _ in sweep.objectives)}: the Pareto "
+                           f"front (red; its configs in results/pareto/) and the config picked from it by the best "
+                           f"{axis_label(sweep.metric)} (star, best_config.yaml)."))
     notes = [f"Baselines: {sweep.path / 'results' / 'baselines.csv'}; "
              f"best config: {sweep.path / 'results' / 'best_config.yaml'}."]
     path = out / "report.html"

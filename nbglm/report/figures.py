@@ -211,3 +211,31 @@ def plot_cv_vs_test(sweep: Sweep, path: Path) -> Path:
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=1)
     fig.suptitle(f"Sweep '{sweep.name}': {short(metric)}, cross-validated per config; test score of the refit")
     return _save(fig, path)
+
+
+def plot_pareto(sweep: Sweep, path: Path) -> Path:
+    """Multi-objective sweeps: every finished config on each pair of objectives (cross-validated
+    means), the Pareto front (configs.csv `pareto`) joined in red, the picked best config starred."""
+    import itertools
+
+    ranked = sweep.ranked()
+    pairs = list(itertools.combinations([m for m, _ in sweep.objectives], 2))
+    fig = _figure(4.4 * len(pairs), 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(pairs)))
+    front = ranked[ranked["pareto"]] if "pareto" in ranked else ranked.iloc[:0]
+    for ax, (mx, my) in zip(axes, pairs):
+        ax.scatter(ranked[f"{mx}_mean"], ranked[f"{my}_mean"], s=22, color="0.6", label="config (dominated)")
+        line = front.sort_values(f"{mx}_mean")
+        ax.plot(line[f"{mx}_mean"], line[f"{my}_mean"], "o", color="tab:red", label="Pareto front")
+        if not ranked.empty:
+            best = ranked.iloc[0]
+            ax.scatter([best[f"{mx}_mean"]], [best[f"{my}_mean"]], marker="*", s=200, color="tab:red",
+                       edgecolor="black", zorder=3, label=f"picked: best {short(sweep.metric)} on the front")
+        ax.set_xlabel(axis_label(mx))
+        ax.set_ylabel(axis_label(my))
+        ax.set_title(f"{short(my)} vs {short(mx)}")
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3)
+    fig.suptitle(f"Sweep '{sweep.name}': Pareto front of {', '.join(m for m, _ in sweep.objectives)} "
+                 "(cross-validated means; a front projected on two objectives need not look convex)")
+    return _save(fig, path)

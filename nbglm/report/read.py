@@ -18,7 +18,7 @@ import yaml
 
 from nbglm.errors import NbglmError
 from nbglm.metrics import names
-from nbglm.sweep.space import Param, SpecFields
+from nbglm.sweep.space import Param, SpecFields, rank_objective
 
 METRICS = names()
 
@@ -30,8 +30,9 @@ class Sweep:
     path: Path
     name: str
     space: dict[str, Param]
-    metric: str
+    metric: str  # ranks the configs (the aggregate score when several objectives were searched)
     mode: str
+    objectives: list[tuple[str, str]]  # (metric, mode) the searcher optimised
     base: dict  # the resolved base experiment config (no sampled params)
     configs: pd.DataFrame  # results/configs.csv, params as their searcher labels (strings)
     trials: pd.DataFrame  # results/trials.csv: one row per config x fold x seed
@@ -47,8 +48,9 @@ class Sweep:
         return int(self.folds["fold"].max()) + 1
 
     def ranked(self) -> pd.DataFrame:
-        """Configs with a scored unit, best cross-validated mean first."""
-        scored = self.configs[self.configs[f"{self.metric}_mean"].notna()]
+        """Finished configs with a cross-validated score, best mean first."""
+        done = self.configs["status"].isin(["ok", "partial"])
+        scored = self.configs[done & self.configs[f"{self.metric}_mean"].notna()]
         return scored.sort_values(f"{self.metric}_mean", ascending=self.mode == "min", kind="stable")
 
     def unit_bundle(self, trial_id: str, fold: int, seed: int) -> Path:
@@ -83,10 +85,15 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     space = {str(k): _param(str(k), v) for k, v in spec["search"]["space"].items()}
     stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
     final = path / "results" / "final" / "metrics.json"
+    metric, mode = spec.get("metric", defaults.metric), spec.get("mode", defaults.mode)
+    objectives = list(zip(metric, mode)) if isinstance(metric, list) else [(metric, mode)]
+    rank_metric, rank_mode = rank_objective(metric, mode)
+    configs = _read_csv(configs_csv, [*stats, "n_units_ok", "n_units"])
+    if "pareto" in configs:
+        configs["pareto"] = configs["pareto"] == "True"
     return Sweep(
-        path=path, name=spec.get("name", defaults.name), space=space, metric=spec.get("metric", defaults.metric),
-        mode=spec.get("mode", defaults.mode), base=state["base_config"],
-        configs=_read_csv(configs_csv, [*stats, "n_units_ok", "n_units"]),
+        path=path, name=spec.get("name", defaults.name), space=space, metric=rank_metric, mode=rank_mode,
+        objectives=objectives, base=state["base_config"], configs=configs,
         trials=_read_csv(path / "results" / "trials.csv", [*METRICS, "fold", "seed"]),
         folds=pd.read_csv(path / "folds.csv", dtype={"label": str}),
         final=json.loads(final.read_text()) if final.is_file() else None,

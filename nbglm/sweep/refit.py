@@ -62,8 +62,8 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
     records: list[dict] = []
     while len(pool):
         records += [payload[0] for kind, _, *payload in pool.poll(timeout=1.0) if kind == "done"]
-    summary = {"selected": top[0]["trial_id"], "metric": spec.metric, "mode": spec.mode, "has_ground_truth": has_truth,
-               "seeds": list(spec.seeds), "configs": []}
+    summary = {"selected": top[0]["trial_id"], "metric": spec.rank_metric, "mode": spec.rank_mode,
+               "has_ground_truth": has_truth, "seeds": list(spec.seeds), "configs": []}
     for row, _ in configs:
         recs = [r for r in records if Path(r["bundle"]).parent.name == f"config_{row['trial_id']}"]
         entry: dict[str, Any] = {"trial_id": row["trial_id"], "params": {k: row[k] for k in spec.space},
@@ -71,7 +71,7 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
                                  "units": sorted(recs, key=lambda r: r["seed"])}
         if has_truth:
             entry["test"] = unit_stats(recs)
-            cv, test = entry["cv"][spec.metric]["mean"], entry["test"][spec.metric]["mean"]
+            cv, test = entry["cv"][spec.rank_metric]["mean"], entry["test"][spec.rank_metric]["mean"]
             entry["cv_minus_test"] = None if test is None else cv - test
         summary["configs"].append(entry)
     _write_final(spec, configs[0][1], summary)
