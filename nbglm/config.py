@@ -153,6 +153,9 @@ class SamplingConfig:
 @dataclass
 class EvaluateConfig:
     de_cache: str | None = None  # directory from `nbglm build-de-cache`; None = compute per run
+    # metric profile (nbglm.metrics.registry): vcc2025 = DES/PDS/MAE (cell-eval 0.8); vcc2026 = the six
+    # cell-eval2 0.20 members scaled between baseline and replicate, on raw counts (no baseline models)
+    profile: Literal["vcc2025", "vcc2026"] = "vcc2025"
 
 
 @dataclass

@@ -31,7 +31,7 @@ from nbglm.baselines import BASELINES, predict_baseline
 from nbglm.config import Config, check_fits, to_yaml
 from nbglm.data import Dataset, load_dataset
 from nbglm.errors import NbglmError
-from nbglm.metrics import GroundTruthCache, build_de_cache, evaluate, load_de_cache, profile_metrics
+from nbglm.metrics import GroundTruthCache, Reference, build_cache, cache_profile, evaluate, load_cache, profile_metrics
 from nbglm.model import LowRankNBGLM
 from nbglm.sample import sample_heldout
 from nbglm.train import EpochCallback, FitResult, fit, load_checkpoint, save_checkpoint
@@ -72,6 +72,9 @@ def check_mode_inputs(cfg: Config, data: Dataset | None = None) -> None:
     if mode in EVALUATING_MODES and data is None and cfg.paths.train_h5ad and not cfg.paths.test_h5ad:
         raise NbglmError(f"pipeline.mode={mode} scores predictions against real held-out cells: "
                          "set paths.test_h5ad, or use pipeline.mode=train_sample")
+    if cfg.model.name in BASELINES and cfg.evaluate.profile == "vcc2026" and mode in EVALUATING_MODES:
+        raise NbglmError(f"model.name={cfg.model.name} predicts log1p expression, but evaluate.profile=vcc2026 scores "
+                         "raw counts (its scale already starts at the mean-response baseline): use evaluate.profile=vcc2025")
     if cfg.evaluate.de_cache and not Path(cfg.evaluate.de_cache).is_dir():
         raise NbglmError(f"DE cache not found: {cfg.evaluate.de_cache} (build it with `nbglm build-de-cache`)")
 
@@ -167,7 +170,7 @@ def run_experiment(
     *,
     bundle_dir: Path | None = None,
     on_epoch_end: EpochCallback | None = None,
-    de_cache: GroundTruthCache | None = None,
+    de_cache: GroundTruthCache | Reference | None = None,
     val_signal: bool = False,
 ) -> ExperimentResult:
     """Run `cfg.pipeline.mode` and write its bundle; `data`/`de_cache` let callers load once.
@@ -226,7 +229,7 @@ def _fill(cfg: Config, data: Dataset, bundle: Path, *, final: Path, pred: ad.Ann
             t0 = time.perf_counter()
             metrics = _evaluate(cfg, data, pred, de_cache)
             timings["eval_s"] = time.perf_counter() - t0
-            log.info("%s (eval %.1fs)", scores_text(metrics), timings["eval_s"])
+            log.info("%s (eval %.1fs)", scores_text(metrics, cfg.evaluate.profile), timings["eval_s"])
         timings["total_s"] = time.perf_counter() - t_start
         atomic.write_json(bundle / "metrics" / "metrics.json",
                           {**metrics, "seed": seed, "mode": mode, "timings": timings, "history": history})
@@ -259,36 +262,46 @@ def _train(cfg: Config, data: Dataset, bundle: Path, on_epoch_end: EpochCallback
     return result
 
 
-def _evaluate(cfg: Config, data: Dataset, pred: ad.AnnData, de_cache: GroundTruthCache | None) -> dict[str, Any]:
+def _evaluate(cfg: Config, data: Dataset, pred: ad.AnnData,
+              de_cache: GroundTruthCache | Reference | None) -> dict[str, Any]:
     if data.test is None:
         raise NbglmError("no real held-out cells to score against: set paths.test_h5ad")
     if de_cache is None and cfg.evaluate.de_cache:
-        de_cache = load_de_cache(cfg.evaluate.de_cache)
+        de_cache = load_cache(cfg.evaluate.de_cache)
     return evaluate(pred, data.test, pert_col=data.pert_col, control=data.control,
-                    train=None if de_cache else data.train, cache=de_cache)
+                    train=None if de_cache else data.train, cache=de_cache, profile=cfg.evaluate.profile)
 
 
-def load_inputs(cfg: Config, data: Dataset | None = None) -> tuple[Dataset, GroundTruthCache | None]:
-    """The dataset and, when `cfg`'s mode scores against real held-out cells, the ground-truth DE
-    cache: built once by a caller that runs many experiments on the same data."""
+def load_inputs(cfg: Config, data: Dataset | None = None) -> tuple[Dataset, GroundTruthCache | Reference | None]:
+    """The dataset and, when `cfg`'s mode scores against real held-out cells, the real side of
+    `evaluate.profile` (the DE cache, or the vcc2026 reference): built once by a caller that runs
+    many experiments on the same data."""
     if data is None:
         data = load_dataset(cfg)
     if cfg.pipeline.mode not in EVALUATING_MODES or data.test is None:
         return data, None
+    profile = cfg.evaluate.profile
     if cfg.evaluate.de_cache:
-        return data, load_de_cache(cfg.evaluate.de_cache)
-    return data, build_de_cache(data.test, train=data.train, pert_col=data.pert_col, control=data.control)
+        cache = load_cache(cfg.evaluate.de_cache)
+        if cache_profile(cache) != profile:
+            raise NbglmError(f"evaluate.de_cache {cfg.evaluate.de_cache} holds a {cache_profile(cache)} cache but "
+                             f"evaluate.profile={profile}: rebuild it with `nbglm build-de-cache --profile {profile}`")
+        return data, cache
+    return data, build_cache(data.test, train=data.train, profile=profile, pert_col=data.pert_col,
+                             control=data.control)
 
 
-def scores_text(metrics: dict[str, Any]) -> str:
-    """`overall=0.3441 DES=0.3690 PDS=0.8900 MAE=0.0790`: the scores a run reports, in registry order."""
-    return " ".join(f"{'overall' if m.name == 'overall_score' else m.title}={metrics[m.name]:.4f}"
-                    for m in profile_metrics() if metrics.get(m.name) is not None)
+def scores_text(metrics: dict[str, Any], profile: str = "vcc2025") -> str:
+    """`overall=0.3441 DES=0.3690 PDS=0.8900 MAE=0.0790`: the scores a run reports, in registry order;
+    `overall` is the profile's aggregate."""
+    shown = [("overall" if i == 0 else m.title.replace(" ", "_"), m.value(metrics))
+             for i, m in enumerate(profile_metrics(profile))]
+    return " ".join(f"{label}={value:.4f}" for label, value in shown if value is not None)
 
 
-def summary_line(metrics: dict[str, Any], total_s: float, bundle: Path) -> str:
+def summary_line(metrics: dict[str, Any], total_s: float, bundle: Path, profile: str = "vcc2025") -> str:
     """The one line a user reads at the end of a run."""
-    scores = scores_text(metrics)
+    scores = scores_text(metrics, profile)
     return f"{scores + ' ' if scores else ''}wall={total_s:.1f}s bundle={bundle}"
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_metrics.py            # 30 perts x 2,000 genes x 150 cells, then 50 x 18,080 x 300
     python scripts/bench_metrics.py --quick    # the small size only
+    python scripts/bench_metrics.py --profile vcc2026   # cell-eval2 0.20 vs nbglm's vcc2026 (see bench_2026)
 
 First a line that names the machine: CPU model, cores, and the SIMD features numpy sees (numpy's
 sort speed depends on them). Then, per size:
@@ -300,18 +301,188 @@ def command_times(pred: str, real: str, train: str, repeats: int, outdir: Path) 
     )
 
 
+# --- vcc2026: cell-eval2 0.20 against nbglm ---------------------------------------------------------
+#
+# cell-eval2 lives in its own venv (its pins clash with nbglm's; the parity tests build it): its
+# in-process side runs this file with that venv's python, so the worker imports nothing of nbglm.
+# In-process sides, each in its own child (warm-up call, then timed calls; peak RSS = ru_maxrss):
+#   cell-eval2 full    compute_metrics + build_generic_baseline + compute_replicate_anchor + scores
+#   nbglm full         evaluate_vcc2026(pred, real): the same numbers from scratch
+#   cell-eval2 metrics compute_metrics alone (what `cell-eval2 run --preset vcc2026` computes)
+#   nbglm+cache        evaluate_vcc2026(pred, real, cache=...): the pred side, the real side cached
+# Whole commands (one warm-up run each, then timed runs; peak RSS of the command's process tree
+# root): `cell-eval2 run --preset vcc2026` and `nbglm eval --profile vcc2026`, with and without
+# a reference built by `nbglm build-de-cache --profile vcc2026`.
+
+SIDES_2026 = ("cell-eval2 full", "nbglm full", "cell-eval2 metrics", "nbglm+cache")
+
+
+def _celleval2_python() -> str:
+    root = Path(os.environ.get("NBGLM_CELLEVAL2_VENV", Path.home() / ".cache" / "nbglm" / "celleval2-0.20.0"))
+    python = root / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"no cell-eval2 venv at {root}: run tests/test_vcc2026.py once, or set NBGLM_CELLEVAL2_VENV")
+    return str(python)
+
+
+def worker_2026(side: str, real_path: str, pred_path: str, cache_dir: str, repeats: str, warmup: str = "1") -> None:
+    """Child: `warmup` untimed calls, then `repeats` timed ones; prints the times, the six means and peak RSS."""
+    import logging
+    import warnings
+
+    import anndata as ad
+
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    if side.startswith("cell-eval2"):
+        from dataclasses import replace
+
+        import polars as pl
+        from cell_eval2.anchor import compute_replicate_anchor
+        from cell_eval2.baseline import build_generic_baseline
+        from cell_eval2.config import EvalConfig
+        from cell_eval2.run import aggregate_metrics_wide, compute_metrics, metric_output_names
+
+        cfg = replace(EvalConfig.from_preset("vcc2026"), pert_col="target_gene", control=CONTROL)
+        names = metric_output_names(cfg)
+
+        def means(agg) -> dict[str, float]:
+            row = agg.filter(pl.col("statistic") == "mean")
+            return {m: float(row[m][0]) for m in agg.columns if m != "statistic"}
+
+        def call(pred, real) -> dict[str, float]:
+            user = means(aggregate_metrics_wide(compute_metrics(pred, real, config=cfg), metrics=names))
+            if side == "cell-eval2 full":
+                build_generic_baseline(real, config=cfg)
+                compute_replicate_anchor(real, config=cfg)
+            return user
+    else:
+        from nbglm.metrics import Reference, evaluate_vcc2026
+
+        cache = Reference.load(cache_dir) if side == "nbglm+cache" else None
+
+        def call(pred, real) -> dict[str, float]:
+            return evaluate_vcc2026(pred, real, pert_col="target_gene", control=CONTROL, cache=cache)["vcc2026"]
+
+    times = []
+    for i in range(int(repeats) + int(warmup)):
+        pred, real = ad.read_h5ad(pred_path), ad.read_h5ad(real_path)
+        start = time.perf_counter()
+        means_ = call(pred, real)
+        if i >= int(warmup):
+            times.append(time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"times": times, "means": means_, "peak_mib": peak_mib}), flush=True)
+
+
+def _command_peak(command: list[str], log: Path) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of one command, measured by GNU time on its root process."""
+    with open(log, "a") as out:
+        start = time.perf_counter()
+        run = subprocess.run(["/usr/bin/time", "-f", "%M", *command], stdout=out, stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - start
+    if run.returncode:
+        raise SystemExit(f"{command[0]} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    return seconds, int(run.stderr.strip().splitlines()[-1]) / 1024
+
+
+def bench_2026(name: str, repeats: int, workdir: Path, commands: bool, full: bool, cold: bool = False) -> None:
+    """`cold`: cell-eval2 in-process without its warm-up call and its command not run (at the VCC size
+    on a loaded machine each cell-eval2 call takes many minutes); the commands then compare with its
+    in-process time, a lower bound of its command's."""
+    from nbglm.metrics import build_reference
+
+    n_perts, n_genes, n_cells, depth = SIZES[name]
+    real, pred = synthetic_pair(n_perts, n_genes, n_cells, depth)
+    real_path, pred_path, cache_dir = (str(workdir / f"{name}_{part}") for part in ("real.h5ad", "pred.h5ad", "ref"))
+    real.write_h5ad(real_path)
+    pred.write_h5ad(pred_path)
+    build_reference(real, pert_col="target_gene", control=CONTROL).save(cache_dir)
+    print(f"\nvcc2026, {n_perts} perts x {n_genes:,} genes x {n_cells} cells (+{2 * n_cells} control cells): "
+          f"{real.n_obs:,} cells, {real.X.nnz:,} nonzeros per file; 1 warm-up + {repeats} timed calls per side, "
+          "sides one after the other", flush=True)
+    del real, pred
+    results, loads = {}, {}
+    sides = SIDES_2026 if full else tuple(side for side in SIDES_2026 if "full" not in side)
+    for side in sides:
+        python = _celleval2_python() if side.startswith("cell-eval2") else sys.executable
+        before = os.getloadavg()[0]
+        warmup = "0" if cold and side.startswith("cell-eval2") else "1"
+        run = subprocess.run([python, __file__, "--worker2026", side, real_path, pred_path, cache_dir, str(repeats),
+                              warmup], capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"{side} failed:\n{run.stderr[-3000:]}")
+        results[side] = json.loads(run.stdout.strip().splitlines()[-1])
+        loads[side] = (before, os.getloadavg()[0])
+    print(f"{'in-process':<20}{'median s':>10}{'min s':>9}{'speed-up':>10}{'peak RSS MiB':>14}{'1-min load':>14}")
+    for side in sides:
+        median, reference = statistics.median(results[side]["times"]), None
+        if side.startswith("nbglm"):
+            reference = statistics.median(results["cell-eval2 full" if side == "nbglm full" else "cell-eval2 metrics"]["times"])
+        speed = f"{reference / median:>9.1f}x" if reference else f"{'':>10}"
+        print(f"{side:<20}{median:>10.2f}{min(results[side]['times']):>9.2f}{speed}{results[side]['peak_mib']:>14.0f}"
+              f"{loads[side][0]:>7.1f}-{loads[side][1]:<6.1f}")
+    mine, theirs = results["nbglm+cache"]["means"], results["cell-eval2 metrics"]["means"]
+    diff = max(abs(mine[m] - theirs[m]) for m in mine)
+    print(f"max |nbglm - cell-eval2| over the six panel means: {diff:.1e}")
+    if not commands:
+        return
+    labels = ["--pert-col", "target_gene", "--control", CONTROL]
+    nbglm = [sys.executable, "-m", "nbglm", "eval", "--profile", "vcc2026", "--pred", pred_path, "--real", real_path,
+             *labels]
+    ce2 = [str(Path(_celleval2_python()).parent / "cell-eval2"), "run", "--preset", "vcc2026", "-ap", pred_path,
+           "-ar", real_path, *labels, "-o", str(workdir / f"{name}_ce2_out")]
+    runs = {"cell-eval2 run": ce2, "nbglm eval --de-cache": [*nbglm, "--de-cache", cache_dir], "nbglm eval": nbglm}
+    if cold:
+        del runs["cell-eval2 run"]
+    print(f"{'command':<24}{'median s':>10}{'min s':>9}{'speed-up':>10}{'peak RSS MiB':>14}{'1-min load':>14}")
+    measured = {}
+    for label, command in runs.items():
+        before = os.getloadavg()[0]
+        timed = [_command_peak(command, workdir / f"{name}_commands.log") for _ in range(repeats + 1)][1:]
+        measured[label] = ([t for t, _ in timed], max(p for _, p in timed), (before, os.getloadavg()[0]))
+    for label, (times, peak, load) in measured.items():
+        median = statistics.median(times)
+        reference = (statistics.median(results["cell-eval2 metrics"]["times"]) if cold
+                     else statistics.median(measured["cell-eval2 run"][0]))
+        speed = f"{reference / median:>9.1f}x" if label != "cell-eval2 run" else f"{'':>10}"
+        print(f"{label:<24}{median:>10.2f}{min(times):>9.2f}{speed}{peak:>14.0f}{load[0]:>7.1f}-{load[1]:<6.1f}")
+    print("speed-ups: nbglm full over cell-eval2 full; nbglm+cache and the commands over cell-eval2's metrics alone "
+          "(`run --preset vcc2026` computes no baseline or anchor; `nbglm eval` without a cache computes both)"
+          + ("; cell-eval2 cold: one call without a warm-up, its command not run, the commands compared with its "
+             "in-process time" if cold else ""))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:6])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker2026":
+        worker_2026(*sys.argv[2:8])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the small size")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per side and size (default: %(default)s)")
+    parser.add_argument("--profile", choices=("vcc2025", "vcc2026"), default="vcc2025",
+                        help="vcc2025: cell-eval 0.8 vs nbglm; vcc2026: cell-eval2 0.20 vs nbglm (default: %(default)s)")
+    parser.add_argument("--size", choices=("small", "vcc", "both"), default="both", help="sizes to time (default: both)")
+    parser.add_argument("--no-commands", action="store_true", help="vcc2026: skip the whole-command timings")
+    parser.add_argument("--cold-celleval2", action="store_true",
+                        help="vcc2026: cell-eval2 without its warm-up call, its command not run (commands are then "
+                             "compared with its in-process time)")
+    parser.add_argument("--full-at-vcc", action="store_true",
+                        help="vcc2026: also time the full sides (baseline and anchor) at the VCC size (cell-eval2 "
+                             "takes about 7 metric runs there)")
     args = parser.parse_args()
     print(machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("small",) if args.quick else ("small", "vcc"):
-            bench(name, args.repeats, Path(tmp))
+        sizes = ("small",) if args.quick else ("small", "vcc") if args.size == "both" else (args.size,)
+        for name in sizes:
+            if args.profile == "vcc2026":
+                bench_2026(name, args.repeats, Path(tmp), not args.no_commands, name == "small" or args.full_at_vcc,
+                           args.cold_celleval2)
+            else:
+                bench(name, args.repeats, Path(tmp))
 
 
 if __name__ == "__main__":

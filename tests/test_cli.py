@@ -78,3 +78,16 @@ def test_the_metric_registry_is_the_one_list_of_names() -> None:
     assert METRICS["mae"].best == 0.0 and METRICS["des"].best == 1.0
     with pytest.raises(Exception, match="one of overall_score, des, pds, mae"):
         load_spec(ROOT / "sweeps" / "smoke.yaml", ["metric=accuracy"])
+
+
+def test_the_vcc2026_profile_is_registered_once_and_is_the_config_choice() -> None:
+    from nbglm.config import EvaluateConfig
+    from nbglm.metrics import METRICS, VCC2026_MEMBERS, names, profiles
+
+    assert names("vcc2026") == ("vcc2026_score", *VCC2026_MEMBERS)
+    assert METRICS["expr_mse_unbiased_capped_norm"].direction == "min" and METRICS["pds_cosine"].best == 1.0
+    literal = typing.get_type_hints(EvaluateConfig)["profile"]
+    assert set(typing.get_args(literal)) == set(profiles())
+    nested = {"vcc2026": {"pds_cosine": 0.5}, "vcc2026_score": 0.1}
+    assert METRICS["pds_cosine"].value(nested) == 0.5 and METRICS["vcc2026_score"].value(nested) == 0.1
+    assert METRICS["pds_cosine"].value({"pds_cosine": 0.25}) == 0.25  # flat records (sweep units) too

@@ -6,28 +6,40 @@ import argparse
 from pathlib import Path
 
 from nbglm.cli._args import add_data_labels
+from nbglm.cli.eval import add_profile
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("build-de-cache", help="precompute the real data's pseudobulks, DE and baseline scores",
-                       description="Build the ground-truth cache that `nbglm eval --de-cache` reuses in every trial.")
+    p = sub.add_parser("build-de-cache", help="precompute the real data's side of the metrics (DE, baseline, ...)",
+                       description="Build the ground-truth cache that `nbglm eval --de-cache` reuses in every trial: "
+                                   "vcc2025: pseudobulks, DE and the cell-mean baseline's scores; vcc2026: profiles, "
+                                   "DE, control cells, the baseline's and the replicate anchor's panel means.")
     p.add_argument("--real", required=True, type=Path, help="observed held-out cells (h5ad)")
     p.add_argument("--output", required=True, type=Path, help="cache directory to write")
-    p.add_argument("--train", type=Path, help="training data (h5ad): also score the cell-mean baseline")
+    p.add_argument("--train", type=Path, help="training data (h5ad): also score the cell-mean baseline (vcc2025)")
+    add_profile(p)
     add_data_labels(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from nbglm import atomic
-    from nbglm.metrics import build_de_cache, read_counts_for_eval
+    from nbglm.errors import NbglmError
+    from nbglm.metrics import GroundTruthCache, build_cache, read_counts_for_eval
 
+    if args.train and args.profile != "vcc2025":
+        raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
     atomic.check_new_output(args.output)
     real = read_counts_for_eval(args.real, args.pert_col, "real")
     train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
-    cache = build_de_cache(real, train, pert_col=args.pert_col, control=args.control)
+    cache = build_cache(real, train, profile=args.profile, pert_col=args.pert_col, control=args.control)
     with atomic.atomic_dir(args.output) as tmp:
         cache.save(tmp)
+    if not isinstance(cache, GroundTruthCache):
+        ends = ", ".join(f"{name} {cache.baseline[name]:.4f}..{cache.replicate[name]:.4f}" for name in cache.baseline)
+        print(f"wrote {args.output}: {cache.real.labels.size} perturbations x {cache.genes.size} genes; "
+              f"baseline..replicate: {ends}")
+        return 0
     if cache.baseline is None:
         baseline = "no baseline (no --train)"
     else:

@@ -1,4 +1,5 @@
-"""`nbglm eval`: score a prediction against real cells with the VCC metrics, as cell-eval 0.8 does."""
+"""`nbglm eval`: score a prediction against real cells with the VCC metrics, as cell-eval 0.8
+(`--profile vcc2025`) or cell-eval2 0.20 (`--profile vcc2026`) does."""
 
 from __future__ import annotations
 
@@ -11,35 +12,54 @@ from nbglm.cli._args import add_data_labels
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="score pred.h5ad against real.h5ad (DES, PDS, MAE, overall score)",
-                       description="Score a prediction with the Virtual Cell Challenge metrics, numerically as "
-                                   "cell-eval 0.8 does.")
+    p = sub.add_parser("eval", help="score pred.h5ad against real.h5ad (VCC 2025 or 2026 metrics)",
+                       description="Score a prediction with the Virtual Cell Challenge metrics: vcc2025 (DES, PDS, "
+                                   "MAE, overall score) numerically as cell-eval 0.8, or vcc2026 (six members scaled "
+                                   "between baseline and replicate, raw counts) as cell-eval2 0.20.")
     p.add_argument("--pred", required=True, type=Path, help="predicted cells (h5ad), control cells included")
     p.add_argument("--real", required=True, type=Path, help="observed held-out cells (h5ad)")
+    add_profile(p)
     baseline = p.add_mutually_exclusive_group()
     baseline.add_argument("--train", type=Path, help="training data (h5ad) for the cell-mean baseline of the "
-                          "overall score")
-    baseline.add_argument("--de-cache", type=Path, help="ground-truth cache directory from `nbglm build-de-cache`")
+                          "vcc2025 overall score (vcc2026 draws its baseline from --real)")
+    baseline.add_argument("--de-cache", type=Path, help="cache directory from `nbglm build-de-cache` (same profile)")
     add_data_labels(p)
     p.add_argument("--output", type=Path, help="write the metrics as JSON to this file")
     return p
+
+
+def add_profile(p: argparse.ArgumentParser) -> None:
+    """`--profile`: the choices of `evaluate.profile` (the config's, equal to the registry's profiles;
+    the registry itself would import the metrics just to parse)."""
+    import typing
+
+    from nbglm.config import EvaluateConfig
+
+    choices = typing.get_args(typing.get_type_hints(EvaluateConfig)["profile"])
+    p.add_argument("--profile", choices=choices, default=EvaluateConfig().profile,
+                   help="metric profile: vcc2025 = cell-eval 0.8's DES/PDS/MAE; vcc2026 = cell-eval2 0.20's six "
+                        "members on raw counts (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from nbglm import atomic
-    from nbglm.metrics import evaluate, load_de_cache, read_counts_for_eval
+    from nbglm.errors import NbglmError
+    from nbglm.metrics import evaluate, load_cache, read_counts_for_eval
 
+    if args.train and args.profile != "vcc2025":
+        raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
     if args.output:
         atomic.check_new_file(args.output)
     atomic.refuse_failed(args.pred)
-    cache = load_de_cache(args.de_cache) if args.de_cache else None
+    cache = load_cache(args.de_cache) if args.de_cache else None
     pred = read_counts_for_eval(args.pred, args.pert_col, "pred")
     real = read_counts_for_eval(args.real, args.pert_col, "real")
     train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
-    result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache)
-    Console().print(_table(result))
+    result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache,
+                      profile=args.profile)
+    Console().print(_table(result) if args.profile == "vcc2025" else _table_2026(result))
     if args.output:
         atomic.write_text(args.output, json.dumps(result, indent=2) + "\n")
     return 0
@@ -61,6 +81,23 @@ def _table(result: dict[str, Any]) -> Any:
     overall = result["overall_score"]
     shown = "n/a (no baseline)" if overall is None else f"{overall:.4f} (x100 = {100 * overall:.2f})"
     table.add_row("overall score", "", "", shown)
+    return table
+
+
+def _table_2026(result: dict[str, Any]) -> Any:
+    """Each member's panel mean beside the two ends of its scale and its scaled score, then their mean."""
+    from rich.table import Table
+
+    from nbglm.metrics import profile_metrics
+
+    table = Table(title=f"VCC 2026 metrics ({result['n_perturbations']} perturbations, {result['n_genes']} genes)")
+    for column in ("metric", "value", "baseline", "replicate", "scaled"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    score, *members = profile_metrics("vcc2026")
+    for m in members:
+        table.add_row(f"{m.name} {m.arrow}", _fmt(result["vcc2026"][m.name]), _fmt(result["vcc2026_baseline"][m.name]),
+                      _fmt(result["vcc2026_replicate"][m.name]), _fmt(result["vcc2026_scaled"][m.name]))
+    table.add_row(score.title, "", "0 by definition", "1 by definition", _fmt(result[score.name]))
     return table
 
 

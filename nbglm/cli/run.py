@@ -28,13 +28,13 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("nbglm").addHandler(RichHandler(show_path=False))
     if cfg.pipeline.mode != "multi_seed":
         result = run_experiment(cfg)
-        print(summary_line(result.metrics, result.timings.get("total_s", 0.0), result.bundle))
+        print(summary_line(result.metrics, result.timings.get("total_s", 0.0), result.bundle, cfg.evaluate.profile))
         return 0
     from nbglm.sweep.multiseed import run_multi_seed  # several seeds at once are Ray work
 
     multi = run_multi_seed(cfg, bundle_dir=new_bundle_dir(cfg), address=args.address,
                            connect_timeout=args.connect_timeout)
-    print(summary_line(multi.metrics, multi.total_s, multi.bundle))
+    print(summary_line(multi.metrics, multi.total_s, multi.bundle, cfg.evaluate.profile))
     if multi.failed_seeds:
         print(f"error: seeds {multi.failed_seeds} failed; see {multi.bundle}/metrics/multi_seed_metrics.json",
               file=sys.stderr)

@@ -49,12 +49,14 @@ class RankSum:
     """Mann-Whitney U of each perturbation's cells (rows) against control, per gene (columns).
 
     `group_sums` (groups x genes, control first) are the column sums over each group's rows;
-    divided by the row counts they are the pseudobulks.
+    divided by the row counts they are the pseudobulks. `tie_term` is sum(t^3 - t) over the
+    tie blocks of each perturbation-plus-control column, for tests with another p-value formula.
     """
 
     u_statistic: np.ndarray
     pvalue: np.ndarray
     group_sums: np.ndarray
+    tie_term: np.ndarray | None = None
 
 
 def n_threads() -> int:
@@ -251,7 +253,7 @@ def rank_sum_test(
     u1 = group_w[0] * below[1:] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
     z_all = zeros + ctrl_zeros
     tie_term = (z_all * z_all * z_all - z_all) + (ties[0] + ties[1:])
-    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), packed.sums)
+    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), packed.sums, tie_term)
 
 
 def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:

@@ -18,11 +18,11 @@ import numpy as np
 
 from nbglm import atomic
 from nbglm.errors import NbglmError
-from nbglm.metrics.vcc import FileSummary, baseline_summary, group_codes, score, summarize_adata
+from nbglm.metrics.vcc import PROFILE, FileSummary, baseline_summary, group_codes, score, summarize_adata
 
 CACHE_VERSION = 1
 _ARRAYS = "ground_truth.npz"
-_META = "meta.json"
+META = "meta.json"  # every profile's cache directory has one, naming its profile
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,10 @@ class DataIdentity:
         parts = (self.pert_col, self.control, sizes, *self.genes, *self.perts, *map(str, self.n_cells))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
-
-@dataclass(frozen=True)
-class GroundTruthCache:
-    """The real data summarised once, plus the baseline's scores when training data was given."""
-
-    identity: DataIdentity
-    real: FileSummary
-    baseline: dict[str, float] | None
-
     def check(self, real: ad.AnnData, pert_col: str, control: str) -> None:
-        """Raise a one-line NbglmError unless `real` is the data this cache was built from."""
+        """Raise a one-line NbglmError unless `real` is the data described by this identity."""
         other = DataIdentity.of(real, pert_col, control)
-        mine = self.identity
+        mine = self
         rebuild = "rebuild it with `nbglm build-de-cache`"
         if (other.pert_col, other.control) != (mine.pert_col, mine.control):
             raise NbglmError(
@@ -87,19 +78,26 @@ class GroundTruthCache:
         if other.fingerprint != mine.fingerprint:
             raise NbglmError(f"the DE cache was built from data with other cell counts per perturbation; {rebuild}")
 
+
+@dataclass(frozen=True)
+class GroundTruthCache:
+    """The real data summarised once, plus the baseline's scores when training data was given."""
+
+    identity: DataIdentity
+    real: FileSummary
+    baseline: dict[str, float] | None
+
+    def check(self, real: ad.AnnData, pert_col: str, control: str) -> None:
+        """Raise a one-line NbglmError unless `real` is the data this cache was built from."""
+        self.identity.check(real, pert_col, control)
+
     def save(self, directory: str | Path) -> Path:
         """Write the cache to `directory` (arrays as npz, the rest as JSON), each file atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {name: getattr(self.real, name) for name in FileSummary.__dataclass_fields__}
         atomic.write_bytes(directory / _ARRAYS, lambda f: np.savez(f, **arrays))
-        meta = {
-            "version": CACHE_VERSION,
-            "identity": asdict(self.identity),
-            "fingerprint": self.identity.fingerprint,
-            "baseline": self.baseline,
-        }
-        atomic.write_text(directory / _META, json.dumps(meta))
+        write_meta(directory, PROFILE, CACHE_VERSION, self.identity, baseline=self.baseline)
         return directory
 
 
@@ -120,21 +118,36 @@ def build_de_cache(
     return GroundTruthCache(identity, summary, baseline)
 
 
+def write_meta(directory: Path, profile: str, version: int, identity: DataIdentity, **extra: object) -> None:
+    """meta.json of a cache directory: its profile, format version and the data it was built from."""
+    meta = {"version": version, "profile": profile, "identity": asdict(identity), "fingerprint": identity.fingerprint,
+            **extra}
+    atomic.write_text(directory / META, json.dumps(meta))
+
+
+def read_meta(directory: Path, profile: str, version: int, arrays: str) -> tuple[dict, DataIdentity]:
+    """(meta.json, identity) of a `profile` cache directory, or a one-line error saying what to do."""
+    meta_path = directory / META
+    if not meta_path.is_file() or not (directory / arrays).is_file():
+        raise NbglmError(f"no DE cache in {directory} (a {profile} cache has {META} and {arrays}); build one with "
+                         f"`nbglm build-de-cache --profile {profile}`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("profile", "vcc2025") != profile:
+        raise NbglmError(f"the DE cache in {directory} is a {meta['profile']} cache, not a {profile} one; score with "
+                         f"the profile {meta['profile']}, or rebuild it with `nbglm build-de-cache --profile {profile}`")
+    if meta.get("version") != version:
+        raise NbglmError(f"the cache in {directory} has format {meta.get('version')}, expected {version}; rebuild it")
+    identity = DataIdentity(**{k: v if isinstance(v, str) else tuple(v) for k, v in meta["identity"].items()})
+    if identity.fingerprint != meta["fingerprint"]:
+        raise NbglmError(f"the cache in {directory} is inconsistent (fingerprint mismatch); rebuild it")
+    return meta, identity
+
+
 def load_de_cache(directory: str | Path) -> GroundTruthCache:
     """Read a cache written by :meth:`GroundTruthCache.save`."""
     directory = Path(directory)
-    meta_path, arrays_path = directory / _META, directory / _ARRAYS
-    if not meta_path.is_file() or not arrays_path.is_file():
-        expected = f"expected {_META} and {_ARRAYS}"
-        raise NbglmError(f"no DE cache in {directory} ({expected}); build one with `nbglm build-de-cache`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("version") != CACHE_VERSION:
-        version = meta.get("version")
-        raise NbglmError(f"the DE cache in {directory} has format {version}, expected {CACHE_VERSION}; rebuild it")
-    identity = DataIdentity(**{k: v if isinstance(v, str) else tuple(v) for k, v in meta["identity"].items()})
-    if identity.fingerprint != meta["fingerprint"]:
-        raise NbglmError(f"the DE cache in {directory} is inconsistent (fingerprint mismatch); rebuild it")
-    with np.load(arrays_path, allow_pickle=False) as npz:
+    meta, identity = read_meta(directory, PROFILE, CACHE_VERSION, _ARRAYS)
+    with np.load(directory / _ARRAYS, allow_pickle=False) as npz:
         real = FileSummary(**{name: npz[name] for name in FileSummary.__dataclass_fields__})
     if tuple(real.genes.tolist()) != identity.genes or tuple(real.perts.tolist()) != identity.perts:
         raise NbglmError(f"the DE cache in {directory} is inconsistent (arrays and metadata disagree); rebuild it")

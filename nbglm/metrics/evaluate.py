@@ -1,15 +1,25 @@
-"""Score a prediction against real data with the VCC metrics: the one call a pipeline makes."""
+"""Score a prediction against real data with the VCC metrics: the one call a pipeline makes.
+
+Two profiles: `vcc2025` (DES, PDS, MAE; cell-eval 0.8) and `vcc2026` (six members scaled between
+baseline and replicate; cell-eval2 0.20). Each has its own real-side cache; `build_cache` and
+`load_cache` pick it by profile, and `evaluate` scores with the profile the cache belongs to.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import anndata as ad
 import numpy as np
 
 from nbglm.errors import NbglmError
-from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache
-from nbglm.metrics.vcc import baseline_summary, check_pair, overall_score, scaled_scores, score, summarize_adata
+from nbglm.metrics.de_cache import META, GroundTruthCache, build_de_cache, load_de_cache
+from nbglm.metrics.registry import profiles
+from nbglm.metrics.vcc2026 import PROFILE as PROFILE_2026
+from nbglm.metrics.vcc2026 import Reference, build_reference, evaluate_vcc2026
+from nbglm.metrics.vcc import PROFILE, baseline_summary, check_pair, overall_score, scaled_scores, score, summarize_adata
 
 
 def evaluate(
@@ -19,15 +29,22 @@ def evaluate(
     pert_col: str = "target_gene",
     control: str = "non-targeting",
     train: ad.AnnData | None = None,
-    cache: GroundTruthCache | None = None,
+    cache: GroundTruthCache | Reference | None = None,
+    profile: str = PROFILE,
 ) -> dict[str, Any]:
-    """DES, PDS, MAE (means and per perturbation) and, given a baseline, the overall score.
+    """The metrics of `profile`; for vcc2026 see :func:`nbglm.metrics.vcc2026.evaluate_vcc2026`
+    (its baseline comes from `real`, so `train` is not used). For vcc2025:
+
+    DES, PDS, MAE (means and per perturbation) and, given a baseline, the overall score.
 
     The baseline is the cell-mean model of `train` or, without `train`, the one stored in
     `cache`; with neither, ``overall_score``, ``scaled`` and ``baseline`` are None. A `cache`
     built from `real` (see :func:`nbglm.metrics.build_de_cache`) skips all work on `real`.
     The result holds only str, int, float, None, lists and dicts (JSON-able).
     """
+    _check_profile(profile, cache)
+    if profile != PROFILE:
+        return evaluate_vcc2026(pred, real, pert_col=pert_col, control=control, cache=cache)
     check_pair(pred, real, pert_col, control)
     if cache is None:
         cache = build_de_cache(real, pert_col=pert_col, control=control)
@@ -60,3 +77,31 @@ def evaluate(
 def _columns(scores: dict) -> np.ndarray:
     """(perturbations x metrics) values in the order of `scores`."""
     return np.column_stack([result.per_perturbation.to_numpy() for result in scores.values()])
+
+
+def _check_profile(profile: str, cache: GroundTruthCache | Reference | None) -> None:
+    if profile not in profiles():
+        raise NbglmError(f"unknown metric profile {profile!r}; known: {', '.join(profiles())}")
+    if cache is not None and cache_profile(cache) != profile:
+        raise NbglmError(f"the DE cache is a {cache_profile(cache)} cache, not a {profile} one; score with the profile "
+                         f"{cache_profile(cache)}, or rebuild it with `nbglm build-de-cache --profile {profile}`")
+
+
+def cache_profile(cache: GroundTruthCache | Reference) -> str:
+    return PROFILE_2026 if isinstance(cache, Reference) else PROFILE
+
+
+def build_cache(real: ad.AnnData, train: ad.AnnData | None = None, *, profile: str = PROFILE,
+                pert_col: str = "target_gene", control: str = "non-targeting") -> GroundTruthCache | Reference:
+    """The real side of `profile`, computed once for many evaluations of predictions of `real`."""
+    _check_profile(profile, None)
+    if profile == PROFILE:
+        return build_de_cache(real, train, pert_col=pert_col, control=control)
+    return build_reference(real, pert_col=pert_col, control=control)
+
+
+def load_cache(directory: str | Path) -> GroundTruthCache | Reference:
+    """Read a cache directory of either profile (its meta.json names the profile)."""
+    meta = Path(directory) / META
+    profile = json.loads(meta.read_text()).get("profile", PROFILE) if meta.is_file() else PROFILE
+    return Reference.load(directory) if profile == PROFILE_2026 else load_de_cache(directory)

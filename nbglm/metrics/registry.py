@@ -23,6 +23,8 @@ class Metric:
     title: str  # short name for tables and figure titles
     description: str  # a few words with the scale or units: "{title} ({description})" labels an axis
     compute: Callable[..., Any] | None = None  # per-perturbation (pred, real) -> MetricResult; None: aggregate
+    # or computed jointly with its profile's other members
+    path: tuple[str, ...] = ()  # where the value sits in an evaluation result; () = the top-level key `name`
 
     @property
     def arrow(self) -> str:
@@ -35,6 +37,18 @@ class Metric:
     def sign(self) -> int:
         """+1 when larger is better, -1 when smaller is."""
         return 1 if self.direction == "max" else -1
+
+    def value(self, result: dict[str, Any]) -> Any:
+        """This metric's value (None when absent) in an evaluation result, where a profile may nest
+        its members (`path`), or in a flat {name: value} record such as a sweep unit's."""
+        if self.name in result:
+            return result[self.name]
+        node: Any = result
+        for key in self.path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node if self.path else None
 
 
 METRICS: dict[str, Metric] = {}
@@ -70,6 +84,11 @@ def profiles() -> list[str]:
 
 def names(profile: str = "vcc2025") -> tuple[str, ...]:
     return tuple(m.name for m in profile_metrics(profile))
+
+
+def values(result: dict[str, Any], profile: str = "vcc2025") -> dict[str, Any]:
+    """{name: value} of a profile's metrics in one evaluation result, in registry order."""
+    return {m.name: m.value(result) for m in profile_metrics(profile)}
 
 
 def get(name: str) -> Metric:

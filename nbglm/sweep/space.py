@@ -378,6 +378,9 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     if fields.base_config and not spec._base_path().is_file():
         raise NbglmError(f"base_config not found: {spec._base_path()} (it is relative to the spec file)")
     base = spec.resolve_base()
+    if base.evaluate.profile != "vcc2025":
+        raise NbglmError(f"the base config scores with evaluate.profile={base.evaluate.profile}; sweeps score the "
+                         "vcc2025 profile for now (vcc2026 works in `nbglm run` and `nbglm eval --profile vcc2026`)")
     if base.pipeline.mode != "train_sample_eval":
         raise NbglmError(f"the base config runs pipeline.mode={base.pipeline.mode}; a sweep trains every config "
                          "on each fold's training part and scores its validation part: use train_sample_eval")

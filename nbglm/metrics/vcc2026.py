@@ -1,0 +1,297 @@
+"""The VCC 2026 profile: six members scaled between a mean-response baseline and a split-half
+replicate, numerically matching cell-eval2 0.20 under its `vcc2026` preset.
+
+The real side (its profiles, DE table, control cells, baseline and replicate anchor) does not
+depend on the submission: :func:`build_reference` computes it once and it can be saved and
+loaded, so scoring a submission costs one pred-side summary and one comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from nbglm import atomic
+from nbglm.errors import NbglmError
+from nbglm.metrics.de_cache import DataIdentity, read_meta, write_meta
+from nbglm.metrics.registry import Metric, register
+from nbglm.metrics.vcc2026_de import DETable, Normalised, de_metrics, de_table, lfc_nmae_split, normalise
+from nbglm.metrics.vcc2026_expr import (Profiles, exclusion_columns, expr_terms, pds_cosine, profiles,
+                                        ratio_of_sums)
+
+PROFILE = "vcc2026"
+MAX_CELL_TOTAL = 1e6
+N_SPLITS = 5
+BASE_SEED = 0
+CACHE_VERSION = 1
+ARRAYS = "reference.npz"
+
+# The registry holds the aggregate and the six raw panel means (their scaled scores, baseline and
+# replicate anchor are in the evaluation result beside them, keyed by the same names).
+register(Metric("vcc2026_score", PROFILE, "max", 1.0, "VCC 2026 score",
+                "mean scaled member: 0 baseline, 1 replicate"))
+_MEMBERS = (  # name, direction, best value (cell-eval2's scoring direction and anchor), title, description
+    ("pds_cosine", "max", 1.0, "PDS cosine", "perturbation discrimination, 0–1"),
+    ("expr_mse_unbiased_capped_norm", "min", 0.0, "expr MSE", "bias-corrected, / distance from control"),
+    ("de_wilcoxon_direction_fidelity_yield_raw", "max", 1.0, "DE fidelity", "direction fidelity yield, 0–1"),
+    ("de_wilcoxon_direction_reach_raw", "max", 1.0, "DE reach", "direction reach, 0–1"),
+    ("de_wilcoxon_sig_jaccard", "max", 1.0, "DE Jaccard", "significant-gene Jaccard, 0–1"),
+    ("de_wilcoxon_lfc_nmae", "min", 0.0, "LFC NMAE", "log2 fold-change error / mean |real|"),
+)
+MEMBERS = tuple(register(Metric(name, PROFILE, direction, best, title, description, path=(PROFILE, name))).name
+                for name, direction, best, title, description in _MEMBERS)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One file's summary: sorted non-control labels, profiles, DE table, raw control cells."""
+
+    labels: np.ndarray
+    profiles: Profiles
+    de: DETable
+    control_counts: sp.csr_matrix
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The real side of a context, with the two ends of its scale (panel means per member)."""
+
+    identity: DataIdentity
+    genes: np.ndarray
+    control: str
+    real: Side
+    baseline: dict[str, float]
+    replicate: dict[str, float]
+
+    def check(self, real, pert_col: str, control: str) -> None:
+        """Raise a one-line NbglmError unless `real` is the data this reference was built from."""
+        self.identity.check(real, pert_col, control)
+
+    def save(self, directory: str | Path) -> Path:
+        """A cache directory like the vcc2025 one: the arrays as npz, names and scale ends in meta.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        r, c = self.real, self.real.control_counts
+        arrays = {"bulk": r.profiles.bulk, "jackknife": r.profiles.jackknife, "lfc": r.de.lfc, "pvalue": r.de.pvalue,
+                  "padj": r.de.padj, "kept": r.de.kept, "ctrl_data": c.data, "ctrl_indices": c.indices,
+                  "ctrl_indptr": c.indptr, "ctrl_shape": np.array(c.shape)}
+        atomic.write_bytes(directory / ARRAYS, lambda f: np.savez(f, **arrays))
+        write_meta(directory, PROFILE, CACHE_VERSION, self.identity, baseline=self.baseline, replicate=self.replicate)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Reference:
+        """Read a reference written by :meth:`save`."""
+        directory = Path(directory)
+        meta, identity = read_meta(directory, PROFILE, CACHE_VERSION, ARRAYS)
+        labels = np.array(identity.perts, dtype=object)
+        with np.load(directory / ARRAYS, allow_pickle=False) as z:
+            ctrl = sp.csr_matrix((z["ctrl_data"], z["ctrl_indices"], z["ctrl_indptr"]), shape=tuple(z["ctrl_shape"]))
+            side = Side(labels, Profiles(labels, z["bulk"], z["jackknife"]),
+                        DETable(labels, z["lfc"], z["pvalue"], z["padj"], z["kept"]), ctrl)
+        return cls(identity, np.array(identity.genes, dtype=object), identity.control, side, meta["baseline"],
+                   meta["replicate"])
+
+
+def _counts(adata) -> sp.csr_matrix:
+    x = adata.X
+    return sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
+
+
+def _codes(cell_labels: np.ndarray, control: str, labels: np.ndarray) -> np.ndarray:
+    """0 for control cells, 1 + index into `labels` otherwise."""
+    codes = np.searchsorted(labels, cell_labels) + 1
+    codes[cell_labels == control] = 0
+    return codes.astype(np.int64)
+
+
+def _stack_rows(top: sp.csr_matrix, x: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """`top` above the rows of `x` where `rows` is True, copying `x`'s entries once (sp.vstack of
+    `x[rows]` copies them twice: a VCC-size prediction is 600 MiB a copy)."""
+    keep = np.repeat(rows, np.diff(x.indptr))
+    n_top, n_keep = top.nnz, int(np.count_nonzero(keep))
+    index_dtype = np.int32 if n_top + n_keep < np.iinfo(np.int32).max else np.int64  # as scipy would choose
+    data = np.empty(n_top + n_keep, dtype=np.result_type(top.data, x.data))
+    indices = np.empty(n_top + n_keep, dtype=index_dtype)
+    data[:n_top], indices[:n_top] = top.data, top.indices
+    np.compress(keep, x.data, out=data[n_top:])
+    np.compress(keep, x.indices, out=indices[n_top:])
+    lengths = np.concatenate([np.diff(top.indptr), np.diff(x.indptr)[rows]])
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(index_dtype)
+    return sp.csr_matrix((data, indices, indptr), shape=(top.shape[0] + int(rows.sum()), x.shape[1]))
+
+
+def summarize(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str,
+              ref_control: sp.csr_matrix | None = None, cells: Normalised | None = None) -> Side:
+    """Summary of one file; with `ref_control` the DE compares against those control cells instead;
+    `cells` is `normalise(counts)` when the caller holds it."""
+    labels = np.array(sorted(set(cell_labels.tolist()) - {control}), dtype=object)
+    codes = _codes(cell_labels, control, labels)
+    ctrl = counts[codes == 0]
+    prof = profiles(counts, codes, labels)
+    if ref_control is None:
+        de = de_table(counts, cells if cells is not None else normalise(counts), codes, labels)
+    else:
+        pert = codes > 0
+        both = _stack_rows(ref_control, counts, pert)
+        de = de_table(both, normalise(both), np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]),
+                      labels)
+    return Side(labels, prof, de, sp.csr_matrix(ctrl))
+
+
+def compare(pred: Side, real: Side, genes: np.ndarray, *, own_control: bool = False) -> dict:
+    """Per-perturbation values and panel means of the six members, `pred` scored against `real`."""
+    cols = exclusion_columns(real.labels, genes, real.labels)
+    ctrl = pred.profiles.bulk[0] if own_control else real.profiles.bulk[0]
+    per = {"pds_cosine": pds_cosine(pred.profiles.bulk[1:] - ctrl, real.profiles.bulk[1:] - real.profiles.bulk[0], cols)}
+    num, den = expr_terms(pred.profiles, real.profiles, cols)
+    per.update(de_metrics(real.de, pred.de, genes))
+    means = {m: _nanmean(per[m]) for m in MEMBERS if m in per}
+    means["expr_mse_unbiased_capped_norm"] = ratio_of_sums(num, den)
+    per["expr_mse_unbiased_capped"], per["expr_distance_unbiased"] = num, den
+    return {"per_perturbation": per, "means": {m: means[m] for m in MEMBERS}}
+
+
+def _nanmean(v: np.ndarray) -> float:
+    ok = np.isfinite(v)
+    return float(v[ok].mean()) if ok.any() else float("nan")
+
+
+def baseline_counts(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str, genes: np.ndarray, seed: int = 0):
+    """cell-eval2's dispersed mean-response baseline: control cells drawn with replacement per
+    perturbation (sorted labels, one generator) and scaled gene-wise to the mean perturbation profile."""
+    labels = np.array(sorted(set(cell_labels.tolist()) - {control}), dtype=object)
+    codes = _codes(cell_labels, control, labels)
+    sums = np.asarray((sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))),
+                                     shape=(labels.size + 1, codes.size)) @ counts.astype(np.float64)).todense())
+    means = sums / np.bincount(codes, minlength=labels.size + 1)[:, None]
+    pert = means[1:]
+    total, count = pert.sum(axis=0), np.full(genes.size, float(labels.size))
+    cols = exclusion_columns(labels, genes, labels)
+    hit = np.flatnonzero(cols >= 0)
+    np.subtract.at(total, cols[hit], pert[hit, cols[hit]])
+    np.subtract.at(count, cols[hit], 1.0)
+    if (count <= 0).any():
+        raise NbglmError("vcc2026: every perturbation targets some gene, so the baseline's mean profile is undefined there")
+    ctrl = counts[codes == 0]
+    ctrl_mean = np.asarray(ctrl.astype(np.float64).mean(axis=0)).ravel()
+    scale = np.where(ctrl_mean <= 0, 0.0, (total / count) / np.where(ctrl_mean <= 0, 1.0, ctrl_mean))
+    rng = np.random.default_rng(seed)
+    sizes = np.bincount(codes, minlength=labels.size + 1)[1:]
+    source = np.concatenate([rng.integers(0, ctrl.shape[0], size=int(s)) for s in sizes])
+    out = sp.csr_matrix(ctrl[source], dtype=ctrl.dtype, copy=True)
+    out.data = (out.data * scale[out.indices]).astype(np.float32)
+    out.eliminate_zeros()
+    return out, np.repeat(labels, sizes)
+
+
+def _halves(obs: pd.DataFrame, pert_col: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """cell-eval2's disjoint split: per group (pandas groupby order) a permutation, floor(n/2) each."""
+    rng = np.random.default_rng(seed)
+    a, b = [], []
+    for idx in obs.groupby(pert_col, observed=True).indices.values():
+        perm = rng.permutation(np.asarray(idx))
+        h = perm.size // 2
+        if h >= 1:
+            a.append(perm[:h])
+            b.append(perm[h:2 * h])
+    return np.concatenate(a), np.concatenate(b)
+
+
+def replicate_anchor(counts: sp.csr_matrix, obs: pd.DataFrame, pert_col: str, control: str,
+                     genes: np.ndarray, full: Side, cells: Normalised) -> dict[str, float]:
+    """Mean over 5 split-halves (seeds from SeedSequence(0)) of half B scored against half A, each
+    half with its own control; `de_wilcoxon_lfc_nmae` takes its gate from the full reference."""
+    cell_labels = obs[pert_col].astype(str).to_numpy()
+    seeds = [int(s) for s in np.random.SeedSequence(BASE_SEED).generate_state(N_SPLITS)]
+    runs = []
+    for seed in seeds:
+        ia, ib = _halves(obs, pert_col, seed)
+        half_a = summarize(counts[ia], cell_labels[ia], control, cells=cells.rows(ia))
+        half_b = summarize(counts[ib], cell_labels[ib], control, cells=cells.rows(ib))
+        if not (np.array_equal(half_a.labels, full.labels) and np.array_equal(half_b.labels, full.labels)):
+            raise NbglmError("vcc2026: a perturbation has fewer than 2 cells; the replicate anchor needs 2 or more per group")
+        means = compare(half_b, half_a, genes, own_control=True)["means"]
+        means["de_wilcoxon_lfc_nmae"] = _nanmean(lfc_nmae_split(full.de, half_a.de, half_b.de, genes))
+        runs.append(means)
+    return {m: float(np.mean([r[m] for r in runs])) for m in MEMBERS}
+
+
+def build_reference(real, *, pert_col: str, control: str) -> Reference:
+    """The real side, the baseline's panel means and the replicate anchor, computed once."""
+    counts = _counts(real)
+    genes = np.asarray(real.var_names, dtype=object)
+    cell_labels = real.obs[pert_col].astype(str).to_numpy()
+    if control not in set(cell_labels.tolist()):
+        raise NbglmError(f"vcc2026: control label {control!r} not found in the real data's obs[{pert_col!r}]")
+    cells = normalise(counts)
+    side = summarize(counts, cell_labels, control, cells=cells)
+    b_counts, b_labels = baseline_counts(counts, cell_labels, control, genes)
+    b_side = summarize(b_counts, b_labels, control, ref_control=side.control_counts)
+    baseline = compare(b_side, side, genes)["means"]
+    replicate = replicate_anchor(counts, real.obs, pert_col, control, genes, side, cells)
+    return Reference(DataIdentity.of(real, pert_col, control), genes, control, side, baseline, replicate)
+
+
+def scaled(user: dict[str, float], ref: Reference) -> dict[str, float]:
+    """s = (u - b) / (r - b) per member with cell-eval2's clamps: the expression error in [0, 1],
+    the fold-change error floored at -6; a missing value takes the member's floor."""
+    out = {}
+    for m in MEMBERS:
+        b, r, u = ref.baseline[m], ref.replicate[m], user[m]
+        if m == "expr_mse_unbiased_capped_norm":
+            out[m] = 0.0 if not math.isfinite(u) else min(max((u - b) / (r - b), 0.0), 1.0)
+        elif m == "de_wilcoxon_lfc_nmae":
+            out[m] = -6.0 if not math.isfinite(u) else max((u - b) / (r - b), -6.0)
+        else:
+            out[m] = (0.0 - b) / (r - b) if not math.isfinite(u) else (u - b) / (r - b)
+    return out
+
+
+def check_submission(pred, ref: Reference, *, pert_col: str) -> None:
+    """The 2026 rules: raw counts (non-negative, integral, cell totals <= 1e6), the reference's
+    gene axis and perturbation labels exactly (control included)."""
+    genes = np.asarray(pred.var_names, dtype=object)
+    if genes.size != ref.genes.size or not np.array_equal(genes, ref.genes):
+        raise NbglmError("vcc2026: the prediction's genes differ from the reference's (names or order); "
+                         "write the prediction on the reference's gene axis in its order")
+    if pert_col not in pred.obs:
+        raise NbglmError(f"vcc2026: the prediction has no obs[{pert_col!r}] column; add the perturbation labels")
+    labels = set(pred.obs[pert_col].astype(str).tolist())
+    want = set(ref.real.labels.tolist()) | {ref.control}
+    if labels != want:
+        extra, missing = sorted(labels - want)[:3], sorted(want - labels)[:3]
+        raise NbglmError(f"vcc2026: the prediction's perturbation labels differ from the reference's "
+                         f"(missing {missing}, unexpected {extra}); predict exactly the reference's labels, control included")
+    x = _counts(pred)
+    if x.data.size and (x.data.min() < 0 or not np.all(np.isfinite(x.data))):
+        raise NbglmError("vcc2026: the prediction has negative or non-finite values; submit raw non-negative counts")
+    if x.data.size and np.any(x.data != np.round(x.data)):
+        raise NbglmError("vcc2026: the prediction has fractional values; submit integral raw counts, not normalised data")
+    if x.shape[0] and float(np.asarray(x.sum(axis=1)).max()) > MAX_CELL_TOTAL:
+        raise NbglmError("vcc2026: a predicted cell totals more than 1e6 counts; downscale cells to at most 1e6 counts each")
+
+
+def evaluate_vcc2026(pred, real, *, pert_col: str, control: str, cache: Reference | None = None) -> dict:
+    """Score `pred` against `real` (raw-count AnnData); `cache` is `build_reference(real)` if held."""
+    if cache is None:
+        ref = build_reference(real, pert_col=pert_col, control=control)
+    else:
+        ref = cache
+        ref.check(real, pert_col, control)
+    check_submission(pred, ref, pert_col=pert_col)
+    side = summarize(_counts(pred), pred.obs[pert_col].astype(str).to_numpy(), control,
+                     ref_control=ref.real.control_counts)
+    result = compare(side, ref.real, ref.genes)
+    sc = scaled(result["means"], ref)
+    values = result["per_perturbation"]
+    per = {str(lab): {m: (float(v[i]) if math.isfinite(v[i]) else None) for m, v in values.items()}
+           for i, lab in enumerate(side.labels)}
+    return {"vcc2026": result["means"], "vcc2026_scaled": sc, "vcc2026_score": float(np.mean(list(sc.values()))),
+            "vcc2026_baseline": ref.baseline, "vcc2026_replicate": ref.replicate,
+            "n_perturbations": int(side.labels.size), "n_genes": int(ref.genes.size), "per_perturbation": per}
