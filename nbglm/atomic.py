@@ -4,11 +4,14 @@ half-written or empty file under its final name.
 Each write goes to a temp name beside the target (`.<name>.<host>.<pid>.<random>.tmp<suffix>`),
 is flushed to disk (fsync), gets the mode the process umask gives a new file, is renamed over the
 target, and the directory entry is flushed too. Temp files that a killed process left behind are
-removed by the next write into the same directory from the same host.
+removed by the next write into the same directory from the same host. A full disk is one
+NbglmError naming the file (and the bytes needed where the writer knows them), never a traceback.
+A directory whose run failed after it was created carries a `FAILED` file that every reader refuses.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -23,6 +26,49 @@ from typing import IO, Any
 from nbglm.errors import NbglmError
 
 _TMP = ".tmp"
+FAILED = "FAILED"
+
+
+def disk_full(exc: BaseException) -> bool:
+    """An OSError of a full disk or quota, also as h5py words it (its errno is not always set)."""
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or "No space left on device" in str(exc))
+
+
+def disk_full_error(path: str | Path | None, need: int | None = None) -> NbglmError:
+    """The one line for a full disk: where, and how much was needed when known."""
+    where = f" writing {path}" if path else ""
+    free = ""
+    if path:
+        try:
+            free = f", {shutil.disk_usage(Path(path).parent).free / 1e6:.1f} MB free"
+        except OSError:
+            pass
+    size = f" (needs about {need / 1e6:.1f} MB{free})" if need else f" ({free.lstrip(', ')})" if free else ""
+    return NbglmError(f"disk full{where}{size}: free some space or write elsewhere; nothing partial was kept")
+
+
+def check_space(path: str | Path, need: int) -> None:
+    """Refuse a write of about `need` bytes before it starts when the filesystem has less free."""
+    path = Path(path)
+    directory = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    if shutil.disk_usage(directory).free < need:
+        raise disk_full_error(path, need)
+
+
+def mark_failed(directory: str | Path, reason: str) -> None:
+    """Mark a directory whose run failed after it was created, so no reader takes it for a result."""
+    write_text(Path(directory) / FAILED, reason.strip() + "\n")
+
+
+def refuse_failed(path: str | Path) -> None:
+    """Refuse a file from a directory marked FAILED (a bundle, or a sub-folder of one)."""
+    path = Path(path).resolve()
+    for directory in (path, *list(path.parents)[:2]):
+        if (directory / FAILED).is_file():
+            reason = (directory / FAILED).read_text().strip().splitlines() or [""]
+            raise NbglmError(f"{path} belongs to a failed run ({directory / FAILED}: {reason[0][:200]}); "
+                             "rerun it instead")
 
 
 @cache
@@ -83,17 +129,22 @@ def _publish(tmp: Path, path: Path, mode: int) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path` for a writer to create; on success it replaces `path`."""
+def atomic_path(path: str | Path, need: int | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `path` for a writer to create; on success it replaces `path`.
+    `need`: the bytes the writer will write, checked against the free space first."""
     path = Path(path)
+    if need:
+        check_space(path, need)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(path.parent)
     tmp = _temp_name(path)
     try:
         yield tmp
         _publish(tmp, path, 0o666)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if disk_full(exc):
+            raise disk_full_error(path, need) from None
         raise
 
 
@@ -116,6 +167,22 @@ def check_new_output(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise NbglmError(f"output {out} already exists and is not an empty directory; choose a new one or remove it")
+    existing = next(p for p in [out.resolve(), *out.resolve().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"output {out} cannot be created ({existing} is not a writable directory); choose "
+                         "another path")
+    return out
+
+
+def check_new_file(out: str | Path) -> Path:
+    """Refuse an existing `out`, or one whose directory cannot be written: before the work, not after."""
+    out = Path(out)
+    if out.exists():
+        raise NbglmError(f"output {out} already exists; choose a new name or remove it")
+    existing = next(p for p in [out.parent.resolve(), *out.parent.resolve().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"output {out} cannot be written ({existing} is not a writable directory); choose "
+                         "another path")
     return out
 
 
@@ -131,6 +198,8 @@ def atomic_dir(out: str | Path, *, new: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         _publish(tmp, out, 0o777)  # a rename replaces an empty directory
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):
+            raise disk_full_error(exc.filename or out) from None
         raise

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,8 +189,18 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
+def is_plain_name(name: str) -> bool:
+    """A name that becomes one directory entry: not empty, no separator, not `.`/`..`, no NUL.
+    Every name that becomes a path (experiment.name, a sweep's name) is checked with this, so a
+    bundle never leaves its root."""
+    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and name not in (".", "..")
+
+
+PLAIN_NAME = "a plain directory name (not empty, no '/', not '.' or '..')"
+
 # Range checks that a type alone cannot express: key -> (predicate, what is allowed).
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "experiment.name": (is_plain_name, PLAIN_NAME),
     "model.rank": (lambda v: v is None or v > 0, "a positive integer or null (full rank)"),
     "model.gp_dropout": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "model.g_out_dim": (lambda v: v > 0, "a positive integer"),
@@ -224,6 +236,18 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "pipeline.resources.cpu": (lambda v: v >= 0, "a non-negative number"),
     "pipeline.resources.gpu": (lambda v: v >= 0, "a non-negative number"),
 }
+
+# Bounds that must agree with each other: (predicate on the config, the message when they do not).
+_AGREE: list[tuple[typing.Callable[[Any], bool], typing.Callable[[Any], str]]] = [
+    (lambda c: c.train.lr_schedule.min_lr <= c.train.lr,
+     lambda c: f"train.lr_schedule.min_lr = {c.train.lr_schedule.min_lr:g} is above train.lr = {c.train.lr:g}: "
+               "the schedule decays from lr down to min_lr; lower min_lr"),
+    (lambda c: c.model.theta_min < c.model.theta_max,
+     lambda c: f"model.theta_min = {c.model.theta_min:g} must be below model.theta_max = {c.model.theta_max:g}"),
+    (lambda c: c.data.synthetic.n_train_perts + c.data.synthetic.n_test_perts <= c.data.synthetic.n_genes,
+     lambda c: "data.synthetic.n_train_perts + n_test_perts must be <= data.synthetic.n_genes (every perturbation "
+               "targets a distinct gene)"),
+]
 
 
 def _describe(tp: Any) -> str:
@@ -288,6 +312,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
+def _floats(value: Any) -> list[float]:
+    """The floats of a coerced leaf value (a float, or a list of them)."""
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if isinstance(v, float)]
+
+
 def _from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
     """Build dataclass `cls` from a (partial) dict, rejecting unknown keys with a suggestion."""
     if raw is None:
@@ -304,6 +334,8 @@ def _from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
             hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
             raise NbglmError(f"unknown config key '{full}'{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
+        if not all(math.isfinite(v) for v in _floats(kwargs[key])):
+            raise NbglmError(f"config key '{full}' = {value!r} is invalid: expected a finite number (no inf or nan)")
         if full in _RANGES and not _RANGES[full][0](kwargs[key]):
             raise NbglmError(f"config key '{full}' = {value!r} is invalid: expected {_RANGES[full][1]}")
     return cls(**kwargs)
@@ -351,6 +383,8 @@ def read_yaml(path: str | Path) -> dict:
         raise NbglmError(f"config file not found: {p} (check the path)")
     try:
         raw = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise NbglmError(f"config file {p} is not text (not UTF-8); give a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -367,12 +401,38 @@ def from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
     for item in overrides:
         set_dotted(raw, *parse_override(item))
-    return _from_dict(Config, raw)
+    cfg = _from_dict(Config, raw)
+    for agree, message in _AGREE:
+        if not agree(cfg):
+            raise NbglmError(message(cfg))
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Resolve the config every command runs with: defaults <- YAML file <- overrides."""
     return from_dict(read_yaml(path) if path else {}, overrides)
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate without swapping: MemAvailable of /proc/meminfo,
+    else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(nbytes: float, what: str, knob: str) -> None:
+    """Refuse, before any work, an allocation larger than the memory available: a one-line error
+    naming the knob, instead of a traceback (or the OOM killer) minutes later."""
+    free = available_memory()
+    if nbytes > free:
+        raise NbglmError(f"{what} needs about {nbytes / 1e9:.3g} GB but {free / 1e9:.3g} GB of memory is "
+                         f"available: lower {knob}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -4,16 +4,23 @@
 knows nothing of Ray: several seeds at once (`pipeline.mode=multi_seed`) are the sweep layer's
 job (`nbglm.sweep.multiseed`), which the command line dispatches to. A bundle `outputs/{name}__{timestamp}/` holds `config.yaml` (resolved), `ckpt/model.pt`,
 `preds/pred.h5ad`, `metrics/metrics.json` and `logs/run.log`; every file is written atomically.
+
+Everything that can be checked is checked before the bundle exists (inputs, sizes against the
+machine's memory, a writable outputs_root). A new bundle is filled under a temp name and renamed
+into place at the end, so a run that fails later (a divergence, a full disk) leaves nothing; a
+bundle directory the caller provides (a sweep's unit) is marked FAILED instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,7 @@ import anndata as ad
 
 from nbglm import atomic
 from nbglm.baselines import BASELINES, predict_baseline
-from nbglm.config import Config, to_yaml
+from nbglm.config import Config, check_fits, to_yaml
 from nbglm.data import Dataset, load_dataset
 from nbglm.errors import NbglmError
 from nbglm.metrics import GroundTruthCache, Reference, build_cache, cache_profile, evaluate, load_cache, profile_metrics
@@ -43,8 +50,9 @@ class ExperimentResult:
     history: list[dict] = field(default_factory=list)  # per-epoch {'epoch', 'loss', 'lr'}
 
 
-def check_mode_inputs(cfg: Config) -> None:
-    """Fail before any work when the mode lacks an input it needs, naming the key to set."""
+def check_mode_inputs(cfg: Config, data: Dataset | None = None) -> None:
+    """Fail before any work when the mode lacks an input it needs, naming the key to set (`data`:
+    the dataset a caller built, e.g. a cross-validation fold whose validation part plays the test set)."""
     mode = cfg.pipeline.mode
     if cfg.model.name in BASELINES and mode in {"sample_eval", "sample"}:
         raise NbglmError(f"model.name={cfg.model.name} is a baseline with no checkpoint: "
@@ -61,7 +69,7 @@ def check_mode_inputs(cfg: Config) -> None:
             raise NbglmError("pipeline.mode=evaluate_only needs paths.pred_h5ad (the predictions to score)")
         if not Path(pred).is_file():
             raise NbglmError(f"prediction file not found: {pred} (check paths.pred_h5ad)")
-    if mode in EVALUATING_MODES and cfg.paths.train_h5ad and not cfg.paths.test_h5ad:
+    if mode in EVALUATING_MODES and data is None and cfg.paths.train_h5ad and not cfg.paths.test_h5ad:
         raise NbglmError(f"pipeline.mode={mode} scores predictions against real held-out cells: "
                          "set paths.test_h5ad, or use pipeline.mode=train_sample")
     if cfg.model.name in BASELINES and cfg.evaluate.profile == "vcc2026" and mode in EVALUATING_MODES:
@@ -71,10 +79,61 @@ def check_mode_inputs(cfg: Config) -> None:
         raise NbglmError(f"DE cache not found: {cfg.evaluate.de_cache} (build it with `nbglm build-de-cache`)")
 
 
+def check_outputs_root(cfg: Config) -> Path:
+    """paths.outputs_root must be (or be creatable as) a directory this process can write into."""
+    root = Path(cfg.paths.outputs_root).expanduser().resolve()
+    existing = next(p for p in [root, *root.parents] if p.exists())
+    if not existing.is_dir():
+        raise NbglmError(f"paths.outputs_root {root}: {existing} is a file, not a directory; set paths.outputs_root "
+                         "to a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"paths.outputs_root {root}: {existing} is not writable; set paths.outputs_root "
+                         "to a directory you can write")
+    return root
+
+
+def check_sizes(cfg: Config, data: Dataset) -> None:
+    """Estimate the largest allocations of the run from the config and the data, and refuse now,
+    naming the knob, what cannot fit in the memory available (not a traceback minutes later)."""
+    n_genes, m = len(data.gene_names), cfg.model
+    n_cells = (data.heldout["n_cells"].fillna(cfg.sampling.n_cells_default).sum()
+               if "n_cells" in data.heldout else cfg.sampling.n_cells_default * len(data.heldout))
+    n_cells = float(n_cells) + (data.train.n_obs if cfg.sampling.control_cells == "model" else 0)
+    # The prediction: CSR float32 counts + int32 indices, up to every cell x gene element.
+    check_fits(8.0 * n_cells * n_genes, f"the prediction ({n_cells:.0f} cells x {n_genes} genes)",
+               "the held-out list's n_cells (or sampling.n_cells_default)")
+    check_fits(3 * 8.0 * min(cfg.sampling.batch_cells, n_cells) * n_genes,
+               f"a sampling batch ({cfg.sampling.batch_cells} cells x {n_genes} genes)", "sampling.batch_cells")
+    if m.name != "lowrank_nb_glm" or cfg.pipeline.mode not in ("train_sample_eval", "train_sample"):
+        return
+    n_perts = len(data.pert_emb)
+    # Parameters (x4: values, gradients, two AdamW moments) and the MLP activations over every row.
+    g = _mlp_bytes(data.gene_emb.shape[1], m.g_mlp_hidden, m.g_out_dim, n_genes)
+    p = _mlp_bytes(data.pert_emb.shape[1], m.p_mlp_hidden, m.p_out_dim, n_perts)
+    g_out = m.g_out_dim if m.g_mlp_hidden else data.gene_emb.shape[1]
+    p_out = m.p_out_dim if m.p_mlp_hidden else data.pert_emb.shape[1]
+    kernel = 16.0 * (g_out * p_out if m.rank is None else (g_out + p_out) * m.rank)
+    check_fits(g + p + kernel, "the model (parameters, optimizer state, activations)",
+               "model.rank, model.g_mlp_hidden / p_mlp_hidden or model.g_out_dim / p_out_dim")
+    rows = cfg.train.batch_size if cfg.train.fit_mode == "whole" else n_perts
+    check_fits(4 * 4.0 * min(rows, data.train.n_obs + n_perts) * n_genes,
+               f"a training step ({rows} rows x {n_genes} genes)",
+               "train.batch_size" if cfg.train.fit_mode == "whole" else "the number of training perturbations")
+
+
+def _mlp_bytes(in_dim: int, hidden: list[int], out_dim: int, n_rows: int) -> float:
+    widths = [in_dim, *hidden, out_dim] if hidden else [in_dim]
+    params = sum(a * b for a, b in zip(widths, widths[1:]))
+    return 16.0 * params + 3 * 4.0 * n_rows * sum(widths[1:])
+
+
 def new_bundle_dir(cfg: Config) -> Path:
     """`{outputs_root}/{name}__{timestamp}`, made unique if two runs start in the same second."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.paths.outputs_root).resolve() / f"{cfg.experiment.name}__{stamp}"
+    root = check_outputs_root(cfg)
+    base = root / f"{cfg.experiment.name}__{stamp}"
+    if base.parent != root:  # the config check makes this impossible; a bundle never leaves its root
+        raise NbglmError(f"experiment.name {cfg.experiment.name!r} would leave paths.outputs_root {root}")
     bundle, n = base, 1
     while bundle.exists():
         bundle, n = base.with_name(f"{base.name}-{n}"), n + 1
@@ -98,7 +157,10 @@ def _run_log(bundle: Path) -> Iterator[None]:
 
 
 def write_h5ad(adata: ad.AnnData, path: Path) -> None:
-    with atomic.atomic_path(path) as tmp:
+    """Write `adata` atomically, after checking the disk has room for its matrix."""
+    x = adata.X
+    need = sum(a.nbytes for a in (x.data, x.indices, x.indptr)) if hasattr(x, "indptr") else x.nbytes
+    with atomic.atomic_path(path, need=int(need)) as tmp:
         adata.write_h5ad(tmp)
 
 
@@ -109,31 +171,52 @@ def run_experiment(
     bundle_dir: Path | None = None,
     on_epoch_end: EpochCallback | None = None,
     de_cache: GroundTruthCache | Reference | None = None,
+    val_signal: bool = False,
 ) -> ExperimentResult:
-    """Run `cfg.pipeline.mode` and write its bundle; `data`/`de_cache` let callers load once."""
+    """Run `cfg.pipeline.mode` and write its bundle; `data`/`de_cache` let callers load once.
+
+    `val_signal`: per-epoch 'val_nll' on `data.test` (`nbglm.train.fit`); for cross-validation units only."""
     if cfg.pipeline.mode == "multi_seed":
         raise NbglmError("pipeline.mode=multi_seed runs several seeds on Ray: start it with `nbglm run`, "
                          "or call nbglm.sweep.multiseed.run_multi_seed")
-    check_mode_inputs(cfg)
+    check_mode_inputs(cfg, data)
+    final = Path(bundle_dir).resolve() if bundle_dir else new_bundle_dir(cfg)
     # Inputs first: a bad file fails here, before the bundle exists.
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     if data is None:
         data = load_dataset(cfg)
         timings["load_s"] = time.perf_counter() - t_start
-    mode, seed = cfg.pipeline.mode, cfg.experiment.seed
+    mode = cfg.pipeline.mode
     pred = _read_pred(cfg.paths.pred_h5ad, data) if mode == "evaluate_only" else None
     model = _load_pretrained(cfg.pipeline.pretrained_ckpt, data) if mode in {"sample_eval", "sample"} else None
+    check_sizes(cfg, data)
+    fill = partial(_fill, cfg, data, final=final, pred=pred, model=model, timings=timings, t_start=t_start,
+                   on_epoch_end=on_epoch_end, de_cache=de_cache, val_signal=val_signal)
+    if bundle_dir is None:
+        with atomic.atomic_dir(final) as tmp:  # appears only once complete
+            return fill(tmp)
+    final.mkdir(parents=True, exist_ok=True)
+    try:
+        return fill(final)
+    except BaseException as exc:
+        atomic.mark_failed(final, f"{type(exc).__name__}: {exc}")
+        raise
 
-    bundle = Path(bundle_dir).resolve() if bundle_dir else new_bundle_dir(cfg)
-    bundle.mkdir(parents=True, exist_ok=True)
+
+def _fill(cfg: Config, data: Dataset, bundle: Path, *, final: Path, pred: ad.AnnData | None,
+          model: LowRankNBGLM | None, timings: dict[str, float], t_start: float,
+          on_epoch_end: EpochCallback | None, de_cache: GroundTruthCache | None,
+          val_signal: bool) -> ExperimentResult:
+    """Train / sample / evaluate as the mode says, writing into `bundle` (`final` once complete)."""
+    mode, seed = cfg.pipeline.mode, cfg.experiment.seed
     atomic.write_text(bundle / "config.yaml", to_yaml(cfg))
     history: list[dict] = []
     with _run_log(bundle):
-        log.info("run %s mode=%s seed=%d bundle=%s", cfg.experiment.name, mode, seed, bundle)
+        log.info("run %s mode=%s seed=%d bundle=%s", cfg.experiment.name, mode, seed, final)
         if pred is None:
             if model is None and cfg.model.name not in BASELINES:
-                fitted = _train(cfg, data, bundle, on_epoch_end)
+                fitted = _train(cfg, data, bundle, on_epoch_end, val_signal)
                 model, history, timings["train_s"] = fitted.model, fitted.history, fitted.wall_time_s
             t0 = time.perf_counter()
             pred = predict_baseline(cfg, data, seed) if model is None else sample_heldout(model, data, cfg, seed=seed)
@@ -150,11 +233,12 @@ def run_experiment(
         timings["total_s"] = time.perf_counter() - t_start
         atomic.write_json(bundle / "metrics" / "metrics.json",
                           {**metrics, "seed": seed, "mode": mode, "timings": timings, "history": history})
-    return ExperimentResult(metrics=metrics, bundle=bundle, timings=timings, seed=seed, history=history)
+    return ExperimentResult(metrics=metrics, bundle=final, timings=timings, seed=seed, history=history)
 
 
 def _read_pred(path: str, data: Dataset) -> ad.AnnData:
     """The predictions to score, checked against the data's genes before anything is written."""
+    atomic.refuse_failed(path)
     pred = ad.read_h5ad(path)
     if list(pred.var_names) != data.gene_names:
         raise NbglmError(f"predictions {path} have other genes than the data ({pred.n_vars} vs "
@@ -168,9 +252,10 @@ def _load_pretrained(path: str, data: Dataset) -> LowRankNBGLM:
     return model
 
 
-def _train(cfg: Config, data: Dataset, bundle: Path, on_epoch_end: EpochCallback | None) -> FitResult:
+def _train(cfg: Config, data: Dataset, bundle: Path, on_epoch_end: EpochCallback | None,
+           val_signal: bool) -> FitResult:
     """Fit a new model and checkpoint it before anything is sampled from it."""
-    result = fit(cfg, data, on_epoch_end=on_epoch_end)
+    result = fit(cfg, data, on_epoch_end=on_epoch_end, val_signal=val_signal)
     save_checkpoint(bundle / "ckpt" / "model.pt", result.model, cfg)
     log.info("trained %d epochs in %.1fs, final loss %.4f", len(result.history), result.wall_time_s,
              result.history[-1]["loss"] if result.history else float("nan"))

@@ -124,8 +124,9 @@ class _Cells:
     phase: np.ndarray | None  # 0/1/2, with model.use_cycle only
 
 
-def _prepare(cfg: Config, data: Dataset) -> tuple[LowRankNBGLM, _Cells]:
-    """Control statistics, the model, and the cells the fit sees."""
+def _prepare(cfg: Config, data: Dataset) -> tuple[LowRankNBGLM, _Cells, float]:
+    """Control statistics, the model, the cells the fit sees, and the reference total count that
+    turns a cell's total into its size factor."""
     mcfg = cfg.model
     adata = data.train
     x = sp.csr_matrix(adata.X, dtype=np.float32)
@@ -155,7 +156,24 @@ def _prepare(cfg: Config, data: Dataset) -> tuple[LowRankNBGLM, _Cells]:
     pos = {name: i for i, name in enumerate(model.pert_names)}
     pert[keep & ~is_ctrl] = [pos[p] for p in labels[keep & ~is_ctrl]]
     cells = _Cells(x=x[keep], pert=pert[keep], sf=sf[keep], phase=None if phase is None else phase[keep])
-    return model, cells
+    return model, cells, ref
+
+
+def _validation_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) -> _Cells | None:
+    """The cells of `data.test` whose perturbation the model knows and the fit never saw (a sweep
+    unit's validation perturbations), sized like the training cells; None when there are none."""
+    if data.test is None:
+        return None
+    x = sp.csr_matrix(data.test.X, dtype=np.float32)
+    labels = data.test.obs[data.pert_col].astype(str).to_numpy()
+    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+    pos = {name: i for i, name in enumerate(model.pert_names)}
+    keep = np.isin(labels, list(set(pos) - set(data.train_perts) - {data.control})) & (totals > 0)
+    if not keep.any():
+        return None
+    sf = totals / ref if cfg.size_factor.use_sf else np.ones_like(totals)
+    phase = phase_indices(data.test.obs, data.phase_col)[keep] if cfg.model.use_cycle else None
+    return _Cells(x=x[keep], pert=np.array([pos[p] for p in labels[keep]], dtype=np.int64), sf=sf[keep], phase=phase)
 
 
 def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
@@ -242,6 +260,16 @@ class _Pseudobulk:
         self.phase = torch.as_tensor(uniq % len(PHASES), device=device) if cells.phase is not None else None
         self.n_elements = float(len(inv)) * cells.x.shape[1]
 
+    @torch.no_grad()
+    def nb_nll(self, model: LowRankNBGLM) -> float:
+        """NB negative log-likelihood per cell-gene element of the pseudobulks, the model in eval mode:
+        the validation signal of early stopping (no sampling, one forward pass)."""
+        was_training = model.training
+        model.eval()
+        value = float(self.loss(model, "nb_nll"))
+        model.train(was_training)
+        return value
+
     def loss(self, model: LowRankNBGLM, name: str) -> torch.Tensor:
         fn = LOSSES[name]
         if name == "mse_log1p":
@@ -263,12 +291,26 @@ def _progress_bar(enabled: bool | None, total: int):
     return bar, bar.add_task("training", total=total)
 
 
+def _check_initial(loss: torch.Tensor, cfg: Config) -> bool:
+    """Before the first update: a loss that is already not finite comes from the model's starting
+    values or the data, which no learning rate can cause; say so (returns False: checked once)."""
+    if not math.isfinite(float(loss.detach())):
+        m = cfg.model
+        raise NbglmError(f"the loss is {float(loss.detach())} before the first update, so the learning rate is not the cause: "
+                         f"check model.alpha_init (now {m.alpha_init:g}), model.theta_min / theta_max (now "
+                         f"{m.theta_min:g} / {m.theta_max:g}) and model.losses.primary ({m.losses.primary})")
+    return False
+
+
 def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
-        progress: bool | None = None) -> FitResult:
+        progress: bool | None = None, val_signal: bool = False) -> FitResult:
     """Fit the model of `cfg` on `data.train`; deterministic on CPU for a given experiment.seed.
 
     `on_epoch_end(epoch, metrics)` gets {'loss', 'lr', 'epoch_s'} after every epoch (1-based).
     `progress`: show a progress bar (None = only when stdout is a terminal).
+    `val_signal`: also put 'val_nll' in each epoch's metrics, the NB NLL of the pseudobulks of the
+    `data.test` perturbations the fit never saw. Only a sweep's cross-validation unit asks for it
+    (its `data.test` is the fold's validation part): early stopping must never see a test set.
     A non-finite loss stops the fit with an NbglmError naming the epoch.
     """
     if cfg.model.name != "lowrank_nb_glm":
@@ -276,8 +318,10 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
     t_start = time.perf_counter()
     device = resolve_device(cfg.experiment.device)
     torch.manual_seed(cfg.experiment.seed)
-    model, cells = _prepare(cfg, data)
+    model, cells, ref = _prepare(cfg, data)
     model.to(device).train()
+    held = _validation_cells(cfg, data, model, ref) if val_signal else None
+    val_bulk = _Pseudobulk(held, device) if held is not None else None
     loss_name, tcfg = cfg.model.losses.primary, cfg.train
 
     if tcfg.fit_mode == "whole":
@@ -303,6 +347,7 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
         sched.step()
 
     history: list[dict] = []
+    first = True
     try:
         for epoch in range(1, tcfg.epochs + 1):
             t0 = time.perf_counter()
@@ -310,20 +355,25 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
             if tcfg.fit_mode == "whole":
                 for pert, log_sf, phase, y in batches.epoch():
                     loss = fn(model(pert, log_sf, phase), y, model.theta).mean()
+                    first = first and _check_initial(loss, cfg)
                     step(loss)
                     total += loss.detach() * len(pert)
                     weight += len(pert)
             else:
                 for _ in range(steps_per_epoch):
                     loss = bulk.loss(model, loss_name)
+                    first = first and _check_initial(loss, cfg)
                     step(loss)
                     total += loss.detach()
                     weight += 1
             epoch_loss = float(total) / weight
             if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
-                raise NbglmError(f"training diverged at epoch {epoch} (loss {epoch_loss}): "
-                                 f"lower train.lr (now {tcfg.lr:g})")
+                clip = "" if tcfg.grad_clip > 0 else ", or set train.grad_clip > 0 (now 0: no clipping)"
+                raise NbglmError(f"training diverged at epoch {epoch} (loss {epoch_loss}) after a finite start: "
+                                 f"lower train.lr (now {tcfg.lr:g}){clip}")
             metrics = {"loss": epoch_loss, "lr": opt.param_groups[0]["lr"], "epoch_s": time.perf_counter() - t0}
+            if val_bulk is not None:
+                metrics["val_nll"] = val_bulk.nb_nll(model)
             history.append({"epoch": epoch, **metrics})
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
@@ -375,6 +425,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Low
     path = Path(path)
     if not path.is_file():
         raise NbglmError(f"checkpoint not found: {path}")
+    atomic.refuse_failed(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         fmt = ckpt.get("format")

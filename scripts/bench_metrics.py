@@ -4,6 +4,9 @@
     python scripts/bench_metrics.py --quick    # the small size only
     python scripts/bench_metrics.py --profile vcc2026   # cell-eval2 0.20 vs nbglm's vcc2026 (see bench_2026)
 
+First a line that names the machine: CPU model, cores, and the SIMD features numpy sees (numpy's
+sort speed depends on them). Then, per size:
+
 Three sides, each in its own child process so that their peak RSS (ru_maxrss) do not mix:
 cell-eval 0.8 (``MetricsEvaluator(...).compute(profile="vcc")``, all CPUs), nbglm
 ``evaluate(pred, real)``, and nbglm with a ground-truth cache built beforehand
@@ -13,6 +16,14 @@ change in machine load hits every side alike. Files are re-read before every cal
 timed region (cell-eval normalises its inputs in place). Reported: median and min seconds per
 call, speed-ups over cell-eval, peak RSS, the load average, and the largest difference between
 the two tools' DES/PDS/MAE means.
+
+The DE keys' sort: nanoseconds per key for numpy's sort and nbglm's radix sort on the same keys
+(the prediction's, as the engine packs them), on one thread and on the engine's thread pool, and
+which one the engine's probe picks on this CPU.
+
+Command level: the whole ``python -m nbglm eval --pred --real --train`` (process start to exit)
+against ``cell-eval run --profile vcc`` on the same files with as many threads, each warmed once,
+then interleaved. nbglm's command also scores the cell-mean baseline of --train (cell-eval's does not).
 """
 
 from __future__ import annotations
@@ -20,12 +31,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,9 +134,12 @@ def bench(name: str, repeats: int, workdir: Path) -> None:
 
     n_perts, n_genes, n_cells, depth = SIZES[name]
     real, pred = synthetic_pair(n_perts, n_genes, n_cells, depth)
-    real_path, pred_path, cache_dir = (str(workdir / f"{name}_{part}") for part in ("real.h5ad", "pred.h5ad", "cache"))
+    real_path, pred_path, train_path, cache_dir = (
+        str(workdir / f"{name}_{part}") for part in ("real.h5ad", "pred.h5ad", "train.h5ad", "cache")
+    )
     real.write_h5ad(real_path)
     pred.write_h5ad(pred_path)
+    synthetic_pair(n_perts, n_genes, n_cells, depth, seed=10)[0].write_h5ad(train_path)
     build_de_cache(real, control=CONTROL).save(cache_dir)
     density = real.X.nnz / (real.n_obs * real.n_vars)
     print(
@@ -162,6 +179,126 @@ def bench(name: str, repeats: int, workdir: Path) -> None:
     diff = max(abs(final["nbglm"]["means"][k] - final["cell-eval"]["means"][k]) for k in METRIC_COLUMNS)
     print(f"max |nbglm - cell-eval| over the DES/PDS/MAE means: {diff:.1e}; "
           f"1-min load average during the timed calls: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
+    sort_figures(pred_path, repeats)
+    command_times(pred_path, real_path, train_path, repeats, workdir / f"{name}_cell-eval-out")
+
+
+def machine() -> str:
+    """CPU model (with family/model numbers: some report only "AMD EPYC"), cores, numpy's SIMD."""
+    from numpy._core._multiarray_umath import __cpu_baseline__, __cpu_dispatch__, __cpu_features__
+
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = info.get("model name", "unknown CPU")
+    ids = f" (family {info['cpu family']}, model {info['model']})" if "cpu family" in info and "model" in info else ""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    wide = [k for k, on in __cpu_features__.items() if on and (k.startswith("AVX512") or k in ("AVX2", "FMA3"))]
+    return (
+        f"CPU: {model}{ids}, {os.cpu_count()} cores ({usable} usable); numpy {np.__version__}: "
+        f"baseline {' '.join(__cpu_baseline__)}, dispatch {' '.join(__cpu_dispatch__)}; "
+        f"CPU features numpy sees: {' '.join(wide) or 'none beyond SSE'}"
+    )
+
+
+def sort_figures(pred_path: str, repeats: int) -> None:
+    """ns per key of numpy's sort and the radix sort on the prediction's DE key blocks."""
+    try:
+        from nbglm.metrics.de import n_threads, pack_keys
+        from nbglm.metrics.io import read_counts_for_eval
+        from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
+    except ImportError as error:  # a tree from before the radix sort: numpy's sort only
+        print(f"DE keys' sort: not timed ({error})", flush=True)
+        return
+    from nbglm.metrics.vcc import group_codes, to_log1p
+
+    pred = read_counts_for_eval(pred_path, "target_gene", "pred")
+    perts, groups = group_codes(pred.obs["target_gene"].to_numpy(str), CONTROL)
+    packed = pack_keys(to_log1p(pred, "pred"), groups.astype(np.int64), perts.size + 1)
+    edges, n_keys = packed.edges, packed.keys.size
+    blocks = [packed.keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+    check = [block.copy() for block in blocks]
+    scratch = np.empty(max(block.size for block in blocks), dtype=np.int64)
+    for block in check:
+        radix_sort(block, scratch)
+    if not all(np.array_equal(ours, np.sort(block)) for ours, block in zip(check, blocks, strict=True)):
+        raise SystemExit("the radix sort disagrees with numpy's sort")
+    del check
+
+    def numpy_sort(block: np.ndarray, _: np.ndarray) -> None:
+        block.sort()
+
+    def radix(block: np.ndarray, buffer: np.ndarray) -> None:
+        sort_keys(block, buffer)
+
+    figures: dict[tuple[str, int], list[float]] = {}
+    for threads in sorted({1, n_threads()}):
+        buffers: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        for _ in range(threads):
+            buffers.put(np.empty_like(scratch))
+
+        def run(sort, block: np.ndarray) -> None:
+            buffer = buffers.get()
+            sort(block, buffer)
+            buffers.put(buffer)
+
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(repeats):
+                for label, sort in (("numpy", numpy_sort), ("radix", radix)):
+                    work = [block.copy() for block in blocks]
+                    start = time.perf_counter()
+                    list(pool.map(lambda block, sort=sort: run(sort, block), work))
+                    figures.setdefault((label, threads), []).append((time.perf_counter() - start) / n_keys * 1e9)
+    cells = "; ".join(
+        f"{threads} thread{'s' if threads > 1 else ''}: numpy {statistics.median(figures['numpy', threads]):.1f}, "
+        f"radix {statistics.median(figures['radix', threads]):.1f}"
+        for threads in sorted({t for _, t in figures})
+    )
+    print(
+        f"DE keys' sort, ns per key (median of {repeats}; {n_keys:,} keys in {len(blocks)} blocks): {cells}; "
+        f"the engine's probe picks {'radix' if radix_is_faster() else 'numpy'}; load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+
+
+def command_times(pred: str, real: str, train: str, repeats: int, outdir: Path) -> None:
+    """Whole commands, process start to exit: nbglm eval vs cell-eval run (vcc profile)."""
+    cell_eval = shutil.which("cell-eval", path=str(Path(sys.executable).parent)) or shutil.which("cell-eval")
+    if cell_eval is None:
+        raise SystemExit("cell-eval's command not found next to this Python or on PATH")
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    commands = {
+        "cell-eval run": [
+            cell_eval, "run", "-ap", pred, "-ar", real, "--control-pert", CONTROL, "--pert-col", "target_gene",
+            "--profile", "vcc", "--num-threads", str(threads), "-o", str(outdir),
+        ],
+        "nbglm eval": [
+            sys.executable, "-m", "nbglm", "eval", "--pred", pred, "--real", real, "--train", train,
+            "--control", CONTROL, "--pert-col", "target_gene",
+        ],
+    }
+    times: dict[str, list[float]] = {side: [] for side in commands}
+    loads = []
+    for round_ in range(repeats + 1):  # round 0 warms each command (imports, numba's cache, page cache)
+        for side in list(commands)[round_ % 2 :] + list(commands)[: round_ % 2]:
+            loads.append(os.getloadavg()[0])
+            start = time.perf_counter()
+            done = subprocess.run(commands[side], capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            if done.returncode != 0:
+                raise SystemExit(f"{side} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+            if round_:
+                times[side].append(seconds)
+    reference, ours = (statistics.median(times[side]) for side in commands)
+    print(
+        f"command level (median of {repeats} after a warm-up, s): cell-eval run {reference:.2f}, "
+        f"nbglm eval {ours:.2f} ({reference / ours:.1f}x); load {min(loads):.1f} to {max(loads):.1f}",
+        flush=True,
+    )
 
 
 # --- vcc2026: cell-eval2 0.20 against nbglm ---------------------------------------------------------
@@ -337,6 +474,7 @@ def main() -> None:
                         help="vcc2026: also time the full sides (baseline and anchor) at the VCC size (cell-eval2 "
                              "takes about 7 metric runs there)")
     args = parser.parse_args()
+    print(machine(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         sizes = ("small",) if args.quick else ("small", "vcc") if args.size == "both" else (args.size,)
         for name in sizes:

@@ -17,14 +17,17 @@ def ray_local() -> Iterator[object]:
 
     Ray 2.60 starts a local cluster with token auth on and, lacking a token, writes one to
     ~/.ray/auth_token; a per-session token in RAY_AUTH_TOKEN keeps auth on without touching $HOME
-    (and reaches the sweep driver subprocesses the tests spawn).
+    (and reaches the sweep driver subprocesses the tests spawn). It starts as the driver's own local
+    Ray does (`start_local`: every socket on 127.0.0.1), which test_hostile checks.
     """
     import ray
+
+    from nbglm.sweep.cluster import start_local
 
     own_token = not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
     if own_token:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2, include_dashboard=False)
+    start_local(num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2)
     try:
         yield ray
     finally:

@@ -27,8 +27,11 @@ from nbglm.metrics import (
     summarize_adata,
     to_log1p,
 )
-from nbglm.metrics.vcc import group_codes
+from nbglm.metrics.buffers import borrowed
+from nbglm.metrics.io import read_counts_for_eval
+from nbglm.metrics.radix import _BUCKET_KEYS, radix_is_faster, radix_sort, sort_keys
 from nbglm.cli import main
+from nbglm.metrics.vcc import group_codes
 
 import cell_eval  # dev dependency: the reference implementation
 
@@ -174,6 +177,76 @@ def test_rank_sum_equals_scipy_on_tie_heavy_data(seed: int, monkeypatch: pytest.
             assert result.u_statistic[g - 1, j] == ref.statistic
             expected = 1.0 if np.isnan(ref.pvalue) else ref.pvalue
             assert result.pvalue[g - 1, j] == pytest.approx(expected, rel=1e-12, abs=1e-300)
+
+
+def _adversarial_keys(case: str) -> np.ndarray:
+    rng = np.random.default_rng(11)
+    top = np.iinfo(np.int64).max
+    big = 5 * _BUCKET_KEYS  # split on its top bits before the in-cache sort
+    return {
+        "empty": np.array([], dtype=np.int64),
+        "one": np.array([42], dtype=np.int64),
+        "two equal": np.array([7, 7], dtype=np.int64),
+        "all equal": np.full(big, 123456789, dtype=np.int64),
+        "all equal at max": np.full(1000, top, dtype=np.int64),
+        "tiny": rng.integers(0, 50, 20),
+        "one block": rng.integers(1 << 40, (1 << 40) + (1 << 20), 5000),
+        "full 63 bits": rng.integers(0, top, 3000, endpoint=True),
+        "full 63 bits, large": np.concatenate([rng.integers(0, top, big), [0, top, top, 0]]),
+        "only the top bit varies": (rng.integers(0, 2, 4000) << 62) | 12345,
+        "only the lowest bit varies": rng.integers(0, 2, 4000) + (1 << 50),
+        "few distinct": rng.choice(np.array([3, 1 << 33, (1 << 33) + 1, top]), big),
+        "one outlier, large": np.append(rng.integers(0, 1000, big), top),
+        "sorted": np.arange(big, dtype=np.int64) * 3,
+        "reversed": np.arange(big, dtype=np.int64)[::-1].copy(),
+        "gene blocks": (np.repeat(np.arange(40), 2000) << 37) | rng.integers(0, 1 << 37, 80_000),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty", "one", "two equal", "all equal", "all equal at max", "tiny", "one block", "full 63 bits",
+        "full 63 bits, large", "only the top bit varies", "only the lowest bit varies", "few distinct",
+        "one outlier, large", "sorted", "reversed", "gene blocks",
+    ],
+)
+def test_radix_sort_equals_numpy_sort(case: str) -> None:
+    keys = _adversarial_keys(case)
+    expected = np.sort(keys)
+    work, scratch = keys.copy(), np.full(keys.size + 3, -1, dtype=np.int64)  # a longer scratch is fine
+    radix_sort(work, scratch)
+    np.testing.assert_array_equal(work, expected)
+    work = keys.copy()
+    sorted_keys = scratch[: keys.size] if sort_keys(work, scratch) else work
+    np.testing.assert_array_equal(sorted_keys, expected)
+
+
+def test_radix_sort_refuses_negative_keys() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        radix_sort(np.array([5, -1, 3], dtype=np.int64), np.empty(3, dtype=np.int64))
+
+
+@pytest.mark.parametrize("block_keys", [1, 16, 1 << 15])
+def test_rank_sum_radix_and_numpy_sorts_agree(block_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sorts, with one block, many small blocks, and blocks left empty by all-zero genes."""
+    assert isinstance(radix_is_faster(), bool)
+    monkeypatch.setattr(nbglm.metrics.de, "_BLOCK_KEYS", block_keys)
+    rng = np.random.default_rng(block_keys)
+    groups = np.repeat(np.arange(5), [60, 30, 25, 40, 1])
+    x = rng.poisson(rng.uniform(0, 3, 40), (groups.size, 40)).astype(np.float32)
+    x[:, 10:20] = 0.0  # ten all-zero genes: empty blocks
+    x[:, 25] *= 1e30  # a wide range of values
+    results = []
+    for radix in (True, False):
+        monkeypatch.setattr(nbglm.metrics.de, "radix_is_faster", lambda radix=radix: radix)
+        results.append(rank_sum_test(sp.csr_matrix(x), groups, 5))
+    np.testing.assert_array_equal(results[0].u_statistic, results[1].u_statistic)
+    np.testing.assert_array_equal(results[0].pvalue, results[1].pvalue)
+    for g in range(1, 5):
+        for j in (0, 15, 25):
+            ref = mannwhitneyu(x[groups == g, j], x[groups == 0, j], method="asymptotic", use_continuity=True)
+            assert results[0].u_statistic[g - 1, j] == ref.statistic
 
 
 def test_rank_sum_group_weights_equal_repeated_rows() -> None:
@@ -420,3 +493,43 @@ def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
     assert _cli(["eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(tmp_path / "real.h5ad")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pred file not found") and err.count("\n") == 1
+
+
+def test_read_counts_for_eval_reads_what_the_metrics_use(tmp_path: Path) -> None:
+    real = make_counts(73)
+    real.obs["other"] = np.arange(real.n_obs)
+    real.obsm["pca"] = np.zeros((real.n_obs, 2))
+    real.write_h5ad(tmp_path / "real.h5ad")
+    ours = read_counts_for_eval(tmp_path / "real.h5ad", "target_gene", "real")
+    assert sp.issparse(ours.X) and ours.X.dtype == real.X.dtype and ours.X.format == "csr"
+    assert (ours.X != real.X).nnz == 0
+    np.testing.assert_array_equal(ours.var_names, real.var_names)
+    np.testing.assert_array_equal(ours.obs["target_gene"].to_numpy(str), real.obs["target_gene"].to_numpy(str))
+    assert list(ours.obs.columns) == ["target_gene"] and not ours.obsm
+    dense = ad.AnnData(X=real.X.toarray(), obs=real.obs, var=real.var)
+    dense.write_h5ad(tmp_path / "dense.h5ad")
+    np.testing.assert_array_equal(read_counts_for_eval(tmp_path / "dense.h5ad", "target_gene", "pred").X, dense.X)
+
+
+def test_read_counts_for_eval_errors_are_one_line(tmp_path: Path) -> None:
+    make_counts(74).write_h5ad(tmp_path / "real.h5ad")
+    (tmp_path / "junk.h5ad").write_bytes(b"not an hdf5 file")
+    cases = [
+        (tmp_path / "missing.h5ad", "target_gene", "pred file not found"),
+        (tmp_path / "junk.h5ad", "target_gene", "cannot read pred file .*junk.h5ad as h5ad: "),
+        (tmp_path / "real.h5ad", "perturbation", "pred has no obs column 'perturbation' \\(columns: target_gene"),
+    ]
+    for path, pert_col, message in cases:
+        with pytest.raises(NbglmError, match=message) as error:
+            read_counts_for_eval(path, pert_col, "pred")
+        assert "\n" not in str(error.value)
+
+
+def test_borrowed_buffers_are_never_lent_twice_at_once() -> None:
+    with borrowed("test buffer", 64) as outer, borrowed("test buffer", 32) as inner:
+        assert outer.size == 64 and inner.size == 32 and not np.shares_memory(outer, inner)
+        outer[:] = 1
+        inner[:] = 2
+        assert (outer == 1).all()
+    with borrowed("test buffer", 16) as again:  # the larger one was kept and is lent again
+        assert again.size == 16 and again.base.size == 64

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -177,3 +178,20 @@ def test_selection_ignores_the_test_set_which_is_scored_once_at_the_end(ray_loca
                   exp_gene_dim=None)
     assert (tmp_path / "pred.vcc").stat().st_size > 0
 
+
+
+def test_without_ground_truth_the_sweep_predicts_the_held_out_list(ray_local, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    files = _synth_files(tmp_path)
+    sets = [s for s in _file_sets(tmp_path, files, "test.h5ad", "name=blind", "search.num_samples=1", "seeds=[1]")
+            if "test_h5ad" not in s] + [f"overrides.paths.val_list_csv={files / 'val_list.csv'}"]
+    assert main(["sweep", str(SMOKE), *(f"--set={s}" for s in sets)]) == 0
+    final = tmp_path / "results" / "blind" / "results" / "final"
+    assert "no ground truth" in capsys.readouterr().out
+    assert (final / "pred.h5ad").is_file() and (final / "config.yaml").is_file()
+    assert not (final / "metrics.json").exists()
+    pred = ad.read_h5ad(final / "pred.h5ad")
+    wanted = pd.read_csv(files / "val_list.csv")
+    counts = pred.obs["target_gene"].astype(str).value_counts()
+    assert {p: int(counts[p]) for p in wanted["target_gene"]} == dict(zip(wanted["target_gene"], wanted["n_cells"]))
+    assert counts["non-targeting"] > 0

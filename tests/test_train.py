@@ -93,7 +93,7 @@ def test_concise_and_whole_reach_similar_heldout_error(data: Dataset, true_lfc: 
 def test_concise_poisson_gradient_equals_full_pass_over_cells(data: Dataset, loss: str) -> None:
     """Pseudobulk sums are exact sufficient statistics for the Poisson losses."""
     cfg = small_cfg(f"model.losses.primary={loss}", "model.gp_dropout=0", "model.use_cycle=true")
-    model, cells = _prepare(cfg, data)
+    model, cells, _ = _prepare(cfg, data)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -193,7 +193,7 @@ def test_zero_count_cells_and_perts_without_embedding_are_left_out(data: Dataset
     x[5] = 0  # one empty cell
     train.X = sp.csr_matrix(x)
     emb = data.pert_emb.drop(index=data.train_perts[0])
-    model, cells = _prepare(small_cfg(), replace(data, train=train, pert_emb=emb))
+    model, cells, _ = _prepare(small_cfg(), replace(data, train=train, pert_emb=emb))
     labels = train.obs[data.pert_col].astype(str)
     expected = ((labels != data.control) & (labels != data.train_perts[0])).sum() - (labels.iloc[5] != data.control)
     assert cells.x.shape[0] == expected

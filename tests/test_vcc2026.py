@@ -8,10 +8,8 @@ an isolated venv created once per machine (``NBGLM_CELLEVAL2_VENV``, default
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -12,6 +12,23 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dotted override, value parsed as YAML (repeatable): --set model.rank=16")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_connect_timeout(p: argparse.ArgumentParser) -> None:
+    """`--connect-timeout`: the deadline of an attempt to attach to the Ray at --address (the default
+    is nbglm.sweep.cluster.CONNECT_TIMEOUT_S, not imported: parsing imports no Ray)."""
+    p.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="give up attaching to --address after this many seconds (default: %(default)s)")
+
+
 def add_data_labels(p: argparse.ArgumentParser) -> None:
     """`--pert-col` and `--control`, defaulting to the experiment config's."""
     from nbglm.config import DataConfig

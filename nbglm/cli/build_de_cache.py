@@ -23,15 +23,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nbglm import atomic
     from nbglm.errors import NbglmError
-    from nbglm.metrics import GroundTruthCache, build_cache, read_eval_h5ad
+    from nbglm.metrics import GroundTruthCache, build_cache, read_counts_for_eval
 
     if args.train and args.profile != "vcc2025":
         raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
-    real = read_eval_h5ad(args.real, args.pert_col, "real")
-    train = read_eval_h5ad(args.train, args.pert_col, "train") if args.train else None
+    atomic.check_new_output(args.output)
+    real = read_counts_for_eval(args.real, args.pert_col, "real")
+    train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
     cache = build_cache(real, train, profile=args.profile, pert_col=args.pert_col, control=args.control)
-    cache.save(args.output)
+    with atomic.atomic_dir(args.output) as tmp:
+        cache.save(tmp)
     if not isinstance(cache, GroundTruthCache):
         ends = ", ".join(f"{name} {cache.baseline[name]:.4f}..{cache.replicate[name]:.4f}" for name in cache.baseline)
         print(f"wrote {args.output}: {cache.real.labels.size} perturbations x {cache.genes.size} genes; "

@@ -46,15 +46,17 @@ def run(args: argparse.Namespace) -> int:
 
     from nbglm import atomic
     from nbglm.errors import NbglmError
-    from nbglm.metrics import evaluate, load_cache, read_eval_h5ad
+    from nbglm.metrics import evaluate, load_cache, read_counts_for_eval
 
     if args.train and args.profile != "vcc2025":
         raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
+    if args.output:
+        atomic.check_new_file(args.output)
+    atomic.refuse_failed(args.pred)
     cache = load_cache(args.de_cache) if args.de_cache else None
-    pred = read_eval_h5ad(args.pred, args.pert_col, "pred")
-    # vcc2026 with a cache reads only the real file's labels and genes (its identity check)
-    real = read_eval_h5ad(args.real, args.pert_col, "real", labels_only=cache is not None and args.profile == "vcc2026")
-    train = read_eval_h5ad(args.train, args.pert_col, "train") if args.train else None
+    pred = read_counts_for_eval(args.pred, args.pert_col, "pred")
+    real = read_counts_for_eval(args.real, args.pert_col, "real")
+    train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
     result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache,
                       profile=args.profile)
     Console().print(_table(result) if args.profile == "vcc2025" else _table_2026(result))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nbglm.cli._args import add_connect_timeout
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run an Optuna x seeds sweep on Ray Tune",
@@ -12,6 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("spec", help="sweep spec YAML, e.g. sweeps/rank_search.yaml")
     p.add_argument("--address", help="attach to a Ray cluster (auto, HOST:PORT or ray://HOST:PORT); "
                    "default: start a local Ray for this sweep")
+    add_connect_timeout(p)
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in <storage_path>/<name>")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key (repeatable): --set search.num_samples=4 --set overrides.train.epochs=5")
@@ -23,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from nbglm.sweep.runner import run_sweep
 
     try:
-        result = run_sweep(args.spec, address=args.address, resume=args.resume, sets=args.sets)
+        result = run_sweep(args.spec, address=args.address, resume=args.resume, sets=args.sets,
+                           connect_timeout=args.connect_timeout)
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -51,6 +51,9 @@ def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, sourc
                          "(nbglm split: --control)")
     if adata.X is None:
         raise NbglmError(f"{source} has no X matrix; X must hold raw UMI counts")
+    if adata.n_vars == 0 or adata.n_obs == 0:
+        raise NbglmError(f"{source} has {adata.n_obs} cells x {adata.n_vars} genes; X must hold raw UMI counts of "
+                         "cells (rows) x genes (columns)")
     x = adata.X
     x = x.tocsr() if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     values = x.data

@@ -242,5 +242,5 @@ def _write_cache(data: SyntheticData, target: Path) -> None:
     try:
         with atomic.atomic_dir(target, new=False) as tmp:
             write_synthetic(data, tmp)
-    except OSError:  # read-only home, full disk, or another process won the race: fine
+    except (OSError, NbglmError):  # read-only home, full disk, or another process won the race: fine
         pass

@@ -8,7 +8,8 @@ Every metric is registered once in :mod:`nbglm.metrics.registry`.
 
 from nbglm.metrics.de import RankSum, benjamini_hochberg, log2_fold_change, rank_sum_test
 from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache, load_de_cache
-from nbglm.metrics.evaluate import build_cache, cache_profile, evaluate, load_cache, read_eval_h5ad
+from nbglm.metrics.evaluate import build_cache, cache_profile, evaluate, load_cache
+from nbglm.metrics.io import read_counts_for_eval
 from nbglm.metrics.registry import METRICS, Metric, get, names, profile_metrics, profiles, values
 from nbglm.metrics.vcc import (
     FileSummary,
@@ -57,7 +58,7 @@ __all__ = [
     "pds",
     "profile_metrics",
     "rank_sum_test",
-    "read_eval_h5ad",
+    "read_counts_for_eval",
     "scaled_scores",
     "score",
     "summarize_adata",

@@ -7,11 +7,13 @@ log2 fold changes of ``expm1(mean(log1p x))`` pseudobulks.
 pdex re-ranks the control cells for every perturbation and gene. Here every stored value of the
 matrix is packed into one integer key ``gene | value | group``, and the keys are scattered into
 blocks of consecutive genes with about equal numbers of keys (a counting sort; its counting pass
-also sums each group's values). A pool of threads then sorts each block with numpy's vectorised
-sort and runs one compiled scan over it that gives every group's rank sum against control:
+also sums each group's values). A pool of threads then sorts each block with a radix sort (see
+:mod:`nbglm.metrics.radix`; numpy's sort where a probe finds it faster on this CPU) and runs one
+compiled scan over it that gives every group's rank sum against control:
 control sorts first within a tie block, so a running count of control entries is each entry's
 rank among the controls. Zeros are never stored or sorted: with non-negative data they form one
-tie block whose contribution has a closed form. The sort and the kernels release the GIL.
+tie block whose contribution has a closed form. Value codes count from the smallest stored
+value, so that a block's keys span few bits. The sort and the kernels release the GIL.
 
 Why sort everything rather than look each perturbation entry up among its gene's sorted control
 values: the lookups hit a table larger than L2 in a data-dependent order; a compiled bucket lookup
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,9 +33,13 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import erfc
 
-_F32_VALUE_BITS = 31  # bit patterns of non-negative float32 values sort like the values
-_BLOCK_KEYS = 1 << 16  # keys per block (512 KiB, sorted and scanned in cache) ...
-_MAX_BLOCKS = 64  # ... but at most this many: every row writes to every block
+from nbglm.metrics.buffers import borrowed
+from nbglm.metrics.radix import radix_is_faster, sort_keys
+
+_BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
+_MAX_BLOCKS = 256  # ... but at most this many: more write cursors slow the scatter more than
+# the sort gains (a larger block is split in cache, see nbglm.metrics.radix)
+_TASKS_PER_THREAD = 8  # runs of blocks per thread, so that uneven blocks even out
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
 
@@ -60,27 +67,33 @@ def n_threads() -> int:
 
 
 @numba.njit(parallel=True, cache=True)
-def _count_entries(data, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
-    """Per chunk of rows: nonzero entries per gene; and float64 column sums per group."""
+def _count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
+    """Per chunk of rows: nonzero entries per gene; float64 column sums per group; and the
+    smallest and largest value code of a nonzero entry."""
     n_rows = indptr.size - 1
     counts = np.zeros((n_chunks, n_genes), dtype=np.int64)
     sums = np.zeros((n_chunks, n_groups, n_genes))
+    code_lo = np.full(n_chunks, np.iinfo(np.int64).max)
+    code_hi = np.zeros(n_chunks, dtype=np.int64)
     for c in numba.prange(n_chunks):
+        lo, hi = code_lo[c], code_hi[c]
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g = groups[row]
             for k in range(indptr[row], indptr[row + 1]):
                 if data[k] != 0:
                     counts[c, indices[k]] += 1
                     sums[c, g, indices[k]] += data[k]
-    return counts, sums.sum(axis=0)
+                    lo, hi = min(lo, np.int64(codes[k])), max(hi, np.int64(codes[k]))
+        code_lo[c], code_hi[c] = lo, hi
+    return counts, sums.sum(axis=0), code_lo.min(), code_hi.max()
 
 
 @numba.njit(parallel=True, cache=True)
-def _scatter_keys(data, codes, indices, indptr, groups, gene_block, start, n_keys, gene_shift, group_bits):  # pragma: no cover
-    """The `n_keys` int64 keys ``gene | value code | group``, one per nonzero entry; chunk c writes
-    block b's keys from `start[c, b]` on, so that each block's keys end up contiguous."""
+def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, start, keys, gene_shift, group_bits):  # pragma: no cover
+    """Fill `keys` with the int64 keys ``gene | value code - code_lo | group``, one per nonzero
+    entry; chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
+    contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
-    keys = np.empty(n_keys, dtype=np.int64)
     for c in numba.prange(n_chunks):
         cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
@@ -93,11 +106,10 @@ def _scatter_keys(data, codes, indices, indptr, groups, gene_block, start, n_key
                             cursor[block] = pos
                         block = gene_block[j]
                         pos = cursor[block]
-                    keys[pos] = (np.int64(j) << gene_shift) | (np.int64(codes[k]) << group_bits) | g
+                    keys[pos] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
                     pos += 1
             if block >= 0:
                 cursor[block] = pos
-    return keys
 
 
 @numba.njit(nogil=True, cache=True)
@@ -133,6 +145,86 @@ def _scan(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma:
         prev = key
 
 
+@numba.njit(nogil=True, cache=True)
+def _radix_sort_and_scan(keys, edges, scratch, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover
+    """Blocks ``keys[edges[i]:edges[i + 1]]`` one after the other: radix sorted, then scanned
+    while still in cache."""
+    for b in range(edges.size - 1):
+        block = keys[edges[b] : edges[b + 1]]
+        in_scratch = sort_keys(block, scratch)
+        _scan(scratch[: block.size] if in_scratch else block, gene_shift, group_bits, group_w, count, below, ties)
+
+
+@dataclass(frozen=True)
+class PackedKeys:
+    """One int64 key ``gene << gene_shift | value code << group_bits | group`` per nonzero entry,
+    in blocks of consecutive genes: block i is ``keys[edges[i]:edges[i + 1]]``, unsorted.
+    `sums` (groups x genes) are the column sums over each group's rows."""
+
+    keys: np.ndarray
+    edges: np.ndarray
+    gene_shift: int
+    group_bits: int
+    sums: np.ndarray
+
+
+def pack_keys(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, out: np.ndarray | None = None) -> PackedKeys:
+    """The keys of CSR `x` (int64 `groups` per row), scattered into blocks of about equal size,
+    written to `out` (bytes, at least 8 per stored entry) when given."""
+    n_genes = x.shape[1]
+    group_bits = max(1, int(n_groups - 1).bit_length())
+    if x.dtype == np.float32:  # the bit patterns of non-negative float32 values sort like the values
+        codes = x.data.view(np.uint32)
+    else:  # ranks among the distinct values
+        codes = np.unique(x.data, return_inverse=True)[1]
+
+    workers = n_threads()
+    gene_counts, sums, code_lo, code_hi = _count_entries(
+        x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes, workers
+    )
+    value_bits = max(1, int(max(0, code_hi - code_lo)).bit_length())  # only the bits the values use
+    gene_shift = value_bits + group_bits
+    if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
+        raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
+    entries = gene_counts.sum(axis=0)
+    n_keys = int(entries.sum())
+    n_blocks = int(np.clip(n_keys // _BLOCK_KEYS, 1, _MAX_BLOCKS))
+    gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, n_keys)  # blocks of about equal keys
+    counts = np.stack([np.bincount(gene_block, weights=row, minlength=n_blocks) for row in gene_counts]).astype(np.int64)
+    start = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T - counts  # block-major: a block's chunks in a row
+    keys = np.empty(n_keys, dtype=np.int64) if out is None else out[: 8 * n_keys].view(np.int64)
+    _scatter_keys(x.data, codes, code_lo, x.indices, x.indptr, groups, gene_block, start, keys, gene_shift, group_bits)
+    return PackedKeys(keys, np.append(start[0], n_keys), gene_shift, group_bits, sums)
+
+
+def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, n_genes: int) -> tuple[np.ndarray, ...]:
+    """Sort and scan every block on the thread pool: (groups x genes) nonzero counts, control
+    entries below, and tie terms (see :func:`_scan`)."""
+    keys, edges, shifts = packed.keys, packed.edges, (packed.gene_shift, packed.group_bits)
+    workers = n_threads()
+    out = tuple(np.zeros((n_genes, group_w.size), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
+    radix = radix_is_faster()
+    scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+    for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
+        scratch.put(np.empty(int(np.diff(edges).max()), dtype=np.int64))
+
+    def sort_and_scan(run: np.ndarray) -> None:
+        if radix:
+            spare = scratch.get()
+            _radix_sort_and_scan(keys, run, spare, *shifts, group_w, *out)
+            scratch.put(spare)
+            return
+        for lo, hi in zip(run[:-1], run[1:], strict=True):
+            keys[lo:hi].sort()
+            _scan(keys[lo:hi], *shifts, group_w, *out)
+
+    n_blocks = edges.size - 1
+    cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(sort_and_scan, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+    return tuple(a.T for a in out)
+
+
 def rank_sum_test(
     x: Matrix, groups: np.ndarray, n_groups: int, group_weights: np.ndarray | None = None
 ) -> RankSum:
@@ -147,40 +239,11 @@ def rank_sum_test(
     """
     groups = np.asarray(groups, dtype=np.int64)
     x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
-    n_genes = x.shape[1]
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
-
-    group_bits = max(1, int(n_groups - 1).bit_length())
-    if x.dtype == np.float32:  # the bit patterns sort like the values
-        value_bits, codes = _F32_VALUE_BITS, x.data.view(np.uint32)
-    else:  # ranks among the distinct values
-        uniques, codes = np.unique(x.data, return_inverse=True)
-        value_bits = max(1, int(uniques.size).bit_length())
-    gene_shift = value_bits + group_bits
-    if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
-        raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
-
-    workers = n_threads()
-    gene_counts, sums = _count_entries(x.data, x.indices, x.indptr, groups, n_groups, n_genes, workers)
-    entries = gene_counts.sum(axis=0)
-    n_keys = int(entries.sum())
-    n_blocks = int(np.clip(n_keys // _BLOCK_KEYS, 1, _MAX_BLOCKS))
-    gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, n_keys)  # blocks of about equal keys
-    counts = np.stack([np.bincount(gene_block, weights=row, minlength=n_blocks) for row in gene_counts]).astype(np.int64)
-    start = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T - counts  # block-major: a block's chunks in a row
-    keys = _scatter_keys(x.data, codes, x.indices, x.indptr, groups, gene_block, start, n_keys, gene_shift, group_bits)
-
-    out = tuple(np.zeros((n_genes, n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
-
-    def sort_and_scan(block: np.ndarray) -> None:
-        block.sort()
-        _scan(block, gene_shift, group_bits, group_w, *out)
-
-    edges = np.append(start[0], n_keys)
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(sort_and_scan, [keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]))
-    count, below, ties = (a.T for a in out)
+    with borrowed("de keys", 8 * x.nnz) as buffer:
+        packed = pack_keys(x, groups, n_groups, buffer)
+        count, below, ties = _sort_and_scan(packed, group_w, x.shape[1])
 
     w = group_w[1:, None]
     n_ctrl = n_per_group[0]
@@ -190,7 +253,7 @@ def rank_sum_test(
     u1 = group_w[0] * below[1:] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
     z_all = zeros + ctrl_zeros
     tie_term = (z_all * z_all * z_all - z_all) + (ties[0] + ties[1:])
-    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), sums, tie_term)
+    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), packed.sums, tie_term)
 
 
 def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:
@@ -208,7 +271,21 @@ def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray)
 
 def benjamini_hochberg(pvalue: np.ndarray) -> np.ndarray:
     """BH-adjusted p-values along the last axis (genes): scipy's ``false_discovery_control``
-    arithmetic, as pdex uses it, without its input checks (p-values here are always valid)."""
+    arithmetic, as pdex uses it, without its input checks (p-values here are always valid).
+    Runs of rows go to the thread pool: numpy's argsort, most of the cost, releases the GIL."""
+    rows = pvalue.reshape(-1, pvalue.shape[-1])
+    out = np.empty_like(rows)
+    cuts = np.linspace(0, rows.shape[0], min(n_threads(), rows.shape[0]) + 1).astype(np.int64)
+
+    def adjust(lo: int, hi: int) -> None:
+        out[lo:hi] = _bh_rows(rows[lo:hi])
+
+    with ThreadPoolExecutor(max(1, cuts.size - 1)) as pool:
+        list(pool.map(adjust, cuts[:-1], cuts[1:]))
+    return out.reshape(pvalue.shape)
+
+
+def _bh_rows(pvalue: np.ndarray) -> np.ndarray:
     m = pvalue.shape[-1]
     order = np.argsort(pvalue, axis=-1)
     adjusted = np.take_along_axis(pvalue, order, axis=-1)

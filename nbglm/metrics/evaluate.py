@@ -22,18 +22,6 @@ from nbglm.metrics.vcc2026 import Reference, build_reference, evaluate_vcc2026
 from nbglm.metrics.vcc import PROFILE, baseline_summary, check_pair, overall_score, scaled_scores, score, summarize_adata
 
 
-def read_eval_h5ad(path: Path, pert_col: str, what: str, *, labels_only: bool = False) -> ad.AnnData:
-    """An h5ad file to score, or a one-line error naming the file and the reason; `labels_only`
-    leaves X on disk (backed), for the real file when a cache holds everything else of it."""
-    if not path.is_file():
-        raise NbglmError(f"{what} file not found: {path}")
-    try:
-        return ad.read_h5ad(path, backed="r" if labels_only else None)
-    except Exception as error:  # anndata/h5py raise many kinds; the user needs the file and reason
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise NbglmError(f"cannot read {what} file {path} as h5ad: {reason}") from None
-
-
 def evaluate(
     pred: ad.AnnData,
     real: ad.AnnData,

@@ -19,6 +19,7 @@ from scipy.spatial.distance import cdist
 
 from nbglm.data.dataset import pseudobulks
 from nbglm.errors import NbglmError
+from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, rank_sum_test
 from nbglm.metrics.registry import Metric, metric, profile_metrics, register
 
@@ -68,14 +69,15 @@ def _labels(adata: ad.AnnData, pert_col: str, which: str) -> np.ndarray:
     return adata.obs[pert_col].to_numpy(str)
 
 
-def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
+def to_log1p(adata: ad.AnnData, which: str, out: np.ndarray | None = None) -> Matrix:
     """X in log1p space as cell-eval sees it: counts are normalised, log1p data is kept.
 
     Integer counts are scaled per cell to the median total count of the file and log1p'd, with
     scanpy's ``normalize_total`` arithmetic (float32 stays float32, integers become float32; the
     median is over all cells for sparse X and over cells with counts for dense X, as scanpy
     does). Fractional data with min >= 0 and max < 15 is taken as log1p already. Anything else
-    is an error.
+    is an error. Normalised sparse values are written to `out` (bytes, enough for the stored
+    entries in the result's dtype) when given.
     """
     x = adata.X
     if x is None:
@@ -101,7 +103,7 @@ def to_log1p(adata: ad.AnnData, which: str) -> Matrix:
                 f"(log1p data stays below {_LOG1P_MAX:g})"
             )
         return x
-    return _normalize_log1p(x, totals.astype(x.dtype))
+    return _normalize_log1p(x, totals.astype(x.dtype), out)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -123,22 +125,23 @@ def _row_stats(data, indptr, eps):  # pragma: no cover - compiled
 
 
 @numba.njit(parallel=True, cache=True)
-def _divide_rows(data, indptr, scale):  # pragma: no cover - compiled
-    """data / scale[row] per stored entry (IEEE division: numpy's result, bit for bit)."""
-    out = np.empty_like(data)
+def _divide_rows(data, indptr, scale, out):  # pragma: no cover - compiled
+    """out = data / scale[row] per stored entry (IEEE division: numpy's result, bit for bit)."""
     for row in numba.prange(indptr.size - 1):
         for k in range(indptr[row], indptr[row + 1]):
             out[k] = data[k] / scale[row]
-    return out
 
 
-def _normalize_log1p(x: Matrix, totals: np.ndarray) -> Matrix:
-    """scanpy ``normalize_total`` (target: median total count) then ``log1p``, same dtype."""
+def _normalize_log1p(x: Matrix, totals: np.ndarray, out: np.ndarray | None) -> Matrix:
+    """scanpy ``normalize_total`` (target: median total count) then ``log1p``, same dtype; sparse
+    values go to `out` (bytes) when it is given and large enough."""
     target = np.median(totals if sp.issparse(x) else totals[totals > 0])
     scale = totals / target
     scale += scale == 0
     if sp.issparse(x):
-        data = _divide_rows(x.data, x.indptr, scale)
+        nbytes = x.data.nbytes
+        data = np.empty_like(x.data) if out is None or out.size < nbytes else out[:nbytes].view(x.dtype)
+        _divide_rows(x.data, x.indptr, scale, data)
         return sp.csr_matrix((np.log1p(data, out=data), x.indices, x.indptr), shape=x.shape)
     out = np.divide(x, scale[:, None])
     return np.log1p(out, out=out)
@@ -223,7 +226,9 @@ def summarize(
 def summarize_adata(adata: ad.AnnData, pert_col: str, control: str, which: str) -> FileSummary:
     """Normalise one AnnData as cell-eval does and summarise it."""
     perts, groups = group_codes(_labels(adata, pert_col, which), control)
-    return summarize(to_log1p(adata, which), groups, adata.var_names.to_numpy(str), perts)
+    stored = adata.X.nnz if sp.issparse(adata.X) else 0
+    with borrowed("log1p values", 8 * stored) as out:  # float64 at most
+        return summarize(to_log1p(adata, which, out), groups, adata.var_names.to_numpy(str), perts)
 
 
 def _significant(s: FileSummary) -> np.ndarray:

@@ -17,8 +17,10 @@ import pandas as pd
 import yaml
 
 from nbglm.errors import NbglmError
-from nbglm.metrics import get, names
-from nbglm.sweep.space import Param, SpecFields
+from nbglm.metrics import names
+from nbglm.sweep.space import Param, SpecFields, rank_objective
+
+METRICS = names()
 
 
 @dataclass
@@ -28,22 +30,14 @@ class Sweep:
     path: Path
     name: str
     space: dict[str, Param]
-    metric: str
+    metric: str  # ranks the configs (the aggregate score when several objectives were searched)
     mode: str
+    objectives: list[tuple[str, str]]  # (metric, mode) the searcher optimised
     base: dict  # the resolved base experiment config (no sampled params)
     configs: pd.DataFrame  # results/configs.csv, params as their searcher labels (strings)
     trials: pd.DataFrame  # results/trials.csv: one row per config x fold x seed
     folds: pd.DataFrame  # folds.csv: the fold of every training perturbation and control cell
     final: dict | None  # results/final/metrics.json: CV and test scores of the refit configs
-
-    @property
-    def profile(self) -> str:
-        return get(self.metric).profile
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        """The registry names of the sweep's profile (the aggregate first): its CSVs' metric columns."""
-        return names(self.profile)
 
     @property
     def seeds(self) -> list[int]:
@@ -54,8 +48,9 @@ class Sweep:
         return int(self.folds["fold"].max()) + 1
 
     def ranked(self) -> pd.DataFrame:
-        """Configs with a scored unit, best cross-validated mean first."""
-        scored = self.configs[self.configs[f"{self.metric}_mean"].notna()]
+        """Finished configs with a cross-validated score, best mean first."""
+        done = self.configs["status"].isin(["ok", "partial"])
+        scored = self.configs[done & self.configs[f"{self.metric}_mean"].notna()]
         return scored.sort_values(f"{self.metric}_mean", ascending=self.mode == "min", kind="stable")
 
     def unit_bundle(self, trial_id: str, fold: int, seed: int) -> Path:
@@ -88,15 +83,18 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     spec = state["spec"]
     defaults = SpecFields()
     space = {str(k): _param(str(k), v) for k, v in spec["search"]["space"].items()}
-    metric = spec.get("metric", defaults.metric)
-    metrics = names(get(metric).profile)
-    stats = [f"{m}_{s}" for m in metrics for s in ("mean", "std", "min", "max")]
+    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
     final = path / "results" / "final" / "metrics.json"
+    metric, mode = spec.get("metric", defaults.metric), spec.get("mode", defaults.mode)
+    objectives = list(zip(metric, mode)) if isinstance(metric, list) else [(metric, mode)]
+    rank_metric, rank_mode = rank_objective(metric, mode)
+    configs = _read_csv(configs_csv, [*stats, "n_units_ok", "n_units"])
+    if "pareto" in configs:
+        configs["pareto"] = configs["pareto"] == "True"
     return Sweep(
-        path=path, name=spec.get("name", defaults.name), space=space, metric=metric,
-        mode=spec.get("mode", defaults.mode), base=state["base_config"],
-        configs=_read_csv(configs_csv, [*stats, "n_units_ok", "n_units"]),
-        trials=_read_csv(path / "results" / "trials.csv", [*metrics, "fold", "seed"]),
+        path=path, name=spec.get("name", defaults.name), space=space, metric=rank_metric, mode=rank_mode,
+        objectives=objectives, base=state["base_config"], configs=configs,
+        trials=_read_csv(path / "results" / "trials.csv", [*METRICS, "fold", "seed"]),
         folds=pd.read_csv(path / "folds.csv", dtype={"label": str}),
         final=json.loads(final.read_text()) if final.is_file() else None,
     )

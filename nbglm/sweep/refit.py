@@ -26,13 +26,13 @@ from nbglm.data.load import Inputs, assemble
 from nbglm.pipeline import load_inputs
 from nbglm.sweep.aggregate import ranked_rows
 from nbglm.sweep.space import SweepSpec
-from nbglm.sweep.units import UnitPool, unit_stats
+from nbglm.sweep.units import METRICS, UnitPool, unit_stats
 
 FINAL = "final"  # refit bundles: <sweep dir>/final/config_<id>/seed_<s>/
 
 
-def _stats(row: dict, metrics: tuple[str, ...]) -> dict[str, dict]:
-    return {m: {"mean": row[f"{m}_mean"], "std": row[f"{m}_std"], "n": row["n_units_ok"]} for m in metrics}
+def _stats(row: dict) -> dict[str, dict]:
+    return {m: {"mean": row[f"{m}_mean"], "std": row[f"{m}_std"], "n": row["n_units_ok"]} for m in METRICS}
 
 
 def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu: float, gpu: float,
@@ -62,17 +62,16 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
     records: list[dict] = []
     while len(pool):
         records += [payload[0] for kind, _, *payload in pool.poll(timeout=1.0) if kind == "done"]
-    summary = {"selected": top[0]["trial_id"], "metric": spec.metric, "mode": spec.mode, "has_ground_truth": has_truth,
-               "seeds": list(spec.seeds), "configs": []}
+    summary = {"selected": top[0]["trial_id"], "metric": spec.rank_metric, "mode": spec.rank_mode,
+               "has_ground_truth": has_truth, "seeds": list(spec.seeds), "configs": []}
     for row, _ in configs:
         recs = [r for r in records if Path(r["bundle"]).parent.name == f"config_{row['trial_id']}"]
         entry: dict[str, Any] = {"trial_id": row["trial_id"], "params": {k: row[k] for k in spec.space},
-                                 "cv": _stats(row, spec.metrics), "failed_seeds": [r["seed"] for r in recs if r["status"] != "ok"],
+                                 "cv": _stats(row), "failed_seeds": [r["seed"] for r in recs if r["status"] != "ok"],
                                  "units": sorted(recs, key=lambda r: r["seed"])}
         if has_truth:
-            entry["test"] = {m: {k: v for k, v in s.items() if k in ("mean", "std", "n")}
-                             for m, s in unit_stats(recs, spec.metrics).items()}
-            cv, test = entry["cv"][spec.metric]["mean"], entry["test"][spec.metric]["mean"]
+            entry["test"] = unit_stats(recs)
+            cv, test = entry["cv"][spec.rank_metric]["mean"], entry["test"][spec.rank_metric]["mean"]
             entry["cv_minus_test"] = None if test is None else cv - test
         summary["configs"].append(entry)
     _write_final(spec, configs[0][1], summary)
@@ -83,7 +82,8 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
 def _write_final(spec: SweepSpec, cfg: Any, summary: dict[str, Any]) -> None:
     """results/final/: config.yaml and one seed's pred.h5ad of the selected config, metrics.json."""
     out = spec.sweep_dir / "results" / FINAL
-    bundles = sorted((spec.sweep_dir / FINAL / f"config_{summary['selected']}").glob("seed_*/preds/pred.h5ad"))
+    bundles = sorted(p for p in (spec.sweep_dir / FINAL / f"config_{summary['selected']}").glob("seed_*/preds/pred.h5ad")
+                     if not (p.parents[1] / atomic.FAILED).exists())  # a seed that failed after sampling
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "config.yaml", f"# Selected by cross-validation in sweep '{spec.name}' (trial "
                       f"{summary['selected']}); refit on all training perturbations.\n" + to_yaml(cfg))

@@ -8,9 +8,14 @@ Tune's experiment state and one directory per config (its seeds' sub-bundles, re
 TensorBoard events), plus `results/` rewritten after every finished config.
 
 `--resume` continues a sweep whose driver died: `Tuner.restore` brings back the trials and the
-Optuna study, finished configs are kept, unfinished ones rerun only their unfinished seeds, and the
-searcher samples the remaining configs. The experiment state is saved every second, so at most a
-config started within that second of a crash is sampled afresh (its directory moves to orphaned/).
+searcher on its Optuna study (`optuna.db`), finished configs are kept, unfinished ones rerun only
+their unfinished seeds, and the searcher samples the remaining configs. The experiment state is
+saved every second, so at most a config started within that second of a crash is sampled afresh
+(its directory moves to orphaned/, its Optuna trial is marked FAIL). How the search itself works
+(sampler, warm start, persistent study, ASHA) is in `nbglm.sweep.search`.
+
+The driver prints one line per finished config (`k/N configs`, the best so far, an ETA), terminal
+or not, so a batch job's log shows how far the sweep is.
 """
 
 from __future__ import annotations
@@ -29,18 +34,21 @@ import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
-from ray.tune.search.optuna import OptunaSearch
 
 from nbglm import atomic
-from nbglm.config import to_dict
+from nbglm.config import from_dict, to_dict
 from nbglm.errors import NbglmError
 from nbglm.data.folds import assign_folds
 from nbglm.data.load import check_inputs, read_inputs
-from nbglm.sweep.aggregate import TrialInfo, export, print_final, print_table, write_hparams_experiment
-from nbglm.sweep.cluster import check_shared_storage, ray_session, unit_resources
+from nbglm.sweep.aggregate import (TrialInfo, export, print_final, print_table, progress_line,
+                                  write_hparams_experiment)
+from nbglm.sweep.cluster import (CONNECT_TIMEOUT_S, check_address, check_shared_storage, ray_session,
+                                 unit_resources)
 from nbglm.sweep.folds import FoldStore, build_fold, data_key
+from nbglm.pipeline import check_sizes
 from nbglm.sweep.refit import refit
-from nbglm.sweep.space import SweepSpec, load_spec
+from nbglm.sweep.search import SweepASHA, make_searcher, tracker_callbacks
+from nbglm.sweep.space import SweepSpec, load_spec, warm_start_rows
 from nbglm.sweep.trainable import TRIAL_RESOURCES, SweepContext, train_config, trial_dirname
 from nbglm.sweep.units import injected_faults
 
@@ -54,17 +62,6 @@ class SweepResult:
     sweep_dir: Path
     rows: list[dict]  # results/configs.csv
     final: dict | None  # results/final/metrics.json's content; None before the refit or without ground truth
-
-
-class FinalOnlyOptunaSearch(OptunaSearch):
-    """OptunaSearch that learns only from a trial's final result (the seed mean).
-
-    Intermediate results carry training progress with a NaN metric; no pruner is used, so Optuna
-    has no use for them, and ignoring them keeps NaNs out of its study.
-    """
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        return None
 
 
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
@@ -89,6 +86,9 @@ def _check_directory(spec: SweepSpec, base: dict, resume: bool) -> None:
         return
     if not has_state:
         raise NbglmError(f"nothing to resume in {sweep_dir} (no Tune experiment state); run without --resume")
+    if sweep_dir.stat().st_mode & 0o022:  # --resume unpickles Tune's state: whoever can write it runs code here
+        raise NbglmError(f"refusing to resume from {sweep_dir}: it is writable by group or others, and resuming "
+                         f"loads Tune's pickled state from it; `chmod go-w {sweep_dir}` if you trust its content")
     if saved.is_file():
         old = yaml.safe_load(saved.read_text())
         diff = _first_difference(old, {"spec": spec.raw, "base_config": base})
@@ -126,22 +126,33 @@ def _trial_error(trial: Any) -> str | None:
     return _last_line(Path(path).read_text()) if path and Path(path).is_file() else None
 
 
+def _status(trial: Any, ending: Any = None) -> str:
+    """Tune's status, or STOPPED for a trial the scheduler ended before its final result. `ending`:
+    the trial a callback is told has completed, still RUNNING while Tune runs the callbacks."""
+    if trial is ending and trial.status == "RUNNING":
+        return "TERMINATED" if (trial.last_result or {}).get("final") else "STOPPED"
+    if trial.status == "TERMINATED" and not (trial.last_result or {}).get("final"):
+        return "STOPPED"
+    return trial.status
+
+
 class ExportCallback(tune.Callback):
-    """Rewrite results/ whenever a config finishes, so the export is readable mid-sweep."""
+    """Rewrite results/ whenever a config finishes, so the export is readable mid-sweep, and print
+    the progress line."""
 
-    def __init__(self, spec: SweepSpec, base: dict) -> None:
-        self.spec, self.base = spec, base
+    def __init__(self, spec: SweepSpec, base: dict, slots: int) -> None:
+        self.spec, self.base, self.slots = spec, base, slots
 
-    def _export(self, trials: list) -> None:
-        infos = [TrialInfo(t.trial_id, Path(t.path).name, dict(t.config), t.status,
+    def _export(self, trials: list, ending: Any = None) -> list[dict]:
+        infos = [TrialInfo(t.trial_id, Path(t.path).name, dict(t.config), _status(t, ending),
                            _trial_error(t) if t.status == "ERROR" else None) for t in trials]
-        export(self.spec.sweep_dir, self.spec, self.base, infos)
+        return export(self.spec.sweep_dir, self.spec, self.base, infos)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._export(trials)
+        print(progress_line(self.spec, self._export(trials, trial), self.slots), flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._export(trials)
+        print(progress_line(self.spec, self._export(trials), self.slots), flush=True)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Also move aside the directory of a config the driver started in the last second before
@@ -155,7 +166,7 @@ class ExportCallback(tune.Callback):
 
 
 def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool = False,
-              sets: list[str] | tuple[str, ...] = ()) -> SweepResult:
+              sets: list[str] | tuple[str, ...] = (), connect_timeout: float = CONNECT_TIMEOUT_S) -> SweepResult:
     """Run (or resume) the sweep of `spec_path`; its export is in `<sweep_dir>/results/`."""
     spec = load_spec(spec_path, sets)
     base_cfg = spec.resolve_base()
@@ -164,6 +175,9 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     print(f"sweep '{spec.name}': results in {sweep_dir}", flush=True)
 
     _check_directory(spec, base, resume)
+    if address:
+        check_address(address, connect_timeout)  # before the data is read: a wrong address costs seconds
+    warm_rows = warm_start_rows(spec) if spec.search.warm_start and not resume else []
     inputs = read_inputs(base_cfg)  # read here, shipped to every node via the object store
     check_inputs(base_cfg, inputs)  # a held-out list that overlaps training is one line now, not after the search
     pert_col, control = base_cfg.data.pert_name_col, base_cfg.data.control_name
@@ -171,9 +185,11 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     folds = (pd.read_csv(folds_csv, dtype={"label": str}) if resume and folds_csv.is_file()
              else assign_folds(inputs, pert_col, control, spec.selection.folds, spec.selection.seed))
     base_folds = [build_fold(base_cfg, inputs, folds, f) for f in range(spec.selection.folds)]  # bad data: here
+    _check_sizes(spec, base, base_folds[0][0])
     faults = injected_faults()
-    with ray_session(address, units=spec.max_concurrent * len(spec.units())):
+    with ray_session(address, units=spec.max_concurrent * len(spec.units()), timeout=connect_timeout):
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu)
+        slots = _unit_slots(spec, cpu, gpu)
         check_shared_storage(sweep_dir)
         prebuilt = {data_key(base_cfg): [(ray.put(d), ray.put(c)) for d, c in base_folds]}
         del base_folds
@@ -187,21 +203,25 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
                                        resume_errored=False, restart_errored=False)
         else:
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # Tune's table reports the trials
-            sampler_cls = optuna.samplers.TPESampler if spec.search.sampler == "tpe" else optuna.samplers.RandomSampler
-            searcher = FinalOnlyOptunaSearch(spec.optuna_space(), metric=spec.metric, mode=spec.mode,
-                                             sampler=sampler_cls(seed=spec.search.seed))
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            searcher = make_searcher(spec)
+            if warm_rows:
+                added = searcher.add_finished(spec, warm_rows, Path(str(spec.search.warm_start)))
+                print(f"sweep '{spec.name}': warm start with {added} finished config(s) of {spec.search.warm_start}",
+                      flush=True)
+            scheduler = SweepASHA(spec, base_cfg.train.epochs) if spec.early_stopping else None
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
-                                            num_samples=spec.search.num_samples, reuse_actors=True,
-                                            trial_dirname_creator=trial_dirname),
+                                            scheduler=scheduler, num_samples=spec.search.num_samples,
+                                            reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=str(sweep_dir.parent),
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    callbacks=[ExportCallback(spec, base), CSVLoggerCallback(), JsonLoggerCallback()],
+                    callbacks=[ExportCallback(spec, base, slots), CSVLoggerCallback(), JsonLoggerCallback(),
+                               *tracker_callbacks(spec)],
                 ),
             )
-            sweep_dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(sweep_dir / SAVED_SPEC,
                               yaml.safe_dump({"spec": spec.raw, "base_config": base}, sort_keys=False))
             atomic.write_text(folds_csv, folds.to_csv(index=False))
@@ -211,7 +231,8 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
         rows = _final_export(spec, base, grid)
         print_table(spec, rows)
         final = None
-        if all(not r.error and r.metrics.get("final") for r in grid) and len(grid) == spec.search.num_samples:
+        interrupted = [r for r in grid if not r.error and not r.metrics.get("done")]
+        if not interrupted and len(grid) == spec.search.num_samples:
             final = refit(spec, base, rows, inputs, cpu=cpu, gpu=gpu, faults=faults)
             print_final(spec, final, inputs.test is not None)
         else:
@@ -219,11 +240,33 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     return SweepResult(spec.name, sweep_dir, rows, final if inputs.test is not None else None)
 
 
+def _check_sizes(spec: SweepSpec, base: dict, data: Any) -> None:
+    """The base config and each end of every search range must fit in memory on the fold data."""
+    points = [{}] + [{key: v} for key, p in spec.space.items()
+                     for v in (p.labels() if p.type == "categorical" else [p.low, p.high])]
+    for point in points:
+        try:
+            check_sizes(from_dict(spec.experiment_dict(point, base)), data)
+        except NbglmError as exc:
+            where = f"search.space['{next(iter(point))}'] = {next(iter(point.values()))!r}: " if point else ""
+            raise NbglmError(f"{where}{exc}") from None
+
+
 def _final_export(spec: SweepSpec, base: dict, grid: Any) -> list[dict]:
     """The export from the final ResultGrid (what the callback last wrote, plus the rows); a trial
     without its final report was interrupted (Ctrl-C) and is left for --resume."""
     infos = [TrialInfo(Path(r.path).name.removeprefix("config_"), Path(r.path).name, dict(r.config),
-                       "ERROR" if r.error else "TERMINATED" if r.metrics.get("final") else "UNFINISHED",
+                       "ERROR" if r.error else "TERMINATED" if r.metrics.get("final")
+                       else "STOPPED" if r.metrics.get("done") else "UNFINISHED",
                        _last_line(str(r.error)) if r.error else None)
              for r in grid]
     return export(spec.sweep_dir, spec, base, infos)
+
+
+def _unit_slots(spec: SweepSpec, cpu: float, gpu: float) -> int:
+    """How many units the sweep runs at once: its own limit, or what the cluster's CPUs/GPUs hold."""
+    total = ray.cluster_resources()
+    fits = [spec.max_concurrent * len(spec.units()), int(total.get("CPU", 1) // cpu)]
+    if gpu:
+        fits.append(int(total.get("GPU", 0) // gpu))
+    return max(1, min(fits))

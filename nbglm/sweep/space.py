@@ -13,17 +13,20 @@ searcher as its YAML flow label (`"[256, 128]"`) and is decoded back when the co
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from nbglm.config import (Config, ResourcesConfig, _from_dict, all_keys, from_dict, parse_override, read_yaml,
-                          set_dotted, to_dict)
+from nbglm.config import (PLAIN_NAME, Config, ResourcesConfig, _from_dict, all_keys, from_dict, is_plain_name,
+                          parse_override, read_yaml, set_dotted, to_dict)
 from nbglm.errors import NbglmError
-from nbglm.metrics import METRICS, get, names
+from nbglm.metrics.registry import get as get_metric
+from nbglm.metrics import names as metric_names
 
 # Keys a sampled config cannot change: the data files and labels the folds were cut from, the modes
 # and seeds the sweep itself sets, where results go.
@@ -31,11 +34,32 @@ FIXED_KEYS = ("paths.", "pipeline.", "experiment.", "evaluate.", "data.pert_name
               "data.use_split", "data.synthetic.")
 
 
+SAMPLERS = ("tpe", "random", "nsga2", "cmaes")
+CALLBACKS = ("mlflow",)  # experiment trackers a sweep can log to
+EARLY_STOPPING_TYPES = ("asha",)
+
+
 @dataclass
 class SearchSettings:
     num_samples: int = 8  # sampled configs in total (each runs every seed)
-    sampler: Literal["tpe", "random"] = "tpe"
+    sampler: str = "tpe"  # one of SAMPLERS
     seed: int | None = 0  # sampler seed; null = nondeterministic
+    warm_start: str | None = None  # an earlier sweep dir whose finished configs seed the study
+
+    def startup_trials(self) -> int:
+        """Random configs before a model-based sampler takes over: a quarter of the budget (at least
+        4), so a 16-config sweep spends 12 on TPE instead of Optuna's fixed 10 at random."""
+        return max(4, self.num_samples // 4)
+
+
+@dataclass
+class EarlyStopping:
+    """`early_stopping: {type: asha, min_epochs: m, reduction_factor: r}`: Tune's ASHA stops configs
+    whose validation signal (mean over folds x seeds) falls behind at epochs m, m*r, m*r^2, ..."""
+
+    type: str = "asha"
+    min_epochs: int = 1
+    reduction_factor: float = 3.0
 
 
 @dataclass
@@ -56,12 +80,13 @@ class SpecFields:
     name: str = "sweep"
     base_config: str | None = None  # experiment YAML, relative to the spec file; null = defaults
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
-    metric: str = "overall_score"  # a metric of the registry (nbglm.metrics.registry); its profile is the sweep's
-    mode: Literal["max", "min"] = "max"
+    metric: str | list[str] = "overall_score"  # registry metric(s); a list is a multi-objective search
+    mode: str | list[str] = "max"  # max or min, one per metric
     resources: ResourcesConfig = field(default_factory=lambda: ResourcesConfig(cpu=1.0, gpu=0.25))  # per seed
     max_concurrent: int = 2  # configs in flight at once
     max_failures: int = 1  # retries of a crashed config trial
     storage_path: str = "sweep_results"  # results go to <storage_path>/<name>/
+    callbacks: list[str] = field(default_factory=list)  # trackers: mlflow (local store <sweep dir>/mlflow.db)
 
 
 @dataclass(frozen=True)
@@ -102,19 +127,30 @@ class SweepSpec(SpecFields):
     path: Path = Path()  # the spec file (base_config is relative to it)
     search: SearchSettings = field(default_factory=SearchSettings)
     selection: SelectionSettings = field(default_factory=SelectionSettings)
+    early_stopping: EarlyStopping | None = None
     space: dict[str, Param] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value
     raw: dict = field(default_factory=dict)  # the spec as resolved (after --set), saved with the results
 
     @property
-    def profile(self) -> str:
-        """The metric profile every unit is scored with: the one `metric` belongs to."""
-        return get(self.metric).profile
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, mode) of each objective the searcher optimises."""
+        if isinstance(self.metric, list):
+            return list(zip(self.metric, self.mode))
+        return [(self.metric, str(self.mode))]
 
     @property
-    def metrics(self) -> tuple[str, ...]:
-        """The registry names a unit record, the exports, TensorBoard and the report carry."""
-        return names(self.profile)
+    def multi_objective(self) -> bool:
+        return isinstance(self.metric, list)
+
+    @property
+    def rank_metric(self) -> str:
+        """The metric that ranks configs (best config, refit, tables); see `rank_objective`."""
+        return rank_objective(self.metric, self.mode)[0]
+
+    @property
+    def rank_mode(self) -> str:
+        return rank_objective(self.metric, self.mode)[1]
 
     @property
     def sweep_dir(self) -> Path:
@@ -149,6 +185,16 @@ class SweepSpec(SpecFields):
 
     def _base_path(self) -> Path:
         return (self.path.parent / str(self.base_config)).resolve()
+
+
+def rank_objective(metric: str | list[str], mode: str | list[str]) -> tuple[str, str]:
+    """(metric, mode) that ranks configs: the objective of a single-objective search; for several
+    objectives the stated rule, the profile's aggregate score (the registry's first metric), which
+    picks best_config.yaml and the refit from the Pareto front."""
+    if isinstance(metric, list):
+        name = metric_names()[0]
+        return name, get_metric(name).direction
+    return metric, str(mode)
 
 
 def _label(choice: Any) -> Any:
@@ -213,20 +259,6 @@ def _parse_param(key: str, raw: Any, config_keys: list[str]) -> Param:
     raise NbglmError(f"{where}: 'type' must be one of int, float, categorical, got {kind!r}")
 
 
-def _profile_override(path: Path, base_config: Any, overrides: dict[str, Any], metric: str) -> dict[str, Any]:
-    """The overrides with `evaluate.profile` set to the metric's profile; one line when the base
-    config or the overrides already ask for another (the units would report the wrong metrics)."""
-    profile = get(metric).profile
-    set_here = overrides.get("evaluate.profile")
-    base = path.parent / str(base_config)
-    set_in_base = (read_yaml(base).get("evaluate") or {}).get("profile") if base_config and base.is_file() else None
-    for where, value in (("overrides", set_here), (f"base_config {base_config}", set_in_base)):
-        if value is not None and value != profile:
-            raise NbglmError(f"'metric' = {metric!r} is a {profile} metric but {where} sets evaluate.profile={value}: "
-                             f"set evaluate.profile={profile} or pick a {value} metric")
-    return {**overrides, "evaluate.profile": profile}
-
-
 def _check_values(spec: SweepSpec) -> None:
     """Build the base config once per bound/choice so the config's own checks reject bad values now."""
     base = to_dict(spec.resolve_base())
@@ -276,10 +308,23 @@ def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Sweep
         raise NbglmError(f"sweep spec {path.name}: {msg}") from None
 
 
+def _check_storage(sweep_dir: Path) -> None:
+    """The sweep directory must be a directory, or creatable in a writable one: checked before Ray
+    starts, not when Tune first writes."""
+    existing = next(p for p in [sweep_dir, *sweep_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise NbglmError(f"storage_path: {existing} is a file, so {sweep_dir} cannot be created; set storage_path "
+                         "to a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"storage_path: {existing} is not writable, so {sweep_dir} cannot be written; set "
+                         "storage_path to a directory you can write")
+
+
 def _parse(path: Path, raw: dict) -> SweepSpec:
     body = dict(raw)
     search_raw = body.pop("search", None) or {}
     selection_raw = body.pop("selection", None) or {}
+    stopping_raw = body.pop("early_stopping", None)
     overrides_raw = body.pop("overrides", None) or {}
     if not isinstance(search_raw, dict):
         raise NbglmError("'search' must be a mapping with space, num_samples, sampler, seed")
@@ -287,13 +332,14 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
         raise NbglmError("'overrides' must be a mapping of experiment config keys")
     search_raw = dict(search_raw)
     space_raw = search_raw.pop("space", None) or {}
-    known = [f.name for f in dataclasses.fields(SpecFields)] + ["search", "selection", "overrides"]
+    known = [f.name for f in dataclasses.fields(SpecFields)] + ["search", "selection", "early_stopping", "overrides"]
     for key in body:
         if key not in known:
             raise NbglmError(f"unknown key '{key}'{_suggest(str(key), known)}")
     fields = _from_dict(SpecFields, body)
     search = _from_dict(SearchSettings, search_raw, "search")
     selection = _from_dict(SelectionSettings, selection_raw, "selection")
+    stopping = None if stopping_raw is None else _from_dict(EarlyStopping, stopping_raw, "early_stopping")
     if not fields.seeds:
         raise NbglmError("'seeds' is empty: list at least one seed, e.g. seeds: [1, 2, 3]")
     if len(set(fields.seeds)) != len(fields.seeds):
@@ -303,17 +349,19 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
         raise NbglmError(f"storage_path {fields.storage_path!r}: only local paths and file:// are supported: every "
                          "node writes seed records straight into the sweep directory, so on a cluster use a path all "
                          "nodes mount (NFS, or the bucket mounted with s3fs/gcsfuse)")
-    if not fields.name or "/" in fields.name or fields.name in (".", ".."):
-        raise NbglmError(f"'name' must be a plain directory name, got {fields.name!r}")
+    if not is_plain_name(fields.name):
+        raise NbglmError(f"'name' must be {PLAIN_NAME}, got {fields.name!r}")
+    _check_objectives(fields.metric, fields.mode)
     checks = [
-        (fields.metric in METRICS,
-         f"'metric' = {fields.metric!r} is invalid: expected one of {', '.join(METRICS)}"),
         (search.num_samples >= 1, "search.num_samples must be >= 1"),
+        (search.sampler in SAMPLERS, f"search.sampler = {search.sampler!r} is invalid: expected one of "
+                                     f"{', '.join(SAMPLERS)}"),
         (selection.folds >= 2, f"selection.folds = {selection.folds}: cross-validation needs at least 2 folds"),
         (selection.refit_top >= 1, f"selection.refit_top = {selection.refit_top}: refit at least 1 config"),
         (fields.max_concurrent >= 1, "max_concurrent must be >= 1"),
         (fields.max_failures >= 0, "max_failures must be >= 0"),
         (fields.resources.cpu > 0, "resources.cpu must be > 0 (each seed unit needs some CPU)"),
+        (fields.resources.gpu >= 0, f"resources.gpu = {fields.resources.gpu:g}: a GPU share must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -321,16 +369,86 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     if not isinstance(space_raw, dict) or not space_raw:
         raise NbglmError("search.space is empty: add at least one entry, "
                          "e.g. model.rank: {type: int, low: 2, high: 64}")
+    _check_storage(Path(fields.storage_path.removeprefix("file://")).expanduser().resolve() / fields.name)
     config_keys = all_keys()
     space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
-    overrides = _profile_override(path, body.get("base_config"), _flatten(overrides_raw), fields.metric)
-    spec = SweepSpec(**vars(fields), path=path, search=search, selection=selection, space=space,
-                     overrides=overrides, raw=raw)
+    overrides = _flatten(overrides_raw)
+    spec = SweepSpec(**vars(fields), path=path, search=search, selection=selection, early_stopping=stopping,
+                     space=space, overrides=overrides, raw=raw)
     if fields.base_config and not spec._base_path().is_file():
         raise NbglmError(f"base_config not found: {spec._base_path()} (it is relative to the spec file)")
     base = spec.resolve_base()
+    if base.evaluate.profile != "vcc2025":
+        raise NbglmError(f"the base config scores with evaluate.profile={base.evaluate.profile}; sweeps score the "
+                         "vcc2025 profile for now (vcc2026 works in `nbglm run` and `nbglm eval --profile vcc2026`)")
     if base.pipeline.mode != "train_sample_eval":
         raise NbglmError(f"the base config runs pipeline.mode={base.pipeline.mode}; a sweep trains every config "
                          "on each fold's training part and scores its validation part: use train_sample_eval")
     _check_values(spec)
+    _check_search(spec, base.train.epochs)
     return spec
+
+
+def _check_objectives(metric: Any, mode: Any) -> None:
+    """One metric with one mode, or equally long lists of distinct registry metrics and modes."""
+    metrics = metric if isinstance(metric, list) else [metric]
+    modes = mode if isinstance(mode, list) else [mode]
+    if isinstance(metric, list) != isinstance(mode, list) or len(metrics) != len(modes):
+        raise NbglmError(f"'metric' {metric!r} and 'mode' {mode!r} differ in length: give one mode per metric")
+    if not metrics or len(set(metrics)) != len(metrics):
+        raise NbglmError(f"'metric' {metric!r} needs at least one metric and no repeats")
+    for m in metrics:
+        if m not in metric_names():
+            raise NbglmError(f"'metric' = {m!r} is invalid: expected one of {', '.join(metric_names())}")
+    for m in modes:
+        if m not in ("max", "min"):
+            raise NbglmError(f"'mode' = {m!r} is invalid: expected max or min")
+
+
+def _check_search(spec: SweepSpec, epochs: int) -> None:
+    """Early stopping, sampler and warm start fit the objectives and the space."""
+    es, sampler = spec.early_stopping, spec.search.sampler
+    if es is not None:
+        if es.type not in EARLY_STOPPING_TYPES:
+            raise NbglmError(f"early_stopping.type = {es.type!r} is unknown: expected one of "
+                             f"{', '.join(EARLY_STOPPING_TYPES)}")
+        if spec.multi_objective:
+            raise NbglmError("early_stopping (asha) ranks configs by one validation signal, so it cannot serve "
+                             f"several objectives {spec.metric}: drop early_stopping or use one metric")
+        if "train.epochs" in spec.space:
+            raise NbglmError("early_stopping needs one epoch budget for every config: remove train.epochs from "
+                             "search.space")
+        if not 1 <= es.min_epochs < epochs:
+            raise NbglmError(f"early_stopping.min_epochs = {es.min_epochs} must be >= 1 and below train.epochs = "
+                             f"{epochs}, or no config could be stopped early")
+        if not es.reduction_factor > 1:
+            raise NbglmError(f"early_stopping.reduction_factor = {es.reduction_factor} must be > 1")
+    if sampler == "cmaes":
+        if spec.multi_objective:
+            raise NbglmError("search.sampler = cmaes optimises one objective: use nsga2 or tpe for several")
+        if importlib.util.find_spec("cmaes") is None:
+            raise NbglmError("search.sampler = cmaes needs the cmaes package: pip install 'nbglm[cmaes]'")
+    if spec.search.warm_start is not None:
+        warm_start_rows(spec)
+    for name in spec.callbacks:
+        if name not in CALLBACKS:
+            raise NbglmError(f"callbacks: {name!r} is unknown: expected one of {', '.join(CALLBACKS)}")
+        if importlib.util.find_spec(name) is None:
+            raise NbglmError(f"callbacks: {name} needs the {name} package: pip install 'nbglm[{name}]'")
+
+
+def warm_start_rows(spec: SweepSpec) -> list[dict[str, str]]:
+    """The finished configs (configs.csv rows, status ok) of the sweep `search.warm_start` names;
+    a directory that is not a sweep, or one over another space, is one line."""
+    import csv
+
+    where = Path(str(spec.search.warm_start)).expanduser().resolve()
+    saved, configs = where / "sweep.yaml", where / "results" / "configs.csv"
+    if not saved.is_file() or not configs.is_file():
+        raise NbglmError(f"search.warm_start: {where} is not a sweep directory (no sweep.yaml and results/configs.csv)")
+    old_space = ((yaml.safe_load(saved.read_text()) or {}).get("spec") or {}).get("search", {}).get("space")
+    if old_space != spec.raw.get("search", {}).get("space"):
+        raise NbglmError(f"search.warm_start: {where} searched another space; warm start needs the same "
+                         "search.space (keys, types, bounds and choices)")
+    with configs.open() as f:
+        return [row for row in csv.DictReader(f) if row.get("status") == "ok"]

@@ -22,15 +22,21 @@ a config's score. With one trial per config, Tune's own trial state is the unit 
 finished unit's record is written straight into the trial directory, so a retried or resumed trial
 reruns only the units that had not finished.
 
-Live progress: while the units train, the trainable forwards their per-epoch losses to TensorBoard
-and, at most once a second, to `tune.report` with the metric keys present but NaN (Tune's strict
-metric check wants them in every result); the driver's `FinalOnlyOptunaSearch` ignores those
-intermediate results, so Optuna is told only the final cross-validated mean.
+Progress and early stopping: the trainable reports once per epoch that every unit has passed
+(`epoch`), with means over the units of the training loss, of the validation NB NLL (`val_nll`: each
+unit's NLL of its fold's validation pseudobulks; never the test set) and of each unit's lowest
+`val_nll` so far (`val_nll_best`, what ASHA reads: `nbglm.sweep.units.ASHA_SIGNAL`), and the metric
+keys present but NaN (Tune's strict metric check wants them in every result). The driver's searcher
+ignores these intermediate results, so Optuna is told only the final cross-validated mean, or that
+the trial was pruned. When the scheduler stops a trial, Tune raises SystemExit inside `tune.report`:
+the trainable records each unfinished unit as `stopped` and cancels it; the unit stops at its next
+epoch end and rewrites its record with the epochs it trained.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +50,9 @@ from nbglm import atomic
 from nbglm.config import from_dict
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
 from nbglm.sweep.space import SweepSpec
-from nbglm.sweep.units import UnitPool, unit_stats
+from nbglm.sweep.units import ASHA_SIGNAL, METRICS, VAL_SIGNAL, UnitPool, unit_record, unit_stats
 
-REPORT_EVERY_S = 1.0
+POLL_S = 1.0
 # Seed units are scheduled by Ray outside the trial's own placement group (which holds no CPU).
 OUTSIDE_TRIAL = PlacementGroupSchedulingStrategy(placement_group=None)
 # What a trial reserves: Tune needs a non-empty request; the coordinator itself needs no CPU.
@@ -86,18 +92,28 @@ def _next_attempt(trial_dir: Path) -> int:
 Unit = tuple[int, int]  # (fold, seed)
 
 
-def _result(records: dict[Unit, dict], latest: dict[Unit, tuple[int, float]], final: bool,
-            metrics: tuple[str, ...]) -> dict[str, Any]:
-    """One `tune.report` payload; the same keys every time so CSV/JSON logs stay rectangular."""
-    stats = unit_stats(list(records.values()), metrics) if final else None
-    losses = [loss for _, loss in latest.values()]
+def _mean(values: list[float | None]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _result(epoch: int, histories: dict[Unit, list[dict]], records: dict[Unit, dict],
+            final: bool) -> dict[str, Any]:
+    """One `tune.report` payload at `epoch` (passed by every unit); the same keys every time so the
+    CSV/JSON logs stay rectangular. `histories`: each unit's per-epoch {'loss', VAL_SIGNAL}."""
+    stats = unit_stats(list(records.values())) if final else None
+    at = [h[epoch - 1] for h in histories.values() if len(h) >= epoch]
+    best = [min((e[VAL_SIGNAL] for e in h[:epoch] if e.get(VAL_SIGNAL) is not None), default=None)
+            for h in histories.values()]
     out: dict[str, Any] = {  # progress first: Tune's console table shows the leading keys
-        "epoch": max((e for e, _ in latest.values()), default=-1),
-        "loss": sum(losses) / len(losses) if losses else math.nan,
+        "epoch": epoch,
+        "loss": _mean([e["loss"] for e in at]),
+        VAL_SIGNAL: _mean([e.get(VAL_SIGNAL) for e in at]),
+        ASHA_SIGNAL: _mean(best),
         "n_units_done": len(records),
         "n_units_ok": sum(r["status"] == "ok" for r in records.values()),
     }
-    for m in metrics:
+    for m in METRICS:
         out[m] = stats[m]["mean"] if stats and stats[m]["mean"] is not None else math.nan
         out[f"{m}_std"] = stats[m]["std"] if stats and stats[m]["std"] is not None else math.nan
     out["final"] = final
@@ -105,7 +121,8 @@ def _result(records: dict[Unit, dict], latest: dict[Unit, tuple[int, float]], fi
 
 
 def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
-    """Tune function trainable for one sampled config: run its units, stream progress, report the mean."""
+    """Tune function trainable for one sampled config: run its units, report each epoch all of them
+    passed, then the cross-validated mean; on an early stop, cancel the units and record them."""
     spec = ctx.spec
     trial_dir = Path(ctx.sweep_dir) / Path(tune.get_context().get_trial_dir()).name
     cfg = from_dict(spec.experiment_dict(config, ctx.base))
@@ -113,33 +130,54 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
     if ctx.faults.get("fail_first_attempt") and attempt == 1:
         raise RuntimeError("injected crash of the trial's first attempt (NBGLM_TEST_FAULTS)")
     units = spec.units()
+    epochs = cfg.train.epochs
     records = {u: r for u in units if (r := read_record(trial_dir, *u)) and r["status"] == "ok"}
-    board = TrialBoard(trial_dir, spec.metrics)
+    histories: dict[Unit, list[dict]] = {u: list(records[u].get("history") or []) if u in records else []
+                                         for u in units}
+    board = TrialBoard(trial_dir)
     pool = UnitPool(ctx.cpu, ctx.gpu, ctx.faults, OUTSIDE_TRIAL)
     folds = ray.get(ctx.store.refs.remote(cfg))
     for fold, seed in units:
         if (fold, seed) not in records:
             data_ref, cache_ref = folds[fold]
-            pool.submit(cfg, seed, fold, data_ref, cache_ref, trial_dir / f"fold_{fold}" / f"seed_{seed}")
-    latest: dict[Unit, tuple[int, float]] = {}
-    last_report = time.monotonic()
-    while len(pool):
-        for event in pool.poll(timeout=REPORT_EVERY_S):
+            pool.submit(cfg, seed, fold, data_ref, cache_ref, trial_dir / f"fold_{fold}" / f"seed_{seed}",
+                        record_path(trial_dir, fold, seed))
+
+    def take(events: list[tuple]) -> None:
+        for event in events:
             if event[0] == "epoch":
                 _, unit, epoch, metrics = event
-                latest[unit] = (epoch, float(metrics["loss"]))
+                histories[unit].append({"epoch": epoch, "loss": float(metrics["loss"]),
+                                        VAL_SIGNAL: metrics.get(VAL_SIGNAL), "t": metrics["t"]})
                 board.epoch(unit, epoch, float(metrics["loss"]))
             else:
                 record = records[event[1]] = event[2]
                 atomic.write_json(record_path(trial_dir, *event[1]), record)
                 board.unit_done(record)
-        if latest and time.monotonic() - last_report >= REPORT_EVERY_S:
-            tune.report(_result(records, latest, False, spec.metrics))
-            last_report = time.monotonic()
+
+    reported = 0
+    try:
+        while len(pool):
+            take(pool.poll(timeout=POLL_S))
+            # a finished unit (failed ones too) has passed every epoch; the others the ones they trained
+            passed = min(epochs if u in records else len(histories[u]) for u in units)
+            while reported < min(passed, epochs - 1):  # the last epoch is reported with the final result
+                reported += 1
+                tune.report(_result(reported, histories, records, final=False))
+    except SystemExit:  # the scheduler stopped this config: Tune ends the trial inside tune.report
+        while events := pool.poll(timeout=0):  # what the units sent meanwhile: epochs, units that finished
+            take(events)
+        for unit in pool.live():  # provisional records; each cancelled unit overwrites its own when it stops
+            record = unit_record(unit[1], unit[0], status="stopped", epochs_done=len(histories[unit]),
+                                 history=histories[unit], end=time.time())
+            atomic.write_json(record_path(trial_dir, *unit), record)
+        pool.cancel()
+        board.close()
+        raise
     ordered = [records[u] for u in units]
-    board.finish(hparam_values(spec, config), unit_stats(ordered, spec.metrics))
+    board.finish(hparam_values(spec, config), unit_stats(ordered))
     if not any(r["status"] == "ok" for r in ordered):
         first = ordered[0]
         raise RuntimeError(f"all {len(ordered)} units failed; fold {first['fold']} seed {first['seed']}: "
                            f"{first['error']}")
-    tune.report(_result(records, latest, True, spec.metrics))
+    tune.report(_result(epochs, histories, records, final=True))

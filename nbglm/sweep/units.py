@@ -37,8 +37,9 @@ import ray
 from nbglm import atomic
 from nbglm.config import Config
 from nbglm.errors import NbglmError
-from nbglm.metrics import names, values
+from nbglm.metrics import names
 
+METRICS = names()
 FAULTS_ENV = "NBGLM_TEST_FAULTS"  # tests only: {"fail_seeds": [2], "fail_first_attempt": true}
 
 
@@ -47,11 +48,27 @@ def injected_faults() -> dict[str, Any]:
     return json.loads(os.environ.get(FAULTS_ENV) or "{}")
 
 
-def unit_record(seed: int, fold: int | None, metrics: tuple[str, ...], **fields: Any) -> dict[str, Any]:
-    """A unit's record (one row of trials.csv): every key present, the given ones filled; `metrics`
-    are the registry names of the experiment's profile (`names(cfg.evaluate.profile)`)."""
-    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(metrics), "wall_s": None, "cpu_s": None,
-            "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None, "bundle": None, **fields}
+VAL_SIGNAL = "val_nll"  # per-epoch validation NB NLL of a cross-validation unit (nbglm.train.fit)
+# What early stopping reads: per unit the lowest VAL_SIGNAL reached so far, averaged over a config's
+# units. The raw NLL of the configs that score best rises late in training (they predict larger
+# effects than the likelihood rewards), so the raw value ranks configs backwards after a few epochs
+# while the best-so-far keeps its rank correlation (scripts/bench_search.py measures both).
+ASHA_SIGNAL = "val_nll_best"
+
+
+class UnitStopped(Exception):
+    """Raised at an epoch end inside a unit whose task was cancelled (early stopping)."""
+
+
+def unit_record(seed: int, fold: int | None = None, **fields: Any) -> dict[str, Any]:
+    """A unit's record (one row of trials.csv): every key present, the given ones filled.
+
+    `history` holds one {'epoch', 'loss', VAL_SIGNAL, 't' (its end, epoch seconds)} per trained epoch,
+    so a resumed trial knows the early-stopping signal of units that finished before the crash (and a
+    benchmark knows when each epoch's compute was spent); `epochs_done` counts them."""
+    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "epochs_done": 0,
+            "wall_s": None, "cpu_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
+            "bundle": None, "history": [], **fields}
 
 
 def one_line(exc: BaseException) -> str:
@@ -61,31 +78,45 @@ def one_line(exc: BaseException) -> str:
 
 
 def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bundle_dir: str,
-          faults: dict) -> Iterator[tuple]:
-    """Run one unit; yield ("epoch", key, epoch, {'loss', 'lr'}) per epoch, then ("done", key, record),
-    with key = (fold, seed).
+          faults: dict, record_file: str | None = None) -> Iterator[tuple]:
+    """Run one unit; yield ("epoch", key, epoch, {'loss', 'lr', 't', ...}) per epoch, then ("done", key, record),
+    with key = (fold, seed). A cross-validation unit (fold set) adds VAL_SIGNAL to each epoch.
 
     The experiment runs in a thread so the generator can hand epochs to the caller while it trains.
+    Cancelling the task (`UnitPool.cancel`) stops the training at its next epoch end; the worker
+    process lives on for the next unit, and the unit writes its record (status `stopped`, the epochs
+    it trained) to `record_file`, over the caller's provisional one.
     """
     from nbglm.pipeline import run_experiment, with_seed
 
     ctx = ray.get_runtime_context()
     key = (fold, seed)
-    record = unit_record(seed, fold, names(cfg.evaluate.profile), start=time.time(), node_id=ctx.get_node_id(),
-                         pid=os.getpid(), bundle=bundle_dir,
+    record = unit_record(seed, fold, start=time.time(), node_id=ctx.get_node_id(), pid=os.getpid(), bundle=bundle_dir,
                          gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])])
     events: queue.Queue = queue.Queue()
+    stop = threading.Event()
     cpu_start = time.process_time()  # the worker runs nothing else: its CPU time is this unit's
 
     def work() -> None:
         try:
             if seed in faults.get("fail_seeds", ()):
                 raise RuntimeError(f"{FAULTS_ENV}: injected failure of seed {seed}")
+            def on_epoch_end(epoch: int, metrics: dict) -> None:
+                record["epochs_done"] = epoch
+                now = time.time()
+                record["history"].append({"epoch": epoch, "loss": metrics["loss"], VAL_SIGNAL: metrics.get(VAL_SIGNAL),
+                                          "t": now})
+                events.put(("epoch", key, epoch, {**metrics, "t": now}))
+                if stop.is_set():
+                    raise UnitStopped
+
             result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
-                                    on_epoch_end=lambda epoch, m: events.put(("epoch", key, epoch, dict(m))))
-            record.update(values(result.metrics, cfg.evaluate.profile), timings=result.timings)
+                                    on_epoch_end=on_epoch_end, val_signal=fold is not None)
+            record.update({m: result.metrics.get(m) for m in METRICS}, timings=result.timings)
             if not cfg.pipeline.keep_preds:
                 shutil.rmtree(result.bundle / "preds", ignore_errors=True)
+        except UnitStopped:
+            record.update(status="stopped")
         except Exception as exc:
             record.update(status="failed", error=one_line(exc))
             atomic.write_text(Path(bundle_dir) / "logs" / "error.txt", traceback.format_exc())
@@ -95,12 +126,23 @@ def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bu
             record["cpu_s"] = time.process_time() - cpu_start
             events.put(("done", key, record))
 
-    threading.Thread(target=work, name=f"unit-{fold}-{seed}", daemon=True).start()
-    while True:
-        item = events.get()
-        yield item
-        if item[0] == "done":
-            return
+    thread = threading.Thread(target=work, name=f"unit-{fold}-{seed}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:  # wake up now and then: Ray's cancel interrupts the task between bytecodes
+                item = events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            yield item
+            if item[0] == "done":
+                return
+    except (KeyboardInterrupt, GeneratorExit):  # ray.cancel: stop at the next epoch end, leave the worker clean
+        stop.set()
+        thread.join()
+        if record_file:
+            atomic.write_json(record_file, record)
+        raise
 
 
 seed_unit = ray.remote(_unit)
@@ -114,18 +156,30 @@ class UnitPool:
         if scheduling_strategy is not None:
             self._options["scheduling_strategy"] = scheduling_strategy
         self._faults = faults
-        # ObjectRefGenerator -> (key, bundle, the unit's metric names)
-        self._live: dict[Any, tuple[tuple[int | None, int], Path, tuple[str, ...]]] = {}
+        self._live: dict[Any, tuple[tuple[int | None, int], Path]] = {}  # ObjectRefGenerator -> (key, bundle)
 
     def __len__(self) -> int:
         return len(self._live)
 
     def submit(self, cfg: Config, seed: int, fold: int | None, data_ref: Any, de_cache_ref: Any,
-               bundle_dir: Path) -> None:
-        """Start unit (fold, seed) as a Ray task with the pool's resources."""
+               bundle_dir: Path, record_file: Path | None = None) -> None:
+        """Start unit (fold, seed) as a Ray task with the pool's resources; `record_file`: where a
+        cancelled unit writes its final record."""
         generator = seed_unit.options(**self._options).remote(cfg, seed, fold, data_ref, de_cache_ref,
-                                                              str(bundle_dir), self._faults)
-        self._live[generator] = ((fold, seed), bundle_dir, names(cfg.evaluate.profile))
+                                                              str(bundle_dir), self._faults,
+                                                              str(record_file) if record_file else None)
+        self._live[generator] = ((fold, seed), bundle_dir)
+
+    def live(self) -> list[tuple[int | None, int]]:
+        """Keys of the units still in flight."""
+        return [key for key, _ in self._live.values()]
+
+    def cancel(self) -> None:
+        """Cancel every unit in flight (early stopping): each stops at its next epoch end and its
+        worker stays up for the next unit (killing it would cost a worker start, seconds of torch import)."""
+        for gen in self._live:
+            ray.cancel(gen)
+        self._live.clear()
 
     def poll(self, timeout: float) -> list[tuple]:
         """Events from every unit with news, waiting at most `timeout` seconds for the first."""
@@ -137,14 +191,14 @@ class UnitPool:
             ready, _ = ray.wait(live, num_returns=len(live), timeout=0)
         events = []
         for gen in ready:
-            (fold, seed), bundle_dir, metrics = self._live[gen]
+            (fold, seed), bundle_dir = self._live[gen]
             try:
                 item = ray.get(next(gen))
             except StopIteration:
                 del self._live[gen]
                 continue
             except Exception as exc:  # the task itself failed: worker or node lost
-                record = unit_record(seed, fold, metrics, status="failed", error=one_line(exc), bundle=str(bundle_dir))
+                record = unit_record(seed, fold, status="failed", error=one_line(exc), bundle=str(bundle_dir))
                 item = ("done", (fold, seed), record)
             if item[0] == "done":
                 del self._live[gen]
@@ -152,10 +206,10 @@ class UnitPool:
         return events
 
 
-def unit_stats(records: list[dict], metrics: tuple[str, ...]) -> dict[str, dict]:
+def unit_stats(records: list[dict]) -> dict[str, dict]:
     """mean/std/min/max (std: sample, n-1; null below 2 units) of each metric over the ok units."""
     out = {}
-    for m in metrics:
+    for m in METRICS:
         vals = [float(r[m]) for r in records if r["status"] == "ok" and r.get(m) is not None
                 and math.isfinite(float(r[m]))]
         out[m] = {
