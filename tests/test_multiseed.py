@@ -10,7 +10,10 @@ import pytest
 
 from nbglm.config import load_config
 from nbglm.sweep.multiseed import run_multi_seed
-from nbglm.sweep.units import FAULTS_ENV, METRICS
+from nbglm.metrics import names
+from nbglm.sweep.units import FAULTS_ENV
+
+METRICS = names()
 
 TINY = [
     "data.synthetic.n_genes=100", "data.synthetic.n_train_perts=12", "data.synthetic.n_test_perts=4",

@@ -71,6 +71,19 @@ def test_bad_specs_are_one_line_errors(override: str, needle: str) -> None:
     assert "\n" not in str(err.value)
 
 
+def test_a_vcc2026_metric_sets_the_profile_and_an_inconsistent_one_is_one_line() -> None:
+    from nbglm.metrics import names
+
+    spec = load_spec(SMOKE, ["metric=vcc2026_score"])
+    assert spec.resolve_base().evaluate.profile == "vcc2026" and spec.metrics == names("vcc2026")
+    assert load_spec(SMOKE).resolve_base().evaluate.profile == "vcc2025"
+    with pytest.raises(NbglmError, match="a vcc2026 metric but overrides sets evaluate.profile=vcc2025") as err:
+        load_spec(SMOKE, ["metric=de_wilcoxon_sig_jaccard", "overrides.evaluate.profile=vcc2025"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(NbglmError, match="mixes metric profiles"):
+        load_spec(SMOKE, ["metric=[des, pds_cosine]", "mode=[max, max]"])
+
+
 def test_flagship_spec_is_valid() -> None:
     spec = load_spec(ROOT / "sweeps" / "rank_search.yaml")
     assert len(spec.seeds) == 2 and spec.selection.folds == 3 and spec.metric == "overall_score" and spec.mode == "max"
@@ -161,6 +174,34 @@ def test_sweep_packs_units_on_logical_gpus_and_exports_cv_statistics(ray_local, 
     assert best_cfg.model.g_mlp_hidden == yaml.safe_load(best["model.g_mlp_hidden"])
     assert best_cfg.train.epochs == 3
     assert ray_local.is_initialized()  # the driver reused the session's Ray and left it up
+
+
+def test_sweep_on_the_vcc2026_score_exports_its_profile(ray_local, tmp_path: Path) -> None:
+    import statistics
+
+    from nbglm.metrics import names
+    from nbglm.report import write_report
+    from nbglm.sweep.runner import run_sweep
+
+    run_sweep(SMOKE, sets=_sweep_sets(tmp_path, "metric=vcc2026_score"))
+    sweep_dir = tmp_path / "smoke"
+    configs = _csv(sweep_dir / "results" / "configs.csv")
+    trials = _csv(sweep_dir / "results" / "trials.csv")
+    metrics = names("vcc2026")
+    assert len(configs) == 2 and all(c["status"] == "ok" for c in configs) and len(trials) == 8
+    assert {f"{m}_{s}" for m in metrics for s in ("mean", "std", "min", "max")} <= set(configs[0])
+    assert set(metrics) <= set(trials[0]) and "des_mean" not in configs[0] and "des" not in trials[0]
+    for c in configs:
+        units = [json.loads((sweep_dir / f"config_{c['trial_id']}" / f"fold_{f}" / f"seed_{s}" / "metrics"
+                             / "metrics.json").read_text()) for f in (0, 1) for s in (1, 2)]
+        assert all(set(u["vcc2026_scaled"]) == set(metrics[1:]) for u in units)
+        assert _num(c["vcc2026_score_mean"]) == pytest.approx(statistics.fmean(u["vcc2026_score"] for u in units))
+        assert _num(c["pds_cosine_mean"]) == pytest.approx(statistics.fmean(u["vcc2026"]["pds_cosine"] for u in units))
+    final = json.loads((sweep_dir / "results" / "final" / "metrics.json").read_text())
+    assert final["metric"] == "vcc2026_score" and set(final["configs"][0]["test"]) == set(metrics)
+    assert "profile: vcc2026" in (sweep_dir / "results" / "best_config.yaml").read_text()
+    html = write_report(sweep_dir).read_text()
+    assert "VCC 2026 score" in html and "No baseline models" in html
 
 
 def test_crashed_trial_is_retried_and_a_finished_sweep_is_not_rerun(ray_local, tmp_path: Path,

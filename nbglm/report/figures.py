@@ -12,7 +12,7 @@ import pandas as pd
 from nbglm import atomic
 from nbglm.baselines import BASELINES
 from nbglm.metrics import METRICS as REGISTRY
-from nbglm.report.read import METRICS, Sweep
+from nbglm.report.read import Sweep
 from nbglm.sweep.space import Param
 
 if TYPE_CHECKING:
@@ -128,11 +128,11 @@ def _model_stats(sweep: Sweep, base: pd.DataFrame) -> list[tuple[str, str, dict[
     out = []
     for rank, (_, row) in enumerate(sweep.ranked().head(N_COMPARED).iterrows(), 1):
         out.append((f"#{rank} {row['trial_id']}", f"C{rank - 1}",
-                    {m: (row[f"{m}_mean"], 0.0 if pd.isna(row[f"{m}_std"]) else row[f"{m}_std"]) for m in METRICS}))
+                    {m: (row[f"{m}_mean"], 0.0 if pd.isna(row[f"{m}_std"]) else row[f"{m}_std"]) for m in sweep.metrics}))
     for model, grey in zip(BASELINES, ("0.35", "0.55", "0.75")):
         runs = base[base["model"] == model]
         if len(runs):
-            out.append((model, grey, {m: (runs[m].mean(), runs[m].std() if len(runs) > 1 else 0.0) for m in METRICS}))
+            out.append((model, grey, {m: (runs[m].mean(), runs[m].std() if len(runs) > 1 else 0.0) for m in sweep.metrics}))
     return out
 
 
@@ -165,17 +165,21 @@ def plot_best_vs_baselines(sweep: Sweep, base: pd.DataFrame, path: Path) -> Path
 
 def plot_per_perturbation(sweep: Sweep, table: pd.DataFrame, baseline: dict[str, float], trial_id: str,
                           path: Path) -> Path:
-    """DES/PDS/MAE of each held-out perturbation for one config, sorted by DES (best at the top)."""
-    table = table.sort_values(("des", "mean"))
+    """Each per-perturbation metric (the table's columns: DES/PDS/MAE, or the vcc2026 members) of each
+    held-out perturbation for one config, sorted by the first (best at the top)."""
+    metrics = list(dict.fromkeys(table.columns.get_level_values(0)))
+    table = table.sort_values((metrics[0], "mean"), ascending=REGISTRY[metrics[0]].direction == "max")
     y = np.arange(len(table))
-    fig = _figure(13, max(3.5, 1.9 + 0.28 * len(table)))
-    axes = fig.subplots(1, 3, sharey=True)
-    for ax, metric in zip(axes, ("des", "pds", "mae")):
+    fig = _figure(4.4 * len(metrics), max(3.5, 1.9 + 0.28 * len(table)))
+    axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False).ravel()
+    what = "cell_mean baseline" if sweep.profile == "vcc2025" else f"{sweep.profile} mean-response baseline"
+    for ax, metric in zip(axes, metrics):
         ax.barh(y, table[(metric, "mean")], xerr=table[(metric, "std")].fillna(0.0), capsize=2,
-                color="tab:blue" if metric != "mae" else "tab:orange", label="best config: mean ± std over seeds")
+                color="tab:blue" if REGISTRY[metric].direction == "max" else "tab:orange",
+                label="best config: mean ± std over seeds")
         if metric in baseline:
             ax.axvline(baseline[metric], color="black", linestyle="--", linewidth=1,
-                       label="cell_mean baseline (mean over perturbations)")
+                       label=f"{what} (mean over perturbations)")
         ax.set_xlabel(axis_label(metric))
         ax.set_title(f"{short(metric)} per perturbation")
         ax.grid(axis="x", alpha=0.3)

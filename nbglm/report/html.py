@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from nbglm.report.figures import axis_label
-from nbglm.report.read import METRICS, Sweep
+from nbglm.report.read import Sweep
 from nbglm.sweep.space import Param
 
 
@@ -25,12 +25,12 @@ def _param_text(p: Param, value: str) -> str:
 
 
 def _table(sweep: Sweep, top: int) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("rank", "trial", "params", *(axis_label(m) for m in METRICS),
+    head = "".join(f"<th>{h}</th>" for h in ("rank", "trial", "params", *(axis_label(m) for m in sweep.metrics),
                                              "units ok"))
     rows = []
     for rank, (_, r) in enumerate(sweep.ranked().head(top).iterrows(), 1):
         params = "<br>".join(html.escape(f"{k} = {_param_text(p, r[k])}") for k, p in sweep.space.items())
-        cells = [str(rank), html.escape(r["trial_id"]), params, *(_mean_std(r, m) for m in METRICS),
+        cells = [str(rank), html.escape(r["trial_id"]), params, *(_mean_std(r, m) for m in sweep.metrics),
                  f"{int(r['n_units_ok'])}/{int(r['n_units'])}"]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"

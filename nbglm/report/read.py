@@ -17,10 +17,8 @@ import pandas as pd
 import yaml
 
 from nbglm.errors import NbglmError
-from nbglm.metrics import names
+from nbglm.metrics import get, names
 from nbglm.sweep.space import Param, SpecFields, rank_objective
-
-METRICS = names()
 
 
 @dataclass
@@ -38,6 +36,15 @@ class Sweep:
     trials: pd.DataFrame  # results/trials.csv: one row per config x fold x seed
     folds: pd.DataFrame  # folds.csv: the fold of every training perturbation and control cell
     final: dict | None  # results/final/metrics.json: CV and test scores of the refit configs
+
+    @property
+    def profile(self) -> str:
+        return get(self.objectives[0][0]).profile
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The registry names of the sweep's profile (the aggregate first): its CSVs' metric columns."""
+        return names(self.profile)
 
     @property
     def seeds(self) -> list[int]:
@@ -83,9 +90,10 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     spec = state["spec"]
     defaults = SpecFields()
     space = {str(k): _param(str(k), v) for k, v in spec["search"]["space"].items()}
-    stats = [f"{m}_{s}" for m in METRICS for s in ("mean", "std", "min", "max")]
     final = path / "results" / "final" / "metrics.json"
     metric, mode = spec.get("metric", defaults.metric), spec.get("mode", defaults.mode)
+    metrics = names(get(metric[0] if isinstance(metric, list) else metric).profile)
+    stats = [f"{m}_{s}" for m in metrics for s in ("mean", "std", "min", "max")]
     objectives = list(zip(metric, mode)) if isinstance(metric, list) else [(metric, mode)]
     rank_metric, rank_mode = rank_objective(metric, mode)
     configs = _read_csv(configs_csv, [*stats, "n_units_ok", "n_units"])
@@ -94,7 +102,7 @@ def load_sweep(sweep_dir: str | Path) -> Sweep:
     return Sweep(
         path=path, name=spec.get("name", defaults.name), space=space, metric=rank_metric, mode=rank_mode,
         objectives=objectives, base=state["base_config"], configs=configs,
-        trials=_read_csv(path / "results" / "trials.csv", [*METRICS, "fold", "seed"]),
+        trials=_read_csv(path / "results" / "trials.csv", [*metrics, "fold", "seed"]),
         folds=pd.read_csv(path / "folds.csv", dtype={"label": str}),
         final=json.loads(final.read_text()) if final.is_file() else None,
     )

@@ -17,9 +17,13 @@ from nbglm import atomic
 from nbglm.baselines import BASELINES
 from nbglm.config import Config, from_dict, load_config
 from nbglm.errors import NbglmError
-from nbglm.report.read import METRICS, Sweep, _read_csv
+from nbglm.report.read import Sweep, _read_csv
 
-BASELINE_COLUMNS = ["model", "fold", "seed", *METRICS]
+BASELINE_PROFILE = "vcc2025"  # the baselines predict log1p expression; vcc2026 scores raw counts only
+
+
+def baseline_columns(sweep: Sweep) -> list[str]:
+    return ["model", "fold", "seed", *sweep.metrics]
 
 
 def _cv_runs(sweep: Sweep, cfgs: list[Config]) -> Iterator[tuple[int, dict]]:
@@ -46,17 +50,17 @@ def compute_baselines(sweep: Sweep) -> pd.DataFrame:
     jobs = [(model, seed) for model in BASELINES for seed in sweep.seeds]
     cfgs = [with_seed(replace(base, model=replace(base.model, name=model)), seed) for model, seed in jobs]
     runs = iter(_cv_runs(sweep, cfgs))
-    rows = [{"model": model, "fold": fold, "seed": seed, **{m: metrics[m] for m in METRICS}}
+    rows = [{"model": model, "fold": fold, "seed": seed, **{m: metrics[m] for m in sweep.metrics}}
             for model, seed in jobs for fold, metrics in (next(runs) for _ in range(sweep.n_folds))]
-    return pd.DataFrame(rows, columns=BASELINE_COLUMNS)
+    return pd.DataFrame(rows, columns=baseline_columns(sweep))
 
 
 def baselines(sweep: Sweep) -> pd.DataFrame:
     """results/baselines.csv, computed and written (atomically) the first time."""
     path = sweep.path / "results" / "baselines.csv"
     if path.is_file():
-        df = _read_csv(path, ["fold", "seed", *METRICS])
-        missing = set(BASELINE_COLUMNS) - set(df)
+        df = _read_csv(path, ["fold", "seed", *sweep.metrics])
+        missing = set(baseline_columns(sweep)) - set(df)
         if missing:
             raise NbglmError(f"{path} lacks columns {sorted(missing)}; delete it and the report recomputes it")
         return df
@@ -66,10 +70,11 @@ def baselines(sweep: Sweep) -> pd.DataFrame:
 
 
 def per_perturbation(sweep: Sweep, trial_id: str) -> tuple[pd.DataFrame, dict[str, float], str]:
-    """(per-perturbation DES/PDS/MAE of a config over its ok units: each training perturbation is
-    scored in the fold that holds it out, once per seed; mean and std per pert, the cell_mean
-    baseline's mean scores over the folds, where they came from). Rerun for the first seed only
-    if the sweep's unit bundles are gone."""
+    """(per-perturbation scores of a config over its ok units, for each metric of the profile that
+    has one (DES/PDS/MAE; the vcc2026 members but the ratio-of-sums expression error): each training
+    perturbation is scored in the fold that holds it out, once per seed; mean and std per pert, the
+    baseline's mean scores over the folds (cell_mean, or vcc2026's mean-response baseline), where
+    they came from). Rerun for the first seed only if the sweep's unit bundles are gone."""
     ok = sweep.trials[(sweep.trials["trial_id"] == trial_id) & (sweep.trials["status"] == "ok")]
     files = [p for f, s in zip(ok["fold"], ok["seed"])
              if (p := sweep.unit_bundle(trial_id, int(f), int(s)) / "metrics" / "metrics.json").is_file()
@@ -84,6 +89,8 @@ def per_perturbation(sweep: Sweep, trial_id: str) -> tuple[pd.DataFrame, dict[st
         runs = [metrics for _, metrics in _cv_runs(sweep, [with_seed(cfg, sweep.seeds[0])])]
         source = f"a rerun of trial {trial_id} for seed {sweep.seeds[0]} (its unit bundles are gone)"
     rows = [{"pert": pert, **scores} for run in runs for pert, scores in run["per_perturbation"].items()]
-    table = pd.DataFrame(rows).groupby("pert")[["des", "pds", "mae"]].agg(["mean", "std"])
-    baselines = pd.DataFrame([run["baseline"] for run in runs if run.get("baseline")])
+    members = [m for m in sweep.metrics[1:] if rows and m in rows[0]]
+    table = pd.DataFrame(rows).groupby("pert")[members].agg(["mean", "std"])
+    key = "baseline" if sweep.profile == BASELINE_PROFILE else f"{sweep.profile}_baseline"
+    baselines = pd.DataFrame([run[key] for run in runs if run.get(key)])
     return table, baselines.mean().to_dict() if len(baselines) else {}, source

@@ -25,7 +25,7 @@ from typing import Any
 
 from nbglm import atomic
 from nbglm.config import from_dict, to_yaml
-from nbglm.sweep.units import METRICS, unit_record, unit_stats
+from nbglm.sweep.units import unit_record, unit_stats
 from nbglm.sweep.space import SweepSpec
 
 _DONE = {"TERMINATED", "ERROR", "STOPPED"}
@@ -75,12 +75,12 @@ def collect(sweep_dir: Path, spec: SweepSpec, trials: list[TrialInfo]) -> tuple[
         for fold, seed in spec.units():
             rec = read_record(sweep_dir / t.dirname, fold, seed)
             if rec is None:  # not run yet, or the trial died before this unit finished
-                rec = unit_record(seed, fold, status="failed" if t.status == "ERROR" else t.status.lower(),
+                rec = unit_record(seed, fold, spec.metrics, status="failed" if t.status == "ERROR" else t.status.lower(),
                                   error=t.error if t.status == "ERROR" else None, epochs_done=None)
             records.append(rec)
             trial_rows.append({
                 "trial_id": t.trial_id, **params, "fold": fold, "seed": seed, "status": rec["status"],
-                **{m: rec.get(m) for m in METRICS}, "epochs_done": rec.get("epochs_done"), "wall_s": rec.get("wall_s"),
+                **{m: rec.get(m) for m in spec.metrics}, "epochs_done": rec.get("epochs_done"), "wall_s": rec.get("wall_s"),
                 "cpu_s": rec.get("cpu_s"),
                 "node_id": rec.get("node_id"),
                 "gpu_ids": " ".join(rec.get("gpu_ids") or []), "start": rec.get("start"), "end": rec.get("end"),
@@ -90,10 +90,10 @@ def collect(sweep_dir: Path, spec: SweepSpec, trials: list[TrialInfo]) -> tuple[
         status = ("stopped" if t.status == "STOPPED" else "ok" if n_ok == len(records)
                   else "partial" if n_ok and done else "failed" if done else t.status.lower())
         error = next((r["error"] for r in records if r.get("error")), t.error) if status != "ok" else None
-        stats = unit_stats(records if status != "stopped" else [])  # a stopped config has no CV score
+        stats = unit_stats(records if status != "stopped" else [], spec.metrics)  # a stopped config has no CV score
         config_rows.append({
             "trial_id": t.trial_id, **params, "status": status, "n_units_ok": n_ok, "n_units": len(records),
-            **{f"{m}_{s}": stats[m][s] for m in METRICS for s in ("mean", "std", "min", "max")},
+            **{f"{m}_{s}": stats[m][s] for m in spec.metrics for s in ("mean", "std", "min", "max")},
             "epochs_done": sum(r.get("epochs_done") or 0 for r in records),
             "unit_s": sum(r.get("wall_s") or 0.0 for r in records), "error": error,
         })
@@ -211,7 +211,7 @@ def print_table(spec: SweepSpec, config_rows: list[dict], top: int = 10) -> None
     front = " (Pareto front first)" if spec.multi_objective else ""
     table = Table(title=f"sweep '{spec.name}': top configs by cross-validated {metric}{front} ({spec.rank_mode}; "
                         f"mean over {spec.selection.folds} folds x {len(spec.seeds)} seeds)")
-    others = [m for m in METRICS if m != metric]
+    others = [m for m in spec.metrics if m != metric]
     for col in ("#", "trial", "status", "units ok", f"{metric} mean +- std", *others, "params"):
         table.add_column(col)
 
@@ -225,7 +225,7 @@ def print_table(spec: SweepSpec, config_rows: list[dict], top: int = 10) -> None
         status = r["status"] + (" *" if r.get(PARETO) else "")
         table.add_row(str(i), r["trial_id"], status, f"{r['n_units_ok']}/{r['n_units']}",
                       num(r[f"{metric}_mean"]) + ("" if std is None else f" +- {std:.4f}"),
-                      *[num(r[f"{m}_mean"]) for m in METRICS if m != metric],
+                      *[num(r[f"{m}_mean"]) for m in others],
                       params if r["status"] != "failed" else f"{params}  [{r['error']}]")
     Console(width=200).print(table)
 
@@ -252,7 +252,9 @@ def print_final(spec: SweepSpec, final: dict | None, has_truth: bool) -> None:
     print(f"final prediction and test metrics: {out}/ (pred.h5ad, metrics.json, config.yaml)", flush=True)
 
 
-HPARAM_METRICS = [f"cv_mean/{m}" for m in METRICS] + [f"cv_std/{m}" for m in METRICS] + ["n_units_ok"]
+def hparam_metrics(metrics: tuple[str, ...]) -> list[str]:
+    """The HParams metric columns: CV mean and std of every metric of the sweep's profile."""
+    return [f"cv_mean/{m}" for m in metrics] + [f"cv_std/{m}" for m in metrics] + ["n_units_ok"]
 
 
 def hparam_values(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +270,7 @@ def write_hparams_experiment(sweep_dir: Path, spec: SweepSpec) -> None:
     from tensorboardX.summary import hparams
 
     example = {k: p.labels()[0] if p.type == "categorical" else p.low for k, p in spec.space.items()}
-    experiment, _, _ = hparams(hparam_dict=hparam_values(spec, example), metric_dict=dict.fromkeys(HPARAM_METRICS, 0.0))
+    experiment, _, _ = hparams(hparam_dict=hparam_values(spec, example), metric_dict=dict.fromkeys(hparam_metrics(spec.metrics), 0.0))
     with SummaryWriter(str(sweep_dir)) as writer:
         writer.file_writer.add_summary(experiment)
 
@@ -277,16 +279,17 @@ class TrialBoard:
     """TensorBoard run of one config (its trial dir): per-epoch loss of every unit, each unit's final
     metrics, and the mean/std over units (the CV score) with the config's HParams session."""
 
-    def __init__(self, trial_dir: Path) -> None:
+    def __init__(self, trial_dir: Path, metrics: tuple[str, ...]) -> None:
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(str(trial_dir), flush_secs=10)
+        self._metrics = metrics
 
     def epoch(self, unit: tuple[int, int], epoch: int, loss: float) -> None:
         self._writer.add_scalar(f"loss/fold_{unit[0]}_seed_{unit[1]}", loss, epoch)
 
     def unit_done(self, record: dict) -> None:
-        for m in METRICS:
+        for m in self._metrics:
             if record.get(m) is not None:
                 self._writer.add_scalar(f"unit_metrics/{m}/fold_{record['fold']}_seed_{record['seed']}", record[m], 0)
 
@@ -297,8 +300,9 @@ class TrialBoard:
         """CV mean/std scalars and the HParams session (only when at least one unit scored)."""
         from tensorboardX.summary import hparams
 
-        values = {f"cv_mean/{m}": stats[m]["mean"] for m in METRICS}
-        values.update({f"cv_std/{m}": stats[m]["std"] for m in METRICS}, n_units_ok=stats[METRICS[0]]["n"])
+        metrics = self._metrics
+        values = {f"cv_mean/{m}": stats[m]["mean"] for m in metrics}
+        values.update({f"cv_std/{m}": stats[m]["std"] for m in metrics}, n_units_ok=stats[metrics[0]]["n"])
         if values["n_units_ok"]:
             _, session_start, session_end = hparams(hparam_dict=hparams_row, metric_dict=values)
             self._writer.file_writer.add_summary(session_start)

@@ -25,7 +25,8 @@ from nbglm.data import Dataset
 from nbglm.errors import NbglmError
 from nbglm.pipeline import check_mode_inputs, check_sizes, load_inputs
 from nbglm.sweep.cluster import CONNECT_TIMEOUT_S, check_address, ray_session, unit_resources
-from nbglm.sweep.units import METRICS, UnitPool, injected_faults, unit_stats
+from nbglm.metrics import names
+from nbglm.sweep.units import UnitPool, injected_faults, unit_stats
 
 log = logging.getLogger("nbglm")
 
@@ -54,6 +55,7 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
     t0 = time.perf_counter()
     data, de_cache = load_inputs(base, data)
     check_sizes(base, data)
+    metrics = names(base.evaluate.profile)
     records: dict[int, dict] = {}
     limit = min(ps.max_workers or len(ps.seeds), len(ps.seeds))
     with ray_session(address or ps.address, units=limit, timeout=connect_timeout):
@@ -67,14 +69,14 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
             atomic.mark_failed(bundle, f"{type(exc).__name__}: {exc}")
             raise
     per_seed = [records[s] for s in ps.seeds]
-    summary = unit_stats(per_seed)
+    summary = unit_stats(per_seed, metrics)
     failed = [r["seed"] for r in per_seed if r["status"] != "ok"]
     total_s = time.perf_counter() - t0
     atomic.write_json(bundle / "metrics" / "multi_seed_metrics.json", {
         "seeds": list(ps.seeds), "base_mode": ps.multi_seed_base_mode, "n_ok": len(per_seed) - len(failed),
         "failed_seeds": failed, "summary": summary, "per_seed": per_seed, "total_s": total_s,
     })
-    means = {m: s["mean"] for m, s in summary.items()} if summary[METRICS[0]]["n"] else {}
+    means = {m: s["mean"] for m, s in summary.items()} if summary[metrics[0]]["n"] else {}
     return MultiSeedResult(metrics=means, bundle=bundle, total_s=total_s, failed_seeds=failed, per_seed=per_seed,
                            summary=summary)
 
@@ -93,4 +95,4 @@ def _run_seeds(base: Config, bundle: Path, records: dict[int, dict], limit: int,
             if event[0] == "done":
                 rec = records[event[2]["seed"]] = event[2]
                 log.info("seed %d %s%s", rec["seed"], rec["status"],
-                         f": {rec['error']}" if rec["error"] else f" overall={rec['overall_score']}")
+                         f": {rec['error']}" if rec["error"] else f" overall={rec[metrics[0]]}")

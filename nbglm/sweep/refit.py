@@ -26,13 +26,13 @@ from nbglm.data.load import Inputs, assemble
 from nbglm.pipeline import load_inputs
 from nbglm.sweep.aggregate import ranked_rows
 from nbglm.sweep.space import SweepSpec
-from nbglm.sweep.units import METRICS, UnitPool, unit_stats
+from nbglm.sweep.units import UnitPool, unit_stats
 
 FINAL = "final"  # refit bundles: <sweep dir>/final/config_<id>/seed_<s>/
 
 
-def _stats(row: dict) -> dict[str, dict]:
-    return {m: {"mean": row[f"{m}_mean"], "std": row[f"{m}_std"], "n": row["n_units_ok"]} for m in METRICS}
+def _stats(row: dict, metrics: tuple[str, ...]) -> dict[str, dict]:
+    return {m: {"mean": row[f"{m}_mean"], "std": row[f"{m}_std"], "n": row["n_units_ok"]} for m in metrics}
 
 
 def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu: float, gpu: float,
@@ -67,10 +67,10 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
     for row, _ in configs:
         recs = [r for r in records if Path(r["bundle"]).parent.name == f"config_{row['trial_id']}"]
         entry: dict[str, Any] = {"trial_id": row["trial_id"], "params": {k: row[k] for k in spec.space},
-                                 "cv": _stats(row), "failed_seeds": [r["seed"] for r in recs if r["status"] != "ok"],
+                                 "cv": _stats(row, spec.metrics), "failed_seeds": [r["seed"] for r in recs if r["status"] != "ok"],
                                  "units": sorted(recs, key=lambda r: r["seed"])}
         if has_truth:
-            entry["test"] = unit_stats(recs)
+            entry["test"] = unit_stats(recs, spec.metrics)
             cv, test = entry["cv"][spec.rank_metric]["mean"], entry["test"][spec.rank_metric]["mean"]
             entry["cv_minus_test"] = None if test is None else cv - test
         summary["configs"].append(entry)

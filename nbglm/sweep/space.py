@@ -25,8 +25,9 @@ import yaml
 from nbglm.config import (PLAIN_NAME, Config, ResourcesConfig, _from_dict, all_keys, from_dict, is_plain_name,
                           parse_override, read_yaml, set_dotted, to_dict)
 from nbglm.errors import NbglmError
-from nbglm.metrics.registry import get as get_metric
+from nbglm.metrics import METRICS
 from nbglm.metrics import names as metric_names
+from nbglm.metrics.registry import get as get_metric
 
 # Keys a sampled config cannot change: the data files and labels the folds were cut from, the modes
 # and seeds the sweep itself sets, where results go.
@@ -140,6 +141,16 @@ class SweepSpec(SpecFields):
         return [(self.metric, str(self.mode))]
 
     @property
+    def profile(self) -> str:
+        """The metric profile every unit is scored with: the one the objectives belong to."""
+        return get_metric(self.objectives[0][0]).profile
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The registry names a unit record, the exports, TensorBoard and the report carry."""
+        return metric_names(self.profile)
+
+    @property
     def multi_objective(self) -> bool:
         return isinstance(self.metric, list)
 
@@ -192,7 +203,7 @@ def rank_objective(metric: str | list[str], mode: str | list[str]) -> tuple[str,
     objectives the stated rule, the profile's aggregate score (the registry's first metric), which
     picks best_config.yaml and the refit from the Pareto front."""
     if isinstance(metric, list):
-        name = metric_names()[0]
+        name = metric_names(get_metric(metric[0]).profile)[0]
         return name, get_metric(name).direction
     return metric, str(mode)
 
@@ -372,21 +383,32 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     _check_storage(Path(fields.storage_path.removeprefix("file://")).expanduser().resolve() / fields.name)
     config_keys = all_keys()
     space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
-    overrides = _flatten(overrides_raw)
+    overrides = _profile_override(path, body.get("base_config"), _flatten(overrides_raw), fields.metric)
     spec = SweepSpec(**vars(fields), path=path, search=search, selection=selection, early_stopping=stopping,
                      space=space, overrides=overrides, raw=raw)
     if fields.base_config and not spec._base_path().is_file():
         raise NbglmError(f"base_config not found: {spec._base_path()} (it is relative to the spec file)")
     base = spec.resolve_base()
-    if base.evaluate.profile != "vcc2025":
-        raise NbglmError(f"the base config scores with evaluate.profile={base.evaluate.profile}; sweeps score the "
-                         "vcc2025 profile for now (vcc2026 works in `nbglm run` and `nbglm eval --profile vcc2026`)")
     if base.pipeline.mode != "train_sample_eval":
         raise NbglmError(f"the base config runs pipeline.mode={base.pipeline.mode}; a sweep trains every config "
                          "on each fold's training part and scores its validation part: use train_sample_eval")
     _check_values(spec)
     _check_search(spec, base.train.epochs)
     return spec
+
+
+def _profile_override(path: Path, base_config: Any, overrides: dict[str, Any], metric: str | list[str]) -> dict[str, Any]:
+    """The overrides with `evaluate.profile` set to the objectives' profile; one line when the base
+    config or the overrides already ask for another (the units would report the wrong metrics)."""
+    first = metric[0] if isinstance(metric, list) else metric
+    profile = get_metric(first).profile
+    base = path.parent / str(base_config)
+    set_in_base = (read_yaml(base).get("evaluate") or {}).get("profile") if base_config and base.is_file() else None
+    for where, value in (("overrides", overrides.get("evaluate.profile")), (f"base_config {base_config}", set_in_base)):
+        if value is not None and value != profile:
+            raise NbglmError(f"'metric' = {first!r} is a {profile} metric but {where} sets evaluate.profile={value}: "
+                             f"set evaluate.profile={profile} or pick a {value} metric")
+    return {**overrides, "evaluate.profile": profile}
 
 
 def _check_objectives(metric: Any, mode: Any) -> None:
@@ -398,8 +420,10 @@ def _check_objectives(metric: Any, mode: Any) -> None:
     if not metrics or len(set(metrics)) != len(metrics):
         raise NbglmError(f"'metric' {metric!r} needs at least one metric and no repeats")
     for m in metrics:
-        if m not in metric_names():
-            raise NbglmError(f"'metric' = {m!r} is invalid: expected one of {', '.join(metric_names())}")
+        if m not in METRICS:
+            raise NbglmError(f"'metric' = {m!r} is invalid: expected one of {', '.join(METRICS)}")
+    if len({get_metric(m).profile for m in metrics}) > 1:
+        raise NbglmError(f"'metric' {metric!r} mixes metric profiles: every unit is scored with one profile")
     for m in modes:
         if m not in ("max", "min"):
             raise NbglmError(f"'mode' = {m!r} is invalid: expected max or min")

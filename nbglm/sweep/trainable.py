@@ -50,7 +50,7 @@ from nbglm import atomic
 from nbglm.config import from_dict
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
 from nbglm.sweep.space import SweepSpec
-from nbglm.sweep.units import ASHA_SIGNAL, METRICS, VAL_SIGNAL, UnitPool, unit_record, unit_stats
+from nbglm.sweep.units import ASHA_SIGNAL, VAL_SIGNAL, UnitPool, unit_record, unit_stats
 
 POLL_S = 1.0
 # Seed units are scheduled by Ray outside the trial's own placement group (which holds no CPU).
@@ -98,10 +98,10 @@ def _mean(values: list[float | None]) -> float:
 
 
 def _result(epoch: int, histories: dict[Unit, list[dict]], records: dict[Unit, dict],
-            final: bool) -> dict[str, Any]:
+            final: bool, metrics: tuple[str, ...]) -> dict[str, Any]:
     """One `tune.report` payload at `epoch` (passed by every unit); the same keys every time so the
     CSV/JSON logs stay rectangular. `histories`: each unit's per-epoch {'loss', VAL_SIGNAL}."""
-    stats = unit_stats(list(records.values())) if final else None
+    stats = unit_stats(list(records.values()), metrics) if final else None
     at = [h[epoch - 1] for h in histories.values() if len(h) >= epoch]
     best = [min((e[VAL_SIGNAL] for e in h[:epoch] if e.get(VAL_SIGNAL) is not None), default=None)
             for h in histories.values()]
@@ -113,7 +113,7 @@ def _result(epoch: int, histories: dict[Unit, list[dict]], records: dict[Unit, d
         "n_units_done": len(records),
         "n_units_ok": sum(r["status"] == "ok" for r in records.values()),
     }
-    for m in METRICS:
+    for m in metrics:
         out[m] = stats[m]["mean"] if stats and stats[m]["mean"] is not None else math.nan
         out[f"{m}_std"] = stats[m]["std"] if stats and stats[m]["std"] is not None else math.nan
     out["final"] = final
@@ -134,7 +134,7 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
     records = {u: r for u in units if (r := read_record(trial_dir, *u)) and r["status"] == "ok"}
     histories: dict[Unit, list[dict]] = {u: list(records[u].get("history") or []) if u in records else []
                                          for u in units}
-    board = TrialBoard(trial_dir)
+    board = TrialBoard(trial_dir, spec.metrics)
     pool = UnitPool(ctx.cpu, ctx.gpu, ctx.faults, OUTSIDE_TRIAL)
     folds = ray.get(ctx.store.refs.remote(cfg))
     for fold, seed in units:
@@ -163,21 +163,21 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
             passed = min(epochs if u in records else len(histories[u]) for u in units)
             while reported < min(passed, epochs - 1):  # the last epoch is reported with the final result
                 reported += 1
-                tune.report(_result(reported, histories, records, final=False))
+                tune.report(_result(reported, histories, records, False, spec.metrics))
     except SystemExit:  # the scheduler stopped this config: Tune ends the trial inside tune.report
         while events := pool.poll(timeout=0):  # what the units sent meanwhile: epochs, units that finished
             take(events)
         for unit in pool.live():  # provisional records; each cancelled unit overwrites its own when it stops
-            record = unit_record(unit[1], unit[0], status="stopped", epochs_done=len(histories[unit]),
+            record = unit_record(unit[1], unit[0], spec.metrics, status="stopped", epochs_done=len(histories[unit]),
                                  history=histories[unit], end=time.time())
             atomic.write_json(record_path(trial_dir, *unit), record)
         pool.cancel()
         board.close()
         raise
     ordered = [records[u] for u in units]
-    board.finish(hparam_values(spec, config), unit_stats(ordered))
+    board.finish(hparam_values(spec, config), unit_stats(ordered, spec.metrics))
     if not any(r["status"] == "ok" for r in ordered):
         first = ordered[0]
         raise RuntimeError(f"all {len(ordered)} units failed; fold {first['fold']} seed {first['seed']}: "
                            f"{first['error']}")
-    tune.report(_result(epochs, histories, records, final=True))
+    tune.report(_result(epochs, histories, records, True, spec.metrics))

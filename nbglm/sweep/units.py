@@ -37,9 +37,7 @@ import ray
 from nbglm import atomic
 from nbglm.config import Config
 from nbglm.errors import NbglmError
-from nbglm.metrics import names
-
-METRICS = names()
+from nbglm.metrics import names, values
 FAULTS_ENV = "NBGLM_TEST_FAULTS"  # tests only: {"fail_seeds": [2], "fail_first_attempt": true}
 
 
@@ -60,13 +58,14 @@ class UnitStopped(Exception):
     """Raised at an epoch end inside a unit whose task was cancelled (early stopping)."""
 
 
-def unit_record(seed: int, fold: int | None = None, **fields: Any) -> dict[str, Any]:
-    """A unit's record (one row of trials.csv): every key present, the given ones filled.
+def unit_record(seed: int, fold: int | None, metrics: tuple[str, ...], **fields: Any) -> dict[str, Any]:
+    """A unit's record (one row of trials.csv): every key present, the given ones filled; `metrics`
+    are the registry names of the experiment's profile (`names(cfg.evaluate.profile)`).
 
     `history` holds one {'epoch', 'loss', VAL_SIGNAL, 't' (its end, epoch seconds)} per trained epoch,
     so a resumed trial knows the early-stopping signal of units that finished before the crash (and a
     benchmark knows when each epoch's compute was spent); `epochs_done` counts them."""
-    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(METRICS), "epochs_done": 0,
+    return {"fold": fold, "seed": seed, "status": "ok", "error": None, **dict.fromkeys(metrics), "epochs_done": 0,
             "wall_s": None, "cpu_s": None, "start": None, "end": None, "node_id": None, "gpu_ids": [], "pid": None,
             "bundle": None, "history": [], **fields}
 
@@ -91,7 +90,7 @@ def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bu
 
     ctx = ray.get_runtime_context()
     key = (fold, seed)
-    record = unit_record(seed, fold, start=time.time(), node_id=ctx.get_node_id(), pid=os.getpid(), bundle=bundle_dir,
+    record = unit_record(seed, fold, names(cfg.evaluate.profile), start=time.time(), node_id=ctx.get_node_id(), pid=os.getpid(), bundle=bundle_dir,
                          gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])])
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -112,7 +111,7 @@ def _unit(cfg: Config, seed: int, fold: int | None, data: Any, de_cache: Any, bu
 
             result = run_experiment(with_seed(cfg, seed), data, bundle_dir=Path(bundle_dir), de_cache=de_cache,
                                     on_epoch_end=on_epoch_end, val_signal=fold is not None)
-            record.update({m: result.metrics.get(m) for m in METRICS}, timings=result.timings)
+            record.update(values(result.metrics, cfg.evaluate.profile), timings=result.timings)
             if not cfg.pipeline.keep_preds:
                 shutil.rmtree(result.bundle / "preds", ignore_errors=True)
         except UnitStopped:
@@ -156,7 +155,8 @@ class UnitPool:
         if scheduling_strategy is not None:
             self._options["scheduling_strategy"] = scheduling_strategy
         self._faults = faults
-        self._live: dict[Any, tuple[tuple[int | None, int], Path]] = {}  # ObjectRefGenerator -> (key, bundle)
+        # ObjectRefGenerator -> (key, bundle, the unit's metric names)
+        self._live: dict[Any, tuple[tuple[int | None, int], Path, tuple[str, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self._live)
@@ -168,11 +168,11 @@ class UnitPool:
         generator = seed_unit.options(**self._options).remote(cfg, seed, fold, data_ref, de_cache_ref,
                                                               str(bundle_dir), self._faults,
                                                               str(record_file) if record_file else None)
-        self._live[generator] = ((fold, seed), bundle_dir)
+        self._live[generator] = ((fold, seed), bundle_dir, names(cfg.evaluate.profile))
 
     def live(self) -> list[tuple[int | None, int]]:
         """Keys of the units still in flight."""
-        return [key for key, _ in self._live.values()]
+        return [key for key, _, _ in self._live.values()]
 
     def cancel(self) -> None:
         """Cancel every unit in flight (early stopping): each stops at its next epoch end and its
@@ -191,14 +191,14 @@ class UnitPool:
             ready, _ = ray.wait(live, num_returns=len(live), timeout=0)
         events = []
         for gen in ready:
-            (fold, seed), bundle_dir = self._live[gen]
+            (fold, seed), bundle_dir, metrics = self._live[gen]
             try:
                 item = ray.get(next(gen))
             except StopIteration:
                 del self._live[gen]
                 continue
             except Exception as exc:  # the task itself failed: worker or node lost
-                record = unit_record(seed, fold, status="failed", error=one_line(exc), bundle=str(bundle_dir))
+                record = unit_record(seed, fold, metrics, status="failed", error=one_line(exc), bundle=str(bundle_dir))
                 item = ("done", (fold, seed), record)
             if item[0] == "done":
                 del self._live[gen]
@@ -206,10 +206,10 @@ class UnitPool:
         return events
 
 
-def unit_stats(records: list[dict]) -> dict[str, dict]:
+def unit_stats(records: list[dict], metrics: tuple[str, ...]) -> dict[str, dict]:
     """mean/std/min/max (std: sample, n-1; null below 2 units) of each metric over the ok units."""
     out = {}
-    for m in METRICS:
+    for m in metrics:
         vals = [float(r[m]) for r in records if r["status"] == "ok" and r.get(m) is not None
                 and math.isfinite(float(r[m]))]
         out[m] = {
