@@ -162,6 +162,18 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
 
 
+def check_writable_dir(path: Path, key: str) -> None:
+    """`path` must be a directory, or creatable in one this process can write: checked before any
+    work, not when the first file is written. `key` names the setting in the message."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise NbglmError(f"{key}: {existing} is a file, not a directory, so {path} cannot be created; set {key} to a "
+                         "directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"{key}: {existing} is not writable, so {path} cannot be written; set {key} to a "
+                         "directory you can write")
+
+
 def check_new_output(out: str | Path) -> Path:
     """Refuse an existing `out` unless it is an empty directory: never merge into or overwrite results."""
     out = Path(out)
