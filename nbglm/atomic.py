@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -79,7 +78,7 @@ def _umask() -> int:
 
 
 def _host() -> str:
-    return socket.gethostname().replace(".", "_") or "host"
+    return os.uname().nodename.replace(".", "_") or "host"
 
 
 def _fsync(path: Path) -> None:
