@@ -178,7 +178,8 @@ def _records(sweep_dir: Path) -> list[Path]:
 def _unfinished(unit_dirs: set[Path]) -> list[Path]:
     """Unit bundles (`config_x/fold_f/seed_n`) whose record (`config_x/units/fold_f_seed_n.json`) is not
     written yet."""
-    return [d for d in unit_dirs if not (d.parents[1] / "units" / f"{d.parent.name}_{d.name}.json").exists()]
+    return [d for d in unit_dirs if d.parent.name.startswith("fold_")  # not the refit's final/config_x/seed_n
+            and not (d.parents[1] / "units" / f"{d.parent.name}_{d.name}.json").exists()]
 
 
 def test_sweep_runs_on_both_nodes_and_survives_a_worker_node_death(cluster: Cluster, tmp_path: Path) -> None:
