@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -79,7 +78,7 @@ def _umask() -> int:
 
 
 def _host() -> str:
-    return socket.gethostname().replace(".", "_") or "host"
+    return os.uname().nodename.replace(".", "_") or "host"
 
 
 def _fsync(path: Path) -> None:
@@ -160,6 +159,18 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """`path` must be a directory, or creatable in one this process can write: checked before any
+    work, not when the first file is written. `key` names the setting in the message."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise NbglmError(f"{key}: {existing} is a file, not a directory, so {path} cannot be created; set {key} to a "
+                         "directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NbglmError(f"{key}: {existing} is not writable, so {path} cannot be written; set {key} to a "
+                         "directory you can write")
 
 
 def check_new_output(out: str | Path) -> Path:

@@ -75,7 +75,7 @@ class LowRankNBGLM(nn.Module):
         self.pert_names = list(pert_names)
         self._pert_pos = {name: i for i, name in enumerate(self.pert_names)}
 
-        # Fixed inputs are non-persistent buffers: a checkpoint stores them once, by name (train.save_checkpoint).
+        # Fixed inputs are non-persistent buffers: a checkpoint stores them once, by name (nbglm.checkpoint).
         self.register_buffer("G", gene_emb.float(), persistent=False)
         self.register_buffer("P", pert_emb.float(), persistent=False)
         self.register_buffer("log_mu_ctrl", mu_ctrl.float().log(), persistent=False)

@@ -14,7 +14,6 @@ bundle directory the caller provides (a sweep's unit) is marked FAILED instead.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +33,8 @@ from nbglm.errors import NbglmError
 from nbglm.metrics import GroundTruthCache, Reference, build_cache, cache_profile, evaluate, load_cache, profile_metrics
 from nbglm.model import LowRankNBGLM
 from nbglm.sample import sample_heldout
-from nbglm.train import EpochCallback, FitResult, fit, load_checkpoint, save_checkpoint
+from nbglm.checkpoint import load_checkpoint, save_checkpoint
+from nbglm.train import EpochCallback, FitResult, fit
 
 log = logging.getLogger("nbglm")
 
@@ -82,13 +82,7 @@ def check_mode_inputs(cfg: Config, data: Dataset | None = None) -> None:
 def check_outputs_root(cfg: Config) -> Path:
     """paths.outputs_root must be (or be creatable as) a directory this process can write into."""
     root = Path(cfg.paths.outputs_root).expanduser().resolve()
-    existing = next(p for p in [root, *root.parents] if p.exists())
-    if not existing.is_dir():
-        raise NbglmError(f"paths.outputs_root {root}: {existing} is a file, not a directory; set paths.outputs_root "
-                         "to a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise NbglmError(f"paths.outputs_root {root}: {existing} is not writable; set paths.outputs_root "
-                         "to a directory you can write")
+    atomic.check_writable_dir(root, "paths.outputs_root")
     return root
 
 

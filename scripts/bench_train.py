@@ -34,7 +34,8 @@ def _worker(job: str, device: str, overrides: list[str], threads: int | None) ->
     from nbglm.config import load_config
     from nbglm.data import load_dataset, make_synthetic
     from nbglm.sample import sample_heldout
-    from nbglm.train import fit, save_checkpoint
+    from nbglm.checkpoint import save_checkpoint
+    from nbglm.train import fit
 
     t0 = time.perf_counter()
     mode = job if job in ("whole", "concise") else "concise"

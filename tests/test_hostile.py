@@ -340,7 +340,7 @@ def test_a_unit_bundle_that_failed_is_marked_and_refused(small_data, tmp_path: P
 
     from nbglm.errors import NbglmError
     from nbglm.pipeline import run_experiment
-    from nbglm.train import load_checkpoint
+    from nbglm.checkpoint import load_checkpoint
 
     cfg = small_cfg("train.epochs=1", "sampling.sampler=nb", "train.lr=1e30", "train.grad_clip=0")
     with pytest.raises(NbglmError, match="diverged"):

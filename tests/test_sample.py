@@ -13,7 +13,8 @@ from nbglm.data import Dataset
 from nbglm.errors import NbglmError
 from nbglm.model import LowRankNBGLM
 from nbglm.sample import library_sizes, sample_heldout
-from nbglm.train import fit, load_checkpoint, save_checkpoint
+from nbglm.checkpoint import load_checkpoint, save_checkpoint
+from nbglm.train import fit
 
 from small import small_cfg
 

@@ -12,8 +12,8 @@ from nbglm.data import Dataset, make_synthetic
 from nbglm.errors import NbglmError
 from nbglm.losses import LOSSES, nb_nll
 from nbglm.model import CONTROL_IDX, LowRankNBGLM
-from nbglm.train import (_Cells, _prepare, _Pseudobulk, _WholeBatches, fit, load_checkpoint, resolve_device,
-                         save_checkpoint)
+from nbglm.checkpoint import load_checkpoint, save_checkpoint
+from nbglm.train import _Cells, _prepare, _Pseudobulk, _WholeBatches, fit, resolve_device
 
 from small import small_cfg
 

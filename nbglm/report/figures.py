@@ -13,7 +13,7 @@ from nbglm import atomic
 from nbglm.baselines import BASELINES
 from nbglm.metrics import METRICS as REGISTRY
 from nbglm.report.read import Sweep
-from nbglm.sweep.space import Param
+from nbglm.sweep.params import Param
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

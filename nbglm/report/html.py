@@ -11,7 +11,7 @@ import pandas as pd
 
 from nbglm.report.figures import axis_label
 from nbglm.report.read import Sweep
-from nbglm.sweep.space import Param
+from nbglm.sweep.params import Param
 
 
 def _mean_std(row: pd.Series, metric: str) -> str:

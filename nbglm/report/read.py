@@ -18,7 +18,8 @@ import yaml
 
 from nbglm.errors import NbglmError
 from nbglm.metrics import get, names
-from nbglm.sweep.space import Param, SpecFields, rank_objective
+from nbglm.sweep.params import Param
+from nbglm.sweep.space import SpecFields, rank_objective
 
 
 @dataclass

@@ -92,7 +92,8 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 @contextmanager
-def _environ(**values: str) -> Iterator[None]:
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block (Ray and Tune read some at call time)."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -119,7 +120,7 @@ def _loopback() -> Iterator[None]:
     saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+        with environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
@@ -168,7 +169,7 @@ def connect(address: str | None, units: int = 1, timeout: float = CONNECT_TIMEOU
     host = address.removeprefix("ray://").rpartition(":")[0]
     local = _loopback() if host in ("127.0.0.1", "localhost", "::1", "[::1]") else contextlib.nullcontext()
     try:
-        with _quiet_stderr(), local, _environ(RAY_gcs_server_port_wait_time_s=str(max(1, int(timeout // 6)))):
+        with _quiet_stderr(), local, environ(RAY_gcs_server_port_wait_time_s=str(max(1, int(timeout // 6)))):
             ray.init(address=address, runtime_env=package_runtime_env())
     except Exception as exc:  # ConnectionError, AuthenticationError, ...: one line for the user
         if _is_auth_error(exc):

@@ -84,6 +84,7 @@ def run_multi_seed(cfg: Config, data: Dataset | None = None, *, bundle_dir: Path
 def _run_seeds(base: Config, bundle: Path, records: dict[int, dict], limit: int, cpu: float, gpu: float,
                data: Dataset, de_cache: object) -> None:
     """Run every seed of `base` as a unit, at most `limit` at once, filling `records` by seed."""
+    score = names(base.evaluate.profile)[0]
     data_ref = ray.put(data)
     cache_ref = ray.put(de_cache) if de_cache is not None else None
     pending, pool = list(base.pipeline.seeds), UnitPool(cpu, gpu, injected_faults())
@@ -95,4 +96,4 @@ def _run_seeds(base: Config, bundle: Path, records: dict[int, dict], limit: int,
             if event[0] == "done":
                 rec = records[event[2]["seed"]] = event[2]
                 log.info("seed %d %s%s", rec["seed"], rec["status"],
-                         f": {rec['error']}" if rec["error"] else f" overall={rec[metrics[0]]}")
+                         f": {rec['error']}" if rec["error"] else f" {score}={rec[score]}")

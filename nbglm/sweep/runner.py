@@ -20,9 +20,6 @@ or not, so a batch job's log shows how far the sweep is.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +39,7 @@ from nbglm.data.folds import assign_folds
 from nbglm.data.load import check_inputs, read_inputs
 from nbglm.sweep.aggregate import (TrialInfo, export, print_final, print_table, progress_line,
                                   write_hparams_experiment)
-from nbglm.sweep.cluster import (CONNECT_TIMEOUT_S, check_address, check_shared_storage, ray_session,
+from nbglm.sweep.cluster import (CONNECT_TIMEOUT_S, check_address, check_shared_storage, environ, ray_session,
                                  unit_resources)
 from nbglm.sweep.folds import FoldStore, build_fold, data_key
 from nbglm.pipeline import check_sizes
@@ -95,24 +92,6 @@ def _check_directory(spec: SweepSpec, base: dict, resume: bool) -> None:
         if diff:
             raise NbglmError(f"the spec differs from the one {sweep_dir} was started with (at '{diff}'); "
                              "resume with the same spec and --set values")
-
-
-@contextmanager
-def _tune_env() -> Iterator[None]:
-    """Tune settings read from the environment at fit time: save the experiment state every second
-    (resume loses at most that), and no automatic TensorBoard logger (TrialBoard writes one that
-    shows seeds and seed means, which Tune's per-trial logger cannot)."""
-    wanted = {"TUNE_GLOBAL_CHECKPOINT_S": "1", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
-    old = {k: os.environ.get(k) for k in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _last_line(text: str | None) -> str | None:
@@ -226,7 +205,9 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
                               yaml.safe_dump({"spec": spec.raw, "base_config": base}, sort_keys=False))
             atomic.write_text(folds_csv, folds.to_csv(index=False))
             write_hparams_experiment(sweep_dir, spec)
-        with _tune_env():
+        # save the experiment state every second (resume loses at most that); no automatic TensorBoard
+        # logger (TrialBoard writes one that shows units and CV means, which Tune's per-trial one cannot)
+        with environ(TUNE_GLOBAL_CHECKPOINT_S="1", TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):
             grid = tuner.fit()
         rows = _final_export(spec, base, grid)
         print_table(spec, rows)

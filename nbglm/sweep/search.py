@@ -25,7 +25,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from nbglm import atomic
-from nbglm.sweep.space import Param, SweepSpec
+from nbglm.sweep.params import Param
+from nbglm.sweep.space import SweepSpec
 from nbglm.sweep.units import ASHA_SIGNAL
 
 STUDY_DB = "optuna.db"

@@ -5,35 +5,28 @@ keys, the seeds every sampled config runs with, the metric, per-seed resources a
 go. Every problem (unknown key, a space key that is not a config key, a value the config rejects,
 no seeds) is one `NbglmError` line, so a typo never costs a cluster start.
 
-Categorical choices may be lists (MLP depth and width in one knob: `[[], [128], [256, 128]]`).
-Optuna and TensorBoard's HParams only take scalar choices, so a list choice travels through the
-searcher as its YAML flow label (`"[256, 128]"`) and is decoded back when the config is built.
+The search space itself (`Param`, what a key may not be) is in `nbglm.sweep.params`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import difflib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-from nbglm.config import (PLAIN_NAME, Config, ResourcesConfig, _from_dict, all_keys, from_dict, is_plain_name,
+from nbglm import atomic
+from nbglm.config import (Config, ResourcesConfig, _from_dict, all_keys, from_dict,
                           parse_override, read_yaml, set_dotted, to_dict)
+from nbglm.config_rules import PLAIN_NAME, is_plain_name
 from nbglm.errors import NbglmError
 from nbglm.metrics import METRICS
 from nbglm.metrics import names as metric_names
 from nbglm.metrics.registry import get as get_metric
-
-# Keys a sampled config cannot change: the data files and labels the folds were cut from, the modes
-# and seeds the sweep itself sets, where results go.
-FIXED_KEYS = ("paths.", "pipeline.", "experiment.", "evaluate.", "data.pert_name_col", "data.control_name",
-              "data.use_split", "data.synthetic.")
-
+from nbglm.sweep.params import Param, parse_param, suggest
 
 SAMPLERS = ("tpe", "random", "nsga2", "cmaes")
 CALLBACKS = ("mlflow",)  # experiment trackers a sweep can log to
@@ -88,37 +81,6 @@ class SpecFields:
     max_failures: int = 1  # retries of a crashed config trial
     storage_path: str = "sweep_results"  # results go to <storage_path>/<name>/
     callbacks: list[str] = field(default_factory=list)  # trackers: mlflow (local store <sweep dir>/mlflow.db)
-
-
-@dataclass(frozen=True)
-class Param:
-    """One search-space entry over a dotted config key."""
-
-    key: str
-    type: Literal["int", "float", "categorical"]
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple[Any, ...] = ()
-
-    def labels(self) -> list[Any]:
-        """Choices as the searcher sees them: scalars as they are, lists as their YAML label."""
-        return [_label(c) for c in self.choices]
-
-    def decode(self, value: Any) -> Any:
-        """The config value for what the searcher suggested."""
-        if self.type == "categorical":
-            return dict(zip(self.labels(), self.choices))[value]
-        return value
-
-    def distribution(self) -> Any:
-        import optuna.distributions as od
-
-        if self.type == "int":
-            return od.IntDistribution(int(self.low), int(self.high), log=self.log)
-        if self.type == "float":
-            return od.FloatDistribution(float(self.low), float(self.high), log=self.log)
-        return od.CategoricalDistribution(self.labels())
 
 
 @dataclass
@@ -208,10 +170,6 @@ def rank_objective(metric: str | list[str], mode: str | list[str]) -> tuple[str,
     return metric, str(mode)
 
 
-def _label(choice: Any) -> Any:
-    return yaml.safe_dump(choice, default_flow_style=True).strip() if isinstance(choice, list) else choice
-
-
 def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
     """Nested mapping -> dotted leaves (`{train: {epochs: 5}}` -> `{'train.epochs': 5}`)."""
     out: dict[str, Any] = {}
@@ -222,52 +180,6 @@ def _flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[full] = value
     return out
-
-
-def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _parse_param(key: str, raw: Any, config_keys: list[str]) -> Param:
-    where = f"search.space['{key}']"
-    if key not in config_keys:
-        raise NbglmError(f"{where}: '{key}' is not a config key{_suggest(key, config_keys)}")
-    if key.startswith(FIXED_KEYS):
-        raise NbglmError(f"{where}: '{key}' cannot act in a sweep (the data files, labels, folds, modes and seeds "
-                         "are fixed for the whole sweep); set it under 'overrides' instead")
-    if not isinstance(raw, dict):
-        raise NbglmError(f"{where} must be a mapping like {{type: int, low: 2, high: 64, log: true}}")
-    allowed = {"type", "low", "high", "log", "choices"}
-    for k in raw:
-        if k not in allowed:
-            raise NbglmError(f"{where}: unknown field '{k}'{_suggest(str(k), sorted(allowed))}")
-    kind = raw.get("type")
-    if kind in ("int", "float"):
-        low, high, log = raw.get("low"), raw.get("high"), raw.get("log", False)
-        if "choices" in raw:
-            raise NbglmError(f"{where}: 'choices' is for type categorical; {kind} takes low and high")
-        number = int if kind == "int" else (int, float)
-        if any(isinstance(v, bool) or not isinstance(v, number) for v in (low, high)):
-            raise NbglmError(f"{where}: type {kind} needs {kind} 'low' and 'high', got low={low!r} high={high!r}")
-        if not isinstance(log, bool):
-            raise NbglmError(f"{where}: 'log' must be true or false, got {log!r}")
-        if not low < high:
-            raise NbglmError(f"{where}: needs low < high, got low={low} high={high}")
-        if log and low <= 0:
-            raise NbglmError(f"{where}: a log scale needs low > 0, got low={low}")
-        return Param(key, kind, low=low, high=high, log=log)
-    if kind == "categorical":
-        choices = raw.get("choices")
-        if set(raw) - {"type", "choices"}:
-            raise NbglmError(f"{where}: type categorical takes only 'choices'")
-        if not isinstance(choices, list) or not choices:
-            raise NbglmError(f"{where}: type categorical needs a non-empty list 'choices'")
-        param = Param(key, "categorical", choices=tuple(choices))
-        if len(set(map(str, param.labels()))) != len(choices):
-            raise NbglmError(f"{where}: duplicate choices {choices}")
-        return param
-    raise NbglmError(f"{where}: 'type' must be one of int, float, categorical, got {kind!r}")
 
 
 def _check_values(spec: SweepSpec) -> None:
@@ -319,18 +231,6 @@ def load_spec(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Sweep
         raise NbglmError(f"sweep spec {path.name}: {msg}") from None
 
 
-def _check_storage(sweep_dir: Path) -> None:
-    """The sweep directory must be a directory, or creatable in a writable one: checked before Ray
-    starts, not when Tune first writes."""
-    existing = next(p for p in [sweep_dir, *sweep_dir.parents] if p.exists())
-    if not existing.is_dir():
-        raise NbglmError(f"storage_path: {existing} is a file, so {sweep_dir} cannot be created; set storage_path "
-                         "to a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise NbglmError(f"storage_path: {existing} is not writable, so {sweep_dir} cannot be written; set "
-                         "storage_path to a directory you can write")
-
-
 def _parse(path: Path, raw: dict) -> SweepSpec:
     body = dict(raw)
     search_raw = body.pop("search", None) or {}
@@ -346,7 +246,7 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     known = [f.name for f in dataclasses.fields(SpecFields)] + ["search", "selection", "early_stopping", "overrides"]
     for key in body:
         if key not in known:
-            raise NbglmError(f"unknown key '{key}'{_suggest(str(key), known)}")
+            raise NbglmError(f"unknown key '{key}'{suggest(str(key), known)}")
     fields = _from_dict(SpecFields, body)
     search = _from_dict(SearchSettings, search_raw, "search")
     selection = _from_dict(SelectionSettings, selection_raw, "selection")
@@ -380,9 +280,10 @@ def _parse(path: Path, raw: dict) -> SweepSpec:
     if not isinstance(space_raw, dict) or not space_raw:
         raise NbglmError("search.space is empty: add at least one entry, "
                          "e.g. model.rank: {type: int, low: 2, high: 64}")
-    _check_storage(Path(fields.storage_path.removeprefix("file://")).expanduser().resolve() / fields.name)
+    atomic.check_writable_dir(Path(fields.storage_path.removeprefix("file://")).expanduser().resolve() / fields.name,
+                              "storage_path")
     config_keys = all_keys()
-    space = {str(k): _parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
+    space = {str(k): parse_param(str(k), v, config_keys) for k, v in space_raw.items()}
     overrides = _profile_override(path, body.get("base_config"), _flatten(overrides_raw), fields.metric)
     spec = SweepSpec(**vars(fields), path=path, search=search, selection=selection, early_stopping=stopping,
                      space=space, overrides=overrides, raw=raw)
