@@ -36,10 +36,9 @@ def build_fold(cfg: Config, inputs: Inputs, folds: pd.DataFrame, fold: int) -> t
 
 @ray.remote(num_cpus=0)
 class FoldStore:
-    def __init__(self, inputs: Inputs, folds: pd.DataFrame, prebuilt: dict[str, list[tuple[Any, Any]]]) -> None:
-        """`prebuilt`: the base config's folds, built by the driver (where bad data is one line)."""
+    def __init__(self, inputs: Inputs, folds: pd.DataFrame) -> None:
         self._inputs, self._folds = inputs, folds
-        self._refs = dict(prebuilt)
+        self._refs: dict[str, list[tuple[Any, Any]]] = {}
 
     def refs(self, cfg: Config) -> list[tuple[Any, Any]]:
         """[(dataset ref, cache ref)] per fold for `cfg`'s data config, built on first request."""

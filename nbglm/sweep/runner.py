@@ -31,6 +31,7 @@ import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import ConcurrencyLimiter
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from nbglm import atomic
 from nbglm.config import from_dict, to_dict
@@ -170,10 +171,15 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
         cpu, gpu = unit_resources(spec.resources.cpu, spec.resources.gpu)
         slots = _unit_slots(spec, cpu, gpu)
         check_shared_storage(sweep_dir)
-        prebuilt = {data_key(base_cfg): [(ray.put(d), ray.put(c)) for d, c in base_folds]}
+        # The base data config's folds are the driver's own objects: they outlive any worker node. The
+        # store builds the folds of other data configs; it lives beside the driver and restarts if it must.
+        base_refs = [(ray.put(d), ray.put(c)) for d, c in base_folds]
         del base_folds
-        store = FoldStore.remote(replace(inputs, test=None), folds, prebuilt)  # the test set stays here
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        store = FoldStore.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote(
+            replace(inputs, test=None), folds)  # the test set stays here
         ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu, store=store,
+                           base_key=data_key(base_cfg), base_folds=base_refs,
                            faults=faults)
         trainable = tune.with_resources(tune.with_parameters(train_config, ctx=ctx),
                                         tune.PlacementGroupFactory(TRIAL_RESOURCES))

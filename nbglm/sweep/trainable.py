@@ -49,6 +49,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from nbglm import atomic
 from nbglm.config import from_dict
 from nbglm.sweep.aggregate import TrialBoard, hparam_values, read_record, record_path
+from nbglm.sweep.folds import data_key
 from nbglm.sweep.space import SweepSpec
 from nbglm.sweep.units import ASHA_SIGNAL, VAL_SIGNAL, UnitPool, unit_record, unit_stats
 
@@ -72,7 +73,9 @@ class SweepContext:
     sweep_dir: str
     cpu: float  # per unit, after the no-GPU fallback
     gpu: float
-    store: Any  # FoldStore actor handle
+    store: Any  # FoldStore actor handle: the folds of data configs other than the base one
+    base_key: str  # data_key of the base config
+    base_folds: list  # [(dataset ref, cache ref)] per fold of the base data config, owned by the driver
     faults: dict  # injected by tests through NBGLM_TEST_FAULTS; {} in real sweeps
 
 
@@ -136,7 +139,7 @@ def train_config(config: dict[str, Any], ctx: SweepContext) -> None:
                                          for u in units}
     board = TrialBoard(trial_dir, spec.metrics)
     pool = UnitPool(ctx.cpu, ctx.gpu, ctx.faults, OUTSIDE_TRIAL)
-    folds = ray.get(ctx.store.refs.remote(cfg))
+    folds = ctx.base_folds if data_key(cfg) == ctx.base_key else ray.get(ctx.store.refs.remote(cfg))
     for fold, seed in units:
         if (fold, seed) not in records:
             data_ref, cache_ref = folds[fold]
