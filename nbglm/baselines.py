@@ -21,7 +21,6 @@ import scipy.sparse as sp
 from nbglm.config import Config
 from nbglm.data import Dataset, pseudobulks
 from nbglm.metrics import to_log1p
-from nbglm.sample import control_cells, control_source
 
 # The baseline registry: the only list of baseline names (model.name values besides lowrank_nb_glm).
 BASELINES: dict[str, str] = {
@@ -51,7 +50,7 @@ def predict_baseline(cfg: Config, data: Dataset, seed: int) -> ad.AnnData:
     perts = data.heldout_perts
     n_cells = data.heldout["n_cells"].fillna(cfg.sampling.n_cells_default).to_numpy(np.int64)
     labels = np.repeat(np.array(perts, dtype=object), n_cells)
-    controls = control_cells(data)
+    controls = data.control_cells()
     if name == "control":
         rng = np.random.default_rng(seed)
         pick = rng.integers(0, controls.n_obs, labels.size)
@@ -64,7 +63,7 @@ def predict_baseline(cfg: Config, data: Dataset, seed: int) -> ad.AnnData:
         else:
             profiles = np.clip(_ridge_effects(data, names, bulks, cfg.model.ridge_lambda), 0.0, None)
         cells = sp.csr_matrix(np.repeat(profiles, n_cells, axis=0).astype(np.float32))
-        source = control_source(data)  # normalised as a whole file, as the metrics see it
+        source = data.control_source()  # normalised as a whole file, as the metrics see it
         is_ctrl = (source.obs[data.pert_col].astype(str) == data.control).to_numpy()
         ctrl_x = sp.csr_matrix(to_log1p(source, "control cells' file")[np.flatnonzero(is_ctrl)], dtype=np.float32)
     obs = pd.DataFrame({data.pert_col: np.concatenate([labels, np.full(controls.n_obs, data.control, dtype=object)])},

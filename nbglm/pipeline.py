@@ -92,7 +92,7 @@ def check_sizes(cfg: Config, data: Dataset) -> None:
     n_genes, m = len(data.gene_names), cfg.model
     n_cells = (data.heldout["n_cells"].fillna(cfg.sampling.n_cells_default).sum()
                if "n_cells" in data.heldout else cfg.sampling.n_cells_default * len(data.heldout))
-    n_cells = float(n_cells) + (data.train.n_obs if cfg.sampling.control_cells == "model" else 0)
+    n_cells = float(n_cells) + (data.control_totals().size if cfg.sampling.control_cells == "model" else 0)
     # The prediction: CSR float32 counts + int32 indices, up to every cell x gene element.
     check_fits(8.0 * n_cells * n_genes, f"the prediction ({n_cells:.0f} cells x {n_genes} genes)",
                "the held-out list's n_cells (or sampling.n_cells_default)")
@@ -110,7 +110,7 @@ def check_sizes(cfg: Config, data: Dataset) -> None:
     check_fits(g + p + kernel, "the model (parameters, optimizer state, activations)",
                "model.rank, model.g_mlp_hidden / p_mlp_hidden or model.g_out_dim / p_out_dim")
     rows = cfg.train.batch_size if cfg.train.fit_mode == "whole" else n_perts
-    check_fits(4 * 4.0 * min(rows, data.train.n_obs + n_perts) * n_genes,
+    check_fits(4 * 4.0 * min(rows, data.n_train_cells + n_perts) * n_genes,
                f"a training step ({rows} rows x {n_genes} genes)",
                "train.batch_size" if cfg.train.fit_mode == "whole" else "the number of training perturbations")
 
@@ -262,6 +262,8 @@ def _evaluate(cfg: Config, data: Dataset, pred: ad.AnnData,
         raise NbglmError("no real held-out cells to score against: set paths.test_h5ad")
     if de_cache is None and cfg.evaluate.de_cache:
         de_cache = load_cache(cfg.evaluate.de_cache)
+    if de_cache is None and data.sums is not None:
+        raise NbglmError("this dataset holds sums, not cells: score it with the ground-truth cache built from its cells")
     return evaluate(pred, data.test, pert_col=data.pert_col, control=data.control,
                     train=None if de_cache else data.train, cache=de_cache, profile=cfg.evaluate.profile)
 

@@ -27,36 +27,26 @@ def _column(frame: pd.DataFrame, name: str, default: float) -> np.ndarray:
     return pd.to_numeric(frame[name], errors="coerce").fillna(default).to_numpy(dtype=np.float64)
 
 
-def _is_control(adata: ad.AnnData, data: Dataset) -> np.ndarray:
-    return (adata.obs[data.pert_col].astype(str) == data.control).to_numpy()
-
-
-def control_source(data: Dataset) -> ad.AnnData:
-    """The file whose real control cells go with predictions: the test data if it has any, else training."""
-    if data.test is not None and _is_control(data.test, data).any():
-        return data.test
-    return data.train
-
-
-def control_cells(data: Dataset) -> ad.AnnData:
-    source = control_source(data)
-    return source[_is_control(source, data)]
-
-
 def _phase_probs(strategy: str, data: Dataset) -> np.ndarray:
     """Probabilities of G1/S/G2M for the predicted cells' cycle offsets."""
     if strategy == "ignore":
         return np.array([1.0, 0.0, 0.0])
     if strategy.startswith("fixed_"):
         return np.eye(len(PHASES))[PHASES.index(strategy.removeprefix("fixed_"))]
-    obs = data.train.obs
-    if data.phase_col is None or data.phase_col not in obs.columns:
+    if data.phase_col is None:
         raise NbglmError(f"sampling.phase_strategy={strategy} needs a phase column in the training data: "
                          "set data.phase_column, or use phase_strategy ignore / fixed_G1 / fixed_S / fixed_G2M")
-    if strategy == "control":
-        obs = obs[obs[data.pert_col].astype(str) == data.control]
-    counts = obs[data.phase_col].astype(str).value_counts()
-    freq = np.array([counts.get(p, 0) for p in PHASES], dtype=np.float64)
+    if data.sums is not None:
+        sums = data.sums.train
+        use = sums.labels == data.control if strategy == "control" else np.ones(sums.labels.size, bool)
+        freq = np.bincount(sums.phase[use & (sums.phase >= 0)], weights=sums.n_all[use & (sums.phase >= 0)],
+                           minlength=len(PHASES)).astype(np.float64)
+    else:
+        obs = data.train.obs
+        if strategy == "control":
+            obs = obs[obs[data.pert_col].astype(str) == data.control]
+        counts = obs[data.phase_col].astype(str).value_counts()
+        freq = np.array([counts.get(p, 0) for p in PHASES], dtype=np.float64)
     if freq.sum() == 0:
         raise NbglmError(f"no G1/S/G2M labels in '{data.phase_col}' for phase_strategy={strategy}")
     return freq / freq.sum()
@@ -84,8 +74,8 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
     if not perts:
         raise NbglmError("the held-out list is empty: there are no perturbations to sample")
     pert_idx = model.pert_index(perts)
-    controls = control_cells(data)
-    ctrl_median = float(np.median(np.asarray(controls.X.sum(axis=1)).ravel())) if controls.n_obs else None
+    ctrl_totals = data.control_totals()
+    ctrl_median = float(np.median(ctrl_totals)) if ctrl_totals.size else None
     median_default = ctrl_median if scfg.median_umi_default is None else scfg.median_umi_default
     if median_default is None:
         raise NbglmError("sampling.median_umi_default is null but there are no control cells to take it from")
@@ -108,7 +98,7 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
             raise NbglmError("sampling.control_cells=model draws as many control cells as the data has, but it "
                              "has none; add control cells or set sampling.control_cells=real")
         profile = torch.cat([profile, model.log_mu_ctrl.cpu()[None]])
-        n_cells, medians = np.append(n_cells, controls.n_obs), np.append(medians, ctrl_median)
+        n_cells, medians = np.append(n_cells, ctrl_totals.size), np.append(medians, ctrl_median)
         labels = np.append(labels, data.control)
 
     cell_pert = np.repeat(np.arange(len(labels)), n_cells)
@@ -132,6 +122,7 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
 
     obs = pd.DataFrame({data.pert_col: labels[cell_pert]}, index=[f"pred_{i}" for i in range(len(cell_pert))])
     if scfg.control_cells == "real":
+        controls = data.control_cells()
         blocks.append(sp.csr_matrix(controls.X, dtype=np.float32))
         obs = pd.concat([obs, pd.DataFrame({data.pert_col: data.control}, index=controls.obs_names.astype(str))])
     x = sp.vstack(blocks, format="csr", dtype=np.float32)

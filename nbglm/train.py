@@ -37,6 +37,8 @@ import torch
 
 from nbglm.config import Config, ModelConfig
 from nbglm.data import PHASES, Dataset
+from nbglm.data.dataset import GroupSums
+from nbglm.data.summary import group_sums
 from nbglm.errors import NbglmError
 from nbglm.losses import LOSSES
 from nbglm.model import CONTROL_IDX, LowRankNBGLM
@@ -81,23 +83,36 @@ def phase_indices(obs: pd.DataFrame, phase_col: str | None) -> np.ndarray:
     return codes
 
 
-def control_stats(x: sp.csr_matrix, sf: np.ndarray, mcfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Control mean per unit size factor, and per-gene NB dispersion by method of moments.
+def control_stats(sums: GroupSums, ref: float, use_sf: bool, phase: np.ndarray | None,
+                  mcfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Control mean per unit size factor, and per-gene NB dispersion by method of moments, from the
+    control groups' sums (the G1 ones when `phase` is given and G1 control cells exist).
 
     Under y ~ NB(s m, theta), Var(y/s) averages to m E[1/s] + m^2/theta, hence
-    theta = m^2 / (Var(y/s) - m E[1/s]); genes with no excess variance get theta_max.
+    theta = m^2 / (Var(y/s) - m E[1/s]); genes with no excess variance get theta_max. With size
+    factors s = t / ref, sums of y/s and (y/s)^2 are ref and ref^2 times the stored sums of y/t, (y/t)^2.
     A gene never seen in controls gets mu_ctrl = 0.1 counts over all control cells, so log mu is finite.
     """
-    total_sf = float(sf.sum())
-    mu = np.asarray(x.sum(axis=0)).ravel() / total_sf
-    norm = sp.diags(1.0 / sf) @ x
-    mean = np.asarray(norm.mean(axis=0)).ravel()
-    var = np.asarray(norm.multiply(norm).mean(axis=0)).ravel() - mean**2
-    excess = var - mean * float(np.mean(1.0 / sf))
+    ctrl = sums.control_rows
+    use = np.ones(ctrl.size, bool)
+    if phase is not None and ((phase[ctrl] == 0) & (sums.n_all[ctrl] > 0)).any():
+        use = (phase[ctrl] == 0) & (sums.n_all[ctrl] > 0)
+    rows = ctrl[use]
+    n = float(sums.n[rows].sum())
+    if n == 0:
+        raise NbglmError("no control cell of the training data has any counts: the training matrix must hold raw counts")
+    y = sums.y[rows].sum(axis=0)
+    x2, xt, xt2 = sums.moments[:, use].sum(axis=1)
+    if use_sf:
+        total_sf = float(sums.t1[rows].sum()) / ref
+        mean, m2, mean_inv_sf = ref * xt / n, ref**2 * xt2 / n, ref * float(sums.inv_t[use].sum()) / n
+    else:
+        total_sf, mean, m2, mean_inv_sf = n, y / n, x2 / n, 1.0
+    excess = (m2 - mean**2) - mean * mean_inv_sf
     with np.errstate(divide="ignore", invalid="ignore"):
         theta = np.where(excess > 0, mean**2 / excess, mcfg.theta_max)
     theta = np.clip(np.nan_to_num(theta, nan=mcfg.theta_max), mcfg.theta_min, mcfg.theta_max)
-    return np.maximum(mu, 0.1 / total_sf), theta
+    return np.maximum(y / total_sf, 0.1 / total_sf), theta
 
 
 def build_model(cfg: Config, data: Dataset, mu_ctrl: np.ndarray, theta: np.ndarray) -> LowRankNBGLM:
@@ -113,7 +128,7 @@ def build_model(cfg: Config, data: Dataset, mu_ctrl: np.ndarray, theta: np.ndarr
 
 @dataclass
 class _Cells:
-    """Training cells in CPU numpy form, before they move to the device."""
+    """Training cells in CPU numpy form, before they move to the device (fit_mode whole)."""
 
     x: sp.csr_matrix  # counts, cells x genes
     pert: np.ndarray  # index into the model's P, CONTROL_IDX for control cells
@@ -121,56 +136,89 @@ class _Cells:
     phase: np.ndarray | None  # 0/1/2, with model.use_cycle only
 
 
-def _prepare(cfg: Config, data: Dataset) -> tuple[LowRankNBGLM, _Cells, float]:
-    """Control statistics, the model, the cells the fit sees, and the reference total count that
-    turns a cell's total into its size factor."""
-    mcfg = cfg.model
-    adata = data.train
-    x = sp.csr_matrix(adata.X, dtype=np.float32)
-    labels = adata.obs[data.pert_col].astype(str).to_numpy()
-    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
-    ref = float(np.median(totals))
+def _sums(data: Dataset, which: str) -> GroupSums | None:
+    """The group sums of `data.train` or `data.test`: the summarised dataset's, or made from its cells."""
+    if data.sums is not None:
+        return getattr(data.sums, which)
+    adata = getattr(data, which)
+    return None if adata is None else group_sums(adata, data.pert_col, data.control, data.phase_col)
+
+
+def _phases(sums: GroupSums, data: Dataset, use_cycle: bool) -> np.ndarray | None:
+    """Each group's phase 0/1/2 with model.use_cycle (an NbglmError when the data has none), else None."""
+    if not use_cycle:
+        return None
+    if data.phase_col is None:
+        raise NbglmError(f"model.use_cycle is on but the data has no phase column: set data.phase_column to the "
+                         "obs column with G1/S/G2M, or model.use_cycle=false")
+    if sums.bad_phases:
+        raise NbglmError(f"phase column {data.phase_col!r} has values {list(sums.bad_phases)}; expected only {list(PHASES)}")
+    return sums.phase
+
+
+def _prepare(cfg: Config, data: Dataset) -> tuple[LowRankNBGLM, GroupSums, np.ndarray | None, float]:
+    """Control statistics, the model, the training group sums and their phases, and the reference
+    total count that turns a cell's total into its size factor."""
+    sums = _sums(data, "train")
+    ref = sums.median_total
     if ref <= 0:
         raise NbglmError("the median total count of the training cells is 0: the training matrix must hold raw counts")
-    sf = totals / ref if cfg.size_factor.use_sf else np.ones_like(totals)
-    phase = phase_indices(adata.obs, data.phase_col) if mcfg.use_cycle else None
-
-    is_ctrl = labels == data.control
-    if not is_ctrl.any():
+    if not (sums.n_all[sums.control_rows] > 0).any():
         raise NbglmError(f"no control cells ('{data.control}' in obs['{data.pert_col}']) in the training data: "
                          "set data.control_name")
-    ref_ctrl = is_ctrl & (phase == 0) if phase is not None and (is_ctrl & (phase == 0)).any() else is_ctrl
-    mu_ctrl, theta = control_stats(x[ref_ctrl & (totals > 0)], sf[ref_ctrl & (totals > 0)], mcfg)
+    phase = _phases(sums, data, cfg.model.use_cycle)
+    mu_ctrl, theta = control_stats(sums, ref, cfg.size_factor.use_sf, phase, cfg.model)
     model = build_model(cfg, data, mu_ctrl, theta)
-
-    train_perts = set(data.train_perts)
-    if not train_perts:
+    if not data.train_perts:
         raise NbglmError("no training perturbation has an embedding: check the perturbation embedding table")
-    keep = np.isin(labels, list(train_perts)) & (totals > 0)  # a cell with no counts has no size factor
-    if mcfg.use_cycle or mcfg.learn_theta:
+    return model, sums, phase, ref
+
+
+def _fit_rows(cfg: Config, data: Dataset, sums: GroupSums, model: LowRankNBGLM) -> tuple[np.ndarray, np.ndarray]:
+    """The training groups the fit sees and their index into the model's P: the training
+    perturbations', and the controls' (CONTROL_IDX) when they inform a parameter."""
+    keep = np.isin(sums.labels, data.train_perts) & (sums.n > 0)  # a cell with no counts has no size factor
+    if cfg.model.use_cycle or cfg.model.learn_theta:
+        keep |= (sums.labels == data.control) & (sums.n > 0)
+    rows = np.flatnonzero(keep)
+    pos = {name: i for i, name in enumerate(model.pert_names)}
+    return rows, np.array([pos.get(label, CONTROL_IDX) for label in sums.labels[rows]], dtype=np.int64)
+
+
+def _validation_bulk(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float,
+                     device: torch.device) -> _Pseudobulk | None:
+    """Pseudobulks of the `data.test` perturbations the model knows and the fit never saw (a sweep
+    unit's validation perturbations), sized like the training cells; None when there are none."""
+    sums = _sums(data, "test")
+    if sums is None:
+        return None
+    pos = {name: i for i, name in enumerate(model.pert_names)}
+    unseen = set(pos) - set(data.train_perts) - {data.control}
+    rows = np.flatnonzero(np.isin(sums.labels, list(unseen)) & (sums.n > 0))
+    if not rows.size:
+        return None
+    pert = np.array([pos[label] for label in sums.labels[rows]], dtype=np.int64)
+    return _Pseudobulk(sums, rows, pert, _phases(sums, data, cfg.model.use_cycle), ref, cfg.size_factor.use_sf, device)
+
+
+def _whole_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) -> _Cells:
+    """The training cells of fit_mode whole (the cells of `_fit_rows`' groups)."""
+    if data.train is None:
+        raise NbglmError("train.fit_mode=whole fits cells, but this dataset holds only their sums: "
+                         "build it with its cells (concise mode alone is summarised)")
+    x = sp.csr_matrix(data.train.X, dtype=np.float32)
+    labels = data.train.obs[data.pert_col].astype(str).to_numpy()
+    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+    sf = totals / ref if cfg.size_factor.use_sf else np.ones_like(totals)
+    phase = phase_indices(data.train.obs, data.phase_col) if cfg.model.use_cycle else None
+    is_ctrl = labels == data.control
+    keep = np.isin(labels, data.train_perts) & (totals > 0)
+    if cfg.model.use_cycle or cfg.model.learn_theta:
         keep |= is_ctrl & (totals > 0)
     pert = np.full(len(labels), CONTROL_IDX, dtype=np.int64)
     pos = {name: i for i, name in enumerate(model.pert_names)}
     pert[keep & ~is_ctrl] = [pos[p] for p in labels[keep & ~is_ctrl]]
-    cells = _Cells(x=x[keep], pert=pert[keep], sf=sf[keep], phase=None if phase is None else phase[keep])
-    return model, cells, ref
-
-
-def _validation_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) -> _Cells | None:
-    """The cells of `data.test` whose perturbation the model knows and the fit never saw (a sweep
-    unit's validation perturbations), sized like the training cells; None when there are none."""
-    if data.test is None:
-        return None
-    x = sp.csr_matrix(data.test.X, dtype=np.float32)
-    labels = data.test.obs[data.pert_col].astype(str).to_numpy()
-    totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
-    pos = {name: i for i, name in enumerate(model.pert_names)}
-    keep = np.isin(labels, list(set(pos) - set(data.train_perts) - {data.control})) & (totals > 0)
-    if not keep.any():
-        return None
-    sf = totals / ref if cfg.size_factor.use_sf else np.ones_like(totals)
-    phase = phase_indices(data.test.obs, data.phase_col)[keep] if cfg.model.use_cycle else None
-    return _Cells(x=x[keep], pert=np.array([pos[p] for p in labels[keep]], dtype=np.int64), sf=sf[keep], phase=phase)
+    return _Cells(x=x[keep], pert=pert[keep], sf=sf[keep], phase=None if phase is None else phase[keep])
 
 
 def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
@@ -241,21 +289,26 @@ class _WholeBatches:
 
 
 class _Pseudobulk:
-    """Per perturbation (x phase) sums: Y (groups x genes), S, Q = sum s^2, n; on the device."""
+    """Per perturbation (x phase) sums: Y (groups x genes), S, Q = sum s^2, n; on the device.
 
-    def __init__(self, cells: _Cells, device: torch.device):
-        key = (cells.pert + 1) * len(PHASES) + (0 if cells.phase is None else cells.phase)
+    Built from group sums (`rows` of `sums`, their model index `pert`), merged by (perturbation,
+    phase) with `phase`, by perturbation without."""
+
+    def __init__(self, sums: GroupSums, rows: np.ndarray, pert: np.ndarray, phase: np.ndarray | None, ref: float,
+                 use_sf: bool, device: torch.device):
+        key = (pert + 1) * len(PHASES) + (0 if phase is None else phase[rows])
         uniq, inv = np.unique(key, return_inverse=True)
-        ind = sp.csr_matrix((np.ones(len(inv), dtype=np.float64), (inv, np.arange(len(inv)))),
-                            shape=(len(uniq), len(inv)))
+        merge = sp.csr_matrix((np.ones(rows.size), (inv, np.arange(rows.size))), shape=(uniq.size, rows.size))
+        n = sums.n[rows].astype(np.float64)
+        s, q = (sums.t1[rows] / ref, sums.t2[rows] / ref**2) if use_sf else (n, n)
         as_t = dict(dtype=torch.float32, device=device)
-        self.y = torch.as_tensor((ind @ cells.x.astype(np.float64)).toarray(), **as_t)
-        self.s = torch.as_tensor(np.bincount(inv, weights=cells.sf), **as_t)
-        self.q = torch.as_tensor(np.bincount(inv, weights=cells.sf**2), **as_t)
-        self.n = torch.as_tensor(np.bincount(inv), **as_t)
+        self.y = torch.as_tensor(merge @ sums.y[rows], **as_t)
+        self.s = torch.as_tensor(merge @ s, **as_t)
+        self.q = torch.as_tensor(merge @ q, **as_t)
+        self.n = torch.as_tensor(merge @ n, **as_t)
         self.pert = torch.as_tensor(uniq // len(PHASES) - 1, device=device)
-        self.phase = torch.as_tensor(uniq % len(PHASES), device=device) if cells.phase is not None else None
-        self.n_elements = float(len(inv)) * cells.x.shape[1]
+        self.phase = torch.as_tensor(uniq % len(PHASES), device=device) if phase is not None else None
+        self.n_elements = float(n.sum()) * sums.y.shape[1]
 
     @torch.no_grad()
     def nb_nll(self, model: LowRankNBGLM) -> float:
@@ -315,20 +368,20 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
     t_start = time.perf_counter()
     device = resolve_device(cfg.experiment.device)
     torch.manual_seed(cfg.experiment.seed)
-    model, cells, ref = _prepare(cfg, data)
+    model, sums, phase, ref = _prepare(cfg, data)
     model.to(device).train()
-    held = _validation_cells(cfg, data, model, ref) if val_signal else None
-    val_bulk = _Pseudobulk(held, device) if held is not None else None
+    val_bulk = _validation_bulk(cfg, data, model, ref, device) if val_signal else None
     loss_name, tcfg = cfg.model.losses.primary, cfg.train
 
     if tcfg.fit_mode == "whole":
-        batches = _WholeBatches(cells, device, tcfg.batch_size, cfg.experiment.seed)
+        batches = _WholeBatches(_whole_cells(cfg, data, model, ref), device, tcfg.batch_size, cfg.experiment.seed)
         steps_per_epoch = len(batches)
         fn = LOSSES[loss_name]
     else:
-        bulk = _Pseudobulk(cells, device)
+        rows, pert = _fit_rows(cfg, data, sums, model)
+        bulk = _Pseudobulk(sums, rows, pert, phase, ref, cfg.size_factor.use_sf, device)
         steps_per_epoch = tcfg.steps_per_epoch
-    del cells
+    del sums
 
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, tcfg.epochs * steps_per_epoch))

@@ -13,7 +13,7 @@ from nbglm.errors import NbglmError
 from nbglm.losses import LOSSES, nb_nll
 from nbglm.model import CONTROL_IDX, LowRankNBGLM
 from nbglm.checkpoint import load_checkpoint, save_checkpoint
-from nbglm.train import _Cells, _prepare, _Pseudobulk, _WholeBatches, fit, resolve_device
+from nbglm.train import _Cells, _fit_rows, _prepare, _Pseudobulk, _whole_cells, _WholeBatches, control_stats, fit, resolve_device
 
 from small import small_cfg
 
@@ -93,11 +93,13 @@ def test_concise_and_whole_reach_similar_heldout_error(data: Dataset, true_lfc: 
 def test_concise_poisson_gradient_equals_full_pass_over_cells(data: Dataset, loss: str) -> None:
     """Pseudobulk sums are exact sufficient statistics for the Poisson losses."""
     cfg = small_cfg(f"model.losses.primary={loss}", "model.gp_dropout=0", "model.use_cycle=true")
-    model, cells, _ = _prepare(cfg, data)
+    model, sums, phase, ref = _prepare(cfg, data)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    bulk = _Pseudobulk(cells, torch.device("cpu"))
+    rows, pert = _fit_rows(cfg, data, sums, model)
+    bulk = _Pseudobulk(sums, rows, pert, phase, ref, True, torch.device("cpu"))
+    cells = _whole_cells(cfg, data, model, ref)
     grad_bulk = torch.autograd.grad(bulk.loss(model, loss), model.V)[0]
     y = torch.as_tensor(cells.x.toarray())
     log_mu = model(torch.as_tensor(cells.pert), torch.as_tensor(np.log(cells.sf), dtype=torch.float32),
@@ -193,11 +195,39 @@ def test_zero_count_cells_and_perts_without_embedding_are_left_out(data: Dataset
     x[5] = 0  # one empty cell
     train.X = sp.csr_matrix(x)
     emb = data.pert_emb.drop(index=data.train_perts[0])
-    model, cells, _ = _prepare(small_cfg(), replace(data, train=train, pert_emb=emb))
+    cfg, fewer = small_cfg(), replace(data, train=train, pert_emb=emb)
+    model, sums, phase, ref = _prepare(cfg, fewer)
     labels = train.obs[data.pert_col].astype(str)
     expected = ((labels != data.control) & (labels != data.train_perts[0])).sum() - (labels.iloc[5] != data.control)
+    cells = _whole_cells(replace(cfg, train=replace(cfg.train, fit_mode="whole")), fewer, model, ref)
     assert cells.x.shape[0] == expected
     assert (cells.pert != CONTROL_IDX).all() and np.isfinite(np.log(cells.sf)).all()
+    rows, pert = _fit_rows(cfg, fewer, sums, model)
+    bulk = _Pseudobulk(sums, rows, pert, phase, ref, True, torch.device("cpu"))
+    assert float(bulk.n.sum()) == expected and (bulk.pert != CONTROL_IDX).all()
+
+
+@pytest.mark.parametrize("use_sf", [True, False])
+@pytest.mark.parametrize("use_cycle", [True, False])
+def test_control_stats_from_sums_equal_the_per_cell_moments(data: Dataset, use_sf: bool, use_cycle: bool) -> None:
+    """mu_ctrl and theta from the control groups' sums are the per-cell method-of-moments values."""
+    cfg = small_cfg(f"model.use_cycle={str(use_cycle).lower()}")
+    _, sums, phase, ref = _prepare(cfg, data)
+    mu, theta = control_stats(sums, ref, use_sf, phase, cfg.model)
+    obs = data.train.obs
+    x = data.train.X.toarray().astype(np.float64)
+    t = x.sum(axis=1)
+    ctrl = (obs[data.pert_col].astype(str) == data.control).to_numpy() & (t > 0)
+    if use_cycle:
+        ctrl &= (obs["phase"].astype(str) == "G1").to_numpy()
+    sf = t[ctrl] / ref if use_sf else np.ones(ctrl.sum())
+    norm = x[ctrl] / sf[:, None]
+    mean = norm.mean(axis=0)
+    excess = norm.var(axis=0) - mean * np.mean(1 / sf)
+    want = np.clip(np.where(excess > 0, mean**2 / np.where(excess > 0, excess, 1), cfg.model.theta_max),
+                   cfg.model.theta_min, cfg.model.theta_max)
+    np.testing.assert_allclose(mu, np.maximum(x[ctrl].sum(axis=0) / sf.sum(), 0.1 / sf.sum()), rtol=1e-10)
+    np.testing.assert_allclose(theta, want, rtol=1e-6)
 
 
 def test_checkpoint_round_trip_reproduces_predictions(tmp_path: Path, data: Dataset) -> None:

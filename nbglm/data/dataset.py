@@ -9,7 +9,44 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from nbglm.errors import NbglmError
+
 PHASES = ("G1", "S", "G2M")  # cell-cycle phases, index 0/1/2; G1 is the model's reference
+
+
+@dataclass
+class GroupSums:
+    """One AnnData's cells summed per (perturbation label, phase) group; cells with no counts are
+    counted in `n_all` only (they have no size factor)."""
+
+    labels: np.ndarray  # (groups,) perturbation label
+    phase: np.ndarray  # (groups,) 0/1/2 = G1/S/G2M; -1 without a phase column or for another label
+    n_all: np.ndarray  # (groups,) cells
+    n: np.ndarray  # (groups,) cells with a positive total
+    t1: np.ndarray  # (groups,) sum of cell totals
+    t2: np.ndarray  # (groups,) sum of squared cell totals
+    y: np.ndarray  # (groups, genes) float64 sums of counts
+    control_rows: np.ndarray  # indices of the control groups, in the order of `moments`
+    moments: np.ndarray  # (3, control groups, genes): sums of x^2, x / t and (x / t)^2 over control cells
+    inv_t: np.ndarray  # (control groups,) sum of 1 / t over control cells
+    median_total: float  # median total count over all cells, zero totals included
+    bad_phases: tuple[str, ...]  # phase labels that are not G1/S/G2M (at most 5)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.n_all.sum())
+
+
+@dataclass
+class Summaries:
+    """What replaces a dataset's cells in concise mode (`Dataset.sums`)."""
+
+    genes: list[str]
+    train_perts: list[str]  # the training perturbations that have an embedding, in data order
+    train: GroupSums
+    test: GroupSums | None  # data.test's cells: the validation signal of a cross-validation unit
+    control_totals: np.ndarray  # total counts of the real control cells that go with a prediction
+    controls: ad.AnnData | None  # those cells, kept when predictions carry them (sampling.control_cells=real)
 
 
 @dataclass
@@ -20,7 +57,7 @@ class Dataset:
     share `gene_names` in the same order; both contain the control cells.
     """
 
-    train: ad.AnnData  # training cells: control + training perturbations
+    train: ad.AnnData | None  # training cells: control + training perturbations; None when summarised
     test: ad.AnnData | None  # real held-out cells (+ control) for evaluation; None if unavailable
     heldout: pd.DataFrame  # columns target_gene, n_cells, median_umi_per_cell; one row per held-out pert
     gene_emb: np.ndarray  # (n_genes, d_g) float32, rows aligned to gene_names
@@ -28,17 +65,49 @@ class Dataset:
     pert_col: str  # obs column with the perturbation label
     control: str  # label of control cells in pert_col
     phase_col: str | None  # obs column with G1/S/G2M, if present in the data
+    sums: Summaries | None = None  # concise mode: the cells' sums replace train's cells and test's counts
 
     @property
     def gene_names(self) -> list[str]:
-        return list(self.train.var_names)
+        return list(self.sums.genes) if self.sums is not None else list(self.train.var_names)
+
+    @property
+    def n_train_cells(self) -> int:
+        return self.sums.train.n_cells if self.sums is not None else self.train.n_obs
 
     @property
     def train_perts(self) -> list[str]:
         """Training perturbations that have an embedding (the ones the model is fit on)."""
+        if self.sums is not None:
+            return list(self.sums.train_perts)
         labels = self.train.obs[self.pert_col].astype(str)
         perts = pd.unique(labels[labels != self.control])
         return [p for p in perts if p in self.pert_emb.index]
+
+    def control_source(self) -> ad.AnnData:
+        """The file whose real control cells go with predictions: the test data if it has any, else training."""
+        if self.test is not None and self.test.X is not None and self._is_control(self.test).any():
+            return self.test
+        return self.train
+
+    def control_cells(self) -> ad.AnnData:
+        """The real control cells that go with a prediction."""
+        if self.sums is not None:
+            if self.sums.controls is None:
+                raise NbglmError("this dataset was summarised without its control cells: summarise it with "
+                                 "keep_controls=True for sampling.control_cells=real")
+            return self.sums.controls
+        source = self.control_source()
+        return source[self._is_control(source)]
+
+    def control_totals(self) -> np.ndarray:
+        """Total counts of `control_cells()`: their number and depth size the predicted controls."""
+        if self.sums is not None:
+            return self.sums.control_totals
+        return np.asarray(self.control_cells().X.sum(axis=1), dtype=np.float64).ravel()
+
+    def _is_control(self, adata: ad.AnnData) -> np.ndarray:
+        return (adata.obs[self.pert_col].astype(str) == self.control).to_numpy()
 
     @property
     def heldout_perts(self) -> list[str]:

@@ -25,6 +25,7 @@ from nbglm.config import from_dict, to_yaml
 from nbglm.data.load import Inputs, assemble
 from nbglm.pipeline import load_inputs
 from nbglm.sweep.aggregate import ranked_rows
+from nbglm.sweep.folds import for_units
 from nbglm.sweep.space import SweepSpec
 from nbglm.sweep.units import UnitPool, unit_stats
 
@@ -54,7 +55,7 @@ def refit(spec: SweepSpec, base: dict, rows: list[dict], inputs: Inputs, *, cpu:
         cfg = replace(cfg, pipeline=replace(cfg.pipeline, keep_preds=True,
                                             mode="train_sample_eval" if has_truth else "train_sample"))
         data, cache = load_inputs(cfg, assemble(cfg, inputs))
-        data_ref, cache_ref = ray.put(data), ray.put(cache) if cache is not None else None
+        data_ref, cache_ref = ray.put(for_units(cfg, data)), ray.put(cache) if cache is not None else None
         for seed in spec.seeds:
             pool.submit(cfg, seed, None, data_ref, cache_ref, spec.sweep_dir / FINAL / f"config_{row['trial_id']}"
                         / f"seed_{seed}")

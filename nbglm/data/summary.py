@@ -1,0 +1,111 @@
+"""Cells reduced to per-group sums: everything a `concise` fit and its sampling need of them.
+
+A concise fit sees the training cells only through sums per (perturbation, phase) group: the
+counts Y, the cell totals (for S and Q, the sums of size factors and of their squares) and the
+cell counts (see `nbglm.train`); the control cells' dispersion needs three more per-gene moments.
+So a sweep unit in concise mode gets these sums instead of the cells (`summarized`): a few
+megabytes per fold instead of the whole count matrix, and no per-unit copy of it.
+
+Counts are read in row chunks (`CHUNK_ROWS`), so no dense or float64 copy of the whole matrix is
+made. Sums of counts and of totals are integers, exact in float64 whatever the order of addition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from nbglm.data.dataset import PHASES, Dataset, GroupSums, Summaries
+
+CHUNK_ROWS = 4096  # cells per chunk: bounds the float64 transients to a chunk's non-zeros
+
+
+def _chunks(x: sp.spmatrix | np.ndarray, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
+    for start in range(0, x.shape[0], rows):
+        yield start, sp.csr_matrix(x[start:start + rows])
+
+
+def _phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    if phase_col is None or phase_col not in obs.columns:
+        return np.full(len(obs), -1, dtype=np.int64), ()
+    labels = obs[phase_col].astype(str).to_numpy()
+    codes = pd.Categorical(labels, categories=PHASES).codes.astype(np.int64)
+    return codes, tuple(sorted(set(labels[codes < 0]))[:5])
+
+
+def group_sums(adata: ad.AnnData, pert_col: str, control: str, phase_col: str | None) -> GroupSums:
+    """Sum `adata`'s counts per (label, phase) group in row chunks of `CHUNK_ROWS` cells."""
+    labels = adata.obs[pert_col].astype(str).to_numpy()
+    phase, bad = _phase_codes(adata.obs, phase_col)
+    names, label_codes = np.unique(labels, return_inverse=True)
+    keys, group = np.unique(label_codes * (len(PHASES) + 1) + phase + 1, return_inverse=True)
+    n_groups, n_genes = keys.size, adata.n_vars
+    group_labels = names[keys // (len(PHASES) + 1)]
+    control_rows = np.flatnonzero(group_labels == control)
+    slot = np.full(n_groups, -1)
+    slot[control_rows] = np.arange(control_rows.size)
+
+    totals = np.zeros(adata.n_obs)
+    y = np.zeros((n_groups, n_genes))
+    moments = np.zeros((3, control_rows.size, n_genes))
+    for start, x in _chunks(adata.X):
+        t = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+        totals[start:start + t.size] = t
+        g = group[start:start + t.size]
+        use = t > 0
+        y += _sum_rows(x, g, use, n_groups)
+        ctrl = use & (slot[g] >= 0)
+        if ctrl.any():
+            xc = x[np.flatnonzero(ctrl)]
+            values = xc.data.astype(np.float64)
+            scaled = values / np.repeat(t[ctrl], np.diff(xc.indptr))
+            for k, v in enumerate((values * values, scaled, scaled * scaled)):
+                moments[k] += _sum_rows(sp.csr_matrix((v, xc.indices, xc.indptr), shape=xc.shape), slot[g[ctrl]],
+                                        None, control_rows.size)
+    pos = totals > 0
+    safe = np.where(pos, totals, 1.0)
+    return GroupSums(
+        labels=group_labels,
+        phase=keys % (len(PHASES) + 1) - 1,
+        n_all=np.bincount(group, minlength=n_groups),
+        n=np.bincount(group, weights=pos, minlength=n_groups).astype(np.int64),
+        t1=np.bincount(group, weights=totals, minlength=n_groups),
+        t2=np.bincount(group, weights=totals**2, minlength=n_groups),
+        y=y,
+        control_rows=control_rows,
+        moments=moments,
+        inv_t=np.bincount(slot[group][pos & (slot[group] >= 0)], weights=(1.0 / safe)[pos & (slot[group] >= 0)],
+                          minlength=control_rows.size),
+        median_total=float(np.median(totals)) if totals.size else 0.0,
+        bad_phases=bad,
+    )
+
+
+def _sum_rows(x: sp.csr_matrix, group: np.ndarray, use: np.ndarray | None, n_groups: int) -> np.ndarray:
+    """(n_groups, genes) float64 sums of the rows of `x` by `group` (only rows with `use`, if given)."""
+    rows = np.arange(x.shape[0]) if use is None else np.flatnonzero(use)
+    indicator = sp.csr_matrix((np.ones(rows.size), (group[rows], rows)), shape=(n_groups, x.shape[0]))
+    return (indicator @ x.astype(np.float64)).toarray()
+
+
+def summarized(data: Dataset, keep_controls: bool) -> Dataset:
+    """`data` with its cells replaced by their sums (`Dataset.sums`): `train` is None and `test`
+    keeps its obs and genes (what a ground-truth cache checks) without counts. The real control
+    cells that go with a prediction are kept with `keep_controls` (sampling.control_cells=real),
+    else only their totals."""
+    sums = Summaries(
+        genes=data.gene_names,
+        train_perts=data.train_perts,
+        train=group_sums(data.train, data.pert_col, data.control, data.phase_col),
+        test=None if data.test is None else group_sums(data.test, data.pert_col, data.control, data.phase_col),
+        control_totals=data.control_totals(),
+        controls=data.control_cells() if keep_controls else None,
+    )
+    test = None if data.test is None else ad.AnnData(obs=data.test.obs[[data.pert_col]].copy(),
+                                                     var=pd.DataFrame(index=data.test.var_names.copy()))
+    return replace(data, train=None, test=test, sums=sums)
