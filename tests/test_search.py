@@ -224,7 +224,7 @@ def test_warm_started_sweep_tells_the_old_configs_first(ray_local, tmp_path: Pat
 
 
 def test_mlflow_callback_logs_every_config_to_a_local_store(ray_local, tmp_path: Path) -> None:
-    mlflow = pytest.importorskip("mlflow", reason="the [mlflow] extra is not installed")
+    import mlflow  # the [mlflow] extra, part of dev
 
     from nbglm.sweep.runner import run_sweep
     from nbglm.sweep.search import mlflow_store
