@@ -373,3 +373,26 @@ def test_read_counts_accepts_dense_integer_matrix(tmp_path):
     toy_counts(dense=True).write_h5ad(tmp_path / "d.h5ad")
     adata = read_counts(tmp_path / "d.h5ad", "target_gene", "ctrl")
     assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.float32
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
+def test_read_counts_reads_the_matrix_in_chunks_into_float32_csr(tmp_path: Path, layout: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbglm.data import io
+
+    monkeypatch.setattr(io, "CHUNK_ROWS", 7)  # 50 cells: 8 chunks, the last one short
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(0.7, (50, 12)).astype(np.int64)
+    x = counts if layout == "dense" else (sp.csr_matrix if layout == "csr" else sp.csc_matrix)(counts)
+    obs = pd.DataFrame({"target_gene": ["ctrl"] * 20 + ["A"] * 30}, index=[f"c{i}" for i in range(50)])
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(12)])).write_h5ad(path)
+    got = io.read_counts(path, "target_gene", "ctrl")
+    assert sp.isspmatrix_csr(got.X) and got.X.dtype == np.float32 and got.X.has_sorted_indices
+    np.testing.assert_array_equal(got.X.toarray(), counts)
+    counts = counts.astype(np.float64)
+    counts[48, 3] = 0.5  # a non-integer value in the last chunk
+    ad.AnnData(X=counts if layout == "dense" else sp.csr_matrix(counts), obs=obs,
+               var=pd.DataFrame(index=[f"g{i}" for i in range(12)])).write_h5ad(path)
+    with pytest.raises(NbglmError, match="non-integer values"):
+        io.read_counts(path, "target_gene", "ctrl")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -20,27 +21,36 @@ def _examples(items, n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def read_counts(path: str | Path, pert_col: str, control: str | None, what: str = "data") -> ad.AnnData:
-    """Read an h5ad of raw UMI counts and validate it (see `validate_counts`).
+CHUNK_ROWS = 8192  # cells read, checked and converted at a time
 
-    `control=None` skips the control-label check (e.g. a test file may hold no controls).
+
+def read_counts(path: str | Path, pert_col: str, control: str | None, what: str = "data") -> ad.AnnData:
+    """Read an h5ad of raw UMI counts and check it; return float32 CSR counts.
+
+    The obs/var tables are checked first; the matrix is then read from disk in row chunks of
+    `CHUNK_ROWS` cells, each checked and converted into the float32 CSR arrays, so reading never
+    holds a second copy of the whole matrix in another dtype. Counts must be non-negative integers
+    (dense or sparse, any dtype): the NB model is defined on raw UMIs, and normalised or log data
+    would silently give wrong fits. `control=None` skips the control-label check (e.g. a test file
+    may hold no controls).
     """
     p = Path(path)
     if not p.is_file():
         raise NbglmError(f"{what} file not found: {p} (check the path)")
     try:
-        adata = ad.read_h5ad(p)
+        with warnings.catch_warnings():  # duplicated names are checked below, as one error line
+            warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
+            backed = ad.read_h5ad(p, backed="r")
     except Exception as exc:
         raise NbglmError(f"cannot read {p} as h5ad: {exc}".splitlines()[0]) from None
-    return validate_counts(adata, pert_col, control, str(p))
+    try:
+        return validate_counts(backed, pert_col, control, str(p))
+    finally:
+        backed.file.close()
 
 
-def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> ad.AnnData:
-    """Check the perturbation column, control label, counts and gene names; return float32 CSR counts.
-
-    Counts must be non-negative integers (dense or sparse, any dtype): the NB model is defined on
-    raw UMIs, and normalised or log data would silently give wrong fits.
-    """
+def check_tables(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> pd.Series:
+    """Check the perturbation column, control label, shape and gene names; return the labels."""
     if pert_col not in adata.obs.columns:
         raise NbglmError(f"{source} has no obs column '{pert_col}' (available: {_examples(adata.obs.columns, 8)}); "
                          "set the column with data.pert_name_col (nbglm split: --pert-col)")
@@ -54,30 +64,65 @@ def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, sourc
     if adata.n_vars == 0 or adata.n_obs == 0:
         raise NbglmError(f"{source} has {adata.n_obs} cells x {adata.n_vars} genes; X must hold raw UMI counts of "
                          "cells (rows) x genes (columns)")
-    x = adata.X
-    x = x.tocsr() if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
-    values = x.data
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise NbglmError(f"{source}: X has dtype {values.dtype}; X must hold raw UMI counts")
-    if values.size:
-        if not np.isfinite(values).all():
-            raise NbglmError(f"{source}: X has NaN/inf values; X must hold raw UMI counts")
-        if values.min() < 0:
-            raise NbglmError(f"{source}: X has negative values (min {values.min():g}); X must hold raw UMI "
-                             "counts (if they are in a layer or .raw, copy them to X)")
-        frac = values != np.round(values)
-        if frac.any():
-            raise NbglmError(f"{source}: X has non-integer values (e.g. {values[frac][0]:g}); X must hold raw "
-                             "UMI counts, not normalised or log data (if counts are in a layer, copy them to X)")
     dup = adata.var_names[adata.var_names.duplicated()]
     if len(dup):
         raise NbglmError(f"{source}: {len(pd.unique(dup))} gene name(s) appear more than once in var_names "
                          f"(e.g. {_examples(pd.unique(dup), 3)}); make them unique (adata.var_names_make_unique())")
-    x = x.astype(np.float32)
-    x.sort_indices()
+    return labels
+
+
+def check_values(values: np.ndarray, source: str) -> None:
+    """Raw UMI counts: a real numeric dtype, finite, non-negative, integral."""
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise NbglmError(f"{source}: X has dtype {values.dtype}; X must hold raw UMI counts")
+    if not values.size:
+        return
+    if not np.isfinite(values).all():
+        raise NbglmError(f"{source}: X has NaN/inf values; X must hold raw UMI counts")
+    if values.min() < 0:
+        raise NbglmError(f"{source}: X has negative values (min {values.min():g}); X must hold raw UMI "
+                         "counts (if they are in a layer or .raw, copy them to X)")
+    frac = values != np.round(values)
+    if frac.any():
+        raise NbglmError(f"{source}: X has non-integer values (e.g. {values[frac][0]:g}); X must hold raw "
+                         "UMI counts, not normalised or log data (if counts are in a layer, copy them to X)")
+
+
+def _read_matrix(x, source: str) -> sp.csr_matrix:
+    """The float32 CSR of an h5ad's X (in memory or on disk; dense, CSR or CSC), checked chunk by
+    chunk and written into arrays allocated once at their final size."""
+    n_cells, n_genes = x.shape
+    if getattr(x, "format", None) == "csc" or (sp.issparse(x) and x.format != "csr"):
+        x = sp.csr_matrix(x.to_memory() if hasattr(x, "to_memory") else x)  # rows of a CSC file are not contiguous
+    starts = range(0, n_cells, CHUNK_ROWS)
+    if sp.issparse(x):
+        nnz = x.nnz
+    elif hasattr(x, "group"):  # CSR on disk
+        nnz = int(x.group["indptr"][-1])
+    else:  # dense: count first, so the CSR arrays are allocated once
+        nnz = sum(int(np.count_nonzero(np.asarray(x[i:i + CHUNK_ROWS]))) for i in starts)
+    data = np.empty(nnz, np.float32)
+    indices = np.empty(nnz, np.int32 if n_genes < 2**31 else np.int64)
+    indptr = np.zeros(n_cells + 1, np.int32 if nnz < 2**31 else np.int64)
+    pos = 0
+    for start in starts:
+        block = x[start:start + CHUNK_ROWS]
+        block = sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+        check_values(block.data, source)
+        block.sort_indices()
+        end = pos + block.nnz
+        data[pos:end], indices[pos:end] = block.data, block.indices
+        indptr[start + 1:start + 1 + block.shape[0]] = block.indptr[1:] + pos
+        pos = end
+    return sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+
+
+def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> ad.AnnData:
+    """`read_counts`' checks and conversion for an AnnData already in memory."""
+    labels = check_tables(adata, pert_col, control, source)
     obs = adata.obs.copy()
     obs[pert_col] = pd.Categorical(labels.to_numpy())
-    return ad.AnnData(X=x, obs=obs, var=adata.var.copy())
+    return ad.AnnData(X=_read_matrix(adata.X, source), obs=obs, var=adata.var.copy())
 
 
 def pert_labels(adata: ad.AnnData, pert_col: str, control: str) -> list[str]:
