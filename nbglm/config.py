@@ -147,7 +147,7 @@ class SamplingConfig:
     median_umi_default: float | None = None  # None = median UMI of the control cells
     library_size_cv: float = 0.3  # spread of drawn library sizes around the median (log-normal)
     phase_strategy: PhaseStrategy = "ignore"
-    batch_cells: int = 4096
+    batch_cells: int = 256  # cells drawn at once: ~20 B x batch_cells x genes (90 MB at 18,080 genes)
     gamma_heterogeneity: GammaHeterogeneityConfig = field(default_factory=GammaHeterogeneityConfig)
 
 

@@ -115,10 +115,15 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
         if cycle is not None:
             log_mu = log_mu + cycle[phase[sl]]
         scale = depth[sl] * (rng.gamma(r0, 1.0 / r0, len(depth[sl])) if gamma else 1.0)
-        mu = torch.softmax(log_mu, dim=1).numpy() * scale[:, None].astype(np.float32)
+        mu = torch.softmax(log_mu, dim=1).numpy()  # in place from here: a batch is ~16 B per cell x gene
+        mu *= scale[:, None].astype(np.float32)
         if scfg.sampler == "nb":
-            mu = rng.standard_gamma(np.broadcast_to(theta, mu.shape), dtype=np.float32) * (mu / theta)
-        blocks.append(sp.csr_matrix(rng.poisson(mu).astype(np.float32)))
+            mu /= theta
+            mu *= rng.standard_gamma(np.broadcast_to(theta, mu.shape), dtype=np.float32)
+        counts = rng.poisson(mu)
+        del mu, log_mu
+        blocks.append(sp.csr_matrix(counts).astype(np.float32))
+        del counts
 
     obs = pd.DataFrame({data.pert_col: labels[cell_pert]}, index=[f"pred_{i}" for i in range(len(cell_pert))])
     if scfg.control_cells == "real":

@@ -1,84 +1,171 @@
-"""Measured inputs of docs/scaling.md: a dataset's bytes in Ray's object store and one seed unit's cost.
+"""Measured inputs of docs/scaling.md: a sweep's driver preparation, its object-store bytes, one seed unit.
 
-    python scripts/bench_scale.py                      # VCC genes and perturbations, synthetic cells
-    python scripts/bench_scale.py --device cuda        # the seed unit on a GPU (adds peak GPU memory)
-    python scripts/bench_scale.py --set paths.train_h5ad=T.h5ad --set paths.test_h5ad=V.h5ad --cells 300000
+    python scripts/bench_scale.py                               # VCC genes and perturbations, 60 cells each
+    python scripts/bench_scale.py --cells-per-pert 1800 --controls 30000   # the VCC shape: ~300,000 cells
+    python scripts/bench_scale.py --device cuda                 # the unit on a GPU, and 4 units sharing it
 
-Object store: the dataset is serialised as `ray.put` does (pickle protocol 5, numpy buffers out of
-band) and its bytes are split into the count matrices' non-zeros and the rest; the non-zero part
-is scaled to `--cells` at the measured non-zeros per cell (`--density` replaces that with a
-fraction of genes, for a dataset denser than the synthetic one). Seed unit: one `run_experiment`
-(concise fit, sampling, evaluation) in this process, as a sweep's seed unit runs it: time per
-epoch, sample and eval times, peak RSS, and on CUDA the peak GPU memory torch allocated.
+The synthetic dataset (18,080 genes, 150 training and 50 held-out perturbations, generated in chunks
+of cells and cached on disk as h5ad files) is read back from those files, as a user's would be.
+
+Driver (its own process): what `nbglm sweep` does before Ray starts — read the files, assign
+`--folds` folds, build every fold's dataset and ground-truth cache and the refit's — timed, with its
+peak RSS (VmHWM), and the bytes those objects take in Ray's object store (pickle protocol 5, numpy
+buffers out of band, as `ray.put` stores them). Concise units get each fold's per-group sums
+(`nbglm.data.summary`); `--set train.fit_mode=whole` ships the cells instead.
+
+Unit (its own process, fed fold 0's objects): one `run_experiment` as a sweep's cross-validation
+unit runs it (fit with the validation signal, sampling, evaluation against the cache): fit s/epoch,
+sampling s, evaluation s, peak RSS, and on CUDA the peak GPU memory torch allocated. With
+`--pack N` (default 4 on CUDA) N units run at once and their throughput is compared with one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import os
 import pickle
-import resource
+import platform
 import tempfile
 import time
 from pathlib import Path
 
 # The VCC shape where it matters for cost: 18,080 genes, 150 training and 50 held-out perturbations.
 VCC = ["data.synthetic.n_genes=18080", "data.synthetic.n_train_perts=150", "data.synthetic.n_test_perts=50",
-       "data.synthetic.cells_per_pert=60", "data.synthetic.n_control=1000", "sampling.n_cells_default=300",
-       "pipeline.keep_preds=false"]
+       "sampling.n_cells_default=300", "pipeline.keep_preds=false"]
 
 
-def object_store_bytes(data: object) -> int:
-    """Bytes `ray.put(data)` stores: the pickle stream plus its out-of-band buffers."""
+def object_store_bytes(obj: object) -> int:
+    """Bytes `ray.put(obj)` stores: the pickle stream plus its out-of-band buffers."""
     buffers: list[pickle.PickleBuffer] = []
-    stream = pickle.dumps(data, protocol=5, buffer_callback=buffers.append)
+    stream = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     return len(stream) + sum(b.raw().nbytes for b in buffers)
+
+
+def peak_mib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak across fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def files(overrides: list[str]) -> list[str]:
+    """The synthetic dataset as files (generated once, cached), as `paths.*` overrides."""
+    from nbglm.config import load_config
+    from nbglm.data.synthetic import _cache_dir, make_synthetic
+
+    cfg = load_config(None, overrides)
+    make_synthetic(cfg.data.synthetic, cfg.data.pert_name_col, cfg.data.control_name)
+    d = _cache_dir(cfg.data.synthetic, cfg.data.pert_name_col, cfg.data.control_name)
+    return [f"paths.train_h5ad={d / 'train.h5ad'}", f"paths.test_h5ad={d / 'test.h5ad'}",
+            f"paths.gene_embedding={d / 'gene_embedding.csv'}", f"paths.pert_embedding={d / 'pert_embedding.csv'}"]
+
+
+def driver(overrides: list[str], folds: int, out: str) -> dict:
+    """The sweep driver's preparation; fold 0's objects are written to `out` for the unit."""
+    from nbglm.config import load_config
+    from nbglm.data.folds import assign_folds
+    from nbglm.data.load import assemble, check_inputs, read_inputs
+    from nbglm.pipeline import load_inputs
+    from nbglm.sweep.folds import build_fold, for_units
+
+    cfg = load_config(None, overrides)
+    t0 = time.perf_counter()
+    inputs = read_inputs(cfg)
+    check_inputs(cfg, inputs)
+    read_s = time.perf_counter() - t0
+    table = assign_folds(inputs, cfg.data.pert_name_col, cfg.data.control_name, folds, 0)
+    store = 0
+    for fold in range(folds):
+        built = build_fold(cfg, inputs, table, fold)
+        store += sum(object_store_bytes(o) for o in built)
+        if fold == 0:
+            Path(out).write_bytes(pickle.dumps(built, protocol=5))
+        del built
+    data, cache = load_inputs(cfg, assemble(cfg, inputs))
+    store += object_store_bytes(for_units(cfg, data)) + object_store_bytes(cache)
+    cells = inputs.train.n_obs + inputs.test.n_obs
+    nnz = inputs.train.X.nnz + inputs.test.X.nnz
+    return {"cells": cells, "genes": inputs.train.n_vars, "density": nnz / (cells * inputs.train.n_vars),
+            "matrix_bytes": 8 * nnz, "read_s": read_s, "prep_s": time.perf_counter() - t0, "store": store,
+            "peak": peak_mib()}
+
+
+def unit(overrides: list[str], path: str) -> dict:
+    """One cross-validation unit on fold 0's objects."""
+    import torch
+
+    from nbglm.config import load_config
+    from nbglm.pipeline import run_experiment
+
+    cfg = load_config(None, overrides)
+    data, cache = pickle.loads(Path(path).read_bytes())
+    if cfg.experiment.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = run_experiment(cfg, data, bundle_dir=Path(tmp) / "unit", de_cache=cache, val_signal=True)
+        wall = time.perf_counter() - t0
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if cfg.experiment.device.startswith("cuda") else None
+    return {**result.timings, "epochs": len(result.history), "wall": wall, "peak": peak_mib(), "gpu_mib": gpu,
+            "threads": torch.get_num_threads()}
+
+
+def _child(fn, args, queue) -> None:
+    queue.put(fn(*args))
+
+
+def in_child(fn, *args, n: int = 1) -> list[dict]:
+    """Run `fn(*args)` in `n` fresh processes at once (spawned: no memory shared with this one)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(fn, args, queue)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            raise SystemExit(f"a child process failed (exit {p.exitcode})")
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cells", type=int, default=300_000, help="cells to extrapolate the object store to")
-    parser.add_argument("--density", type=float, help="fraction of non-zero counts to assume instead of the measured one")
+    parser.add_argument("--cells-per-pert", type=int, default=60)
+    parser.add_argument("--controls", type=int, default=1000, help="control cells (in training and test)")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--pack", type=int, help="units at once for the packing ratio (default: 4 on CUDA, off on CPU)")
     args = parser.parse_args()
-
-    import torch
-
-    from nbglm.config import load_config
-    from nbglm.data import load_dataset
-    from nbglm.pipeline import run_experiment
-
-    cfg = load_config(None, [*VCC, f"experiment.device={args.device}", *args.overrides])
+    synthetic = [*VCC, f"data.synthetic.cells_per_pert={args.cells_per_pert}", f"data.synthetic.n_control={args.controls}"]
+    overrides = [*synthetic, f"experiment.device={args.device}", *args.overrides]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}")
     t0 = time.perf_counter()
-    data = load_dataset(cfg)
-    load_s = time.perf_counter() - t0
-    mats = [a.X for a in (data.train, data.test) if a is not None]
-    cells, genes = sum(m.shape[0] for m in mats), mats[0].shape[1]
-    nnz = sum(m.nnz for m in mats)
-    nnz_bytes = sum(m.data.nbytes + m.indices.nbytes for m in mats)
-    total = object_store_bytes(data)
-    rest = total - nnz_bytes
-    density = args.density if args.density is not None else nnz / (cells * genes)
-    per_nnz = nnz_bytes / nnz
-    scaled = args.cells * genes * density * per_nnz + rest * args.cells / cells
-    print(f"dataset: {cells:,} cells x {genes:,} genes, density {nnz / (cells * genes):.4f}, loaded in {load_s:.1f}s")
-    print(f"object store: {total / 2**20:,.1f} MiB measured ({nnz_bytes / 2**20:,.1f} MiB non-zeros at "
-          f"{per_nnz:.0f} B each, {rest / 2**20:,.1f} MiB rest)")
-    print(f"object store at {args.cells:,} cells, density {density:.4f}: {scaled / 2**30:,.2f} GiB "
-          f"(= cells x genes x density x {per_nnz:.0f} B + rest scaled by cells)")
-
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    paths = files(synthetic)
+    print(f"synthetic files ready in {time.perf_counter() - t0:.1f}s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_experiment(cfg, data, bundle_dir=Path(tmp) / "unit")
-    t = result.timings
-    epochs = len(result.history)
-    print(f"seed unit on {args.device} ({torch.get_num_threads()} torch threads): fit {t['train_s']:.1f}s for {epochs} "
-          f"epochs x {cfg.train.steps_per_epoch} steps ({t['train_s'] / epochs:.2f}s/epoch), sample "
-          f"{t['sample_s']:.1f}s, eval {t['eval_s']:.1f}s, unit total {t['train_s'] + t['sample_s'] + t['eval_s']:.1f}s; "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:,.0f} MiB")
-    if args.device.startswith("cuda"):
-        print(f"peak GPU memory allocated by torch: {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB")
+        fold0 = str(Path(tmp) / "fold0.pkl")
+        (d,) = in_child(driver, [*overrides, *paths], args.folds, fold0)
+        print(f"dataset: {d['cells']:,} cells x {d['genes']:,} genes, density {d['density']:.4f}, count matrix "
+              f"{d['matrix_bytes'] / 2**30:.2f} GiB as float32 CSR")
+        print(f"driver: read {d['read_s']:.1f}s, preparation (read + {args.folds} folds + refit) {d['prep_s']:.1f}s, "
+              f"peak RSS {d['peak']:,.0f} MiB")
+        print(f"object store per sweep ({args.folds} folds + refit, data + caches): {d['store'] / 2**20:,.1f} MiB", flush=True)
+        (u,) = in_child(unit, [*overrides, *paths], fold0)
+        print(f"unit on {args.device} ({u['threads']} torch threads): fit {u['train_s']:.1f}s for {u['epochs']} epochs "
+              f"({u['train_s'] / u['epochs']:.2f}s/epoch), sample {u['sample_s']:.1f}s, eval {u['eval_s']:.1f}s, "
+              f"wall {u['wall']:.1f}s; peak RSS {u['peak']:,.0f} MiB"
+              + (f"; peak GPU memory allocated by torch {u['gpu_mib']:,.0f} MiB" if u["gpu_mib"] is not None else ""))
+        pack = args.pack if args.pack is not None else (4 if args.device.startswith("cuda") else 0)
+        if pack > 1:
+            t0 = time.perf_counter()
+            in_child(unit, [*overrides, *paths], fold0, n=pack)
+            together = time.perf_counter() - t0
+            print(f"{pack} units at once: {together:.1f}s; throughput {pack * u['wall'] / together:.2f}x one at a time "
+                  f"(one took {u['wall']:.1f}s)")
 
 
 if __name__ == "__main__":
