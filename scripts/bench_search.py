@@ -1,7 +1,7 @@
 """Benchmark ASHA early stopping: the same sweep spec with and without `early_stopping`, one after
 the other on a local Ray, side by side.
 
-    python scripts/bench_search.py [--configs 12] [--set KEY=VALUE ...]
+    python scripts/bench_search.py [--configs 12] [--min-epochs 2] [--reduction-factor 3] [--set KEY=VALUE ...]
 
 Both sweeps use the random sampler with one seed, so they evaluate the same configs in the same
 order and differ only in what ASHA stops. Printed per sweep: the best cross-validated score found,
@@ -35,7 +35,6 @@ DEFAULTS = [
     "search.sampler=random", "search.seed=0", "seeds=[1]", "selection.folds=2", "max_concurrent=1",
     "resources.cpu=1", "resources.gpu=0", "overrides.train.epochs=20",
 ]
-ASHA = "early_stopping={type: asha, min_epochs: 2, reduction_factor: 3}"
 
 
 def _csv(path: Path) -> list[dict]:
@@ -91,7 +90,10 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=12)
     parser.add_argument("--spec", default=str(ROOT / "sweeps" / "rank_search.yaml"))
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--min-epochs", type=int, default=2, help="ASHA's first rung (default: %(default)s)")
+    parser.add_argument("--reduction-factor", type=float, default=3, help="ASHA's reduction factor (default: %(default)s)")
     args = parser.parse_args()
+    asha = f"early_stopping={{type: asha, min_epochs: {args.min_epochs}, reduction_factor: {args.reduction_factor:g}}}"
 
     import ray
 
@@ -100,11 +102,11 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp(prefix="bench_search_"))
     common = [*DEFAULTS, f"search.num_samples={args.configs}", *args.sets]
-    spec = load_spec(args.spec, [*common, ASHA])
+    spec = load_spec(args.spec, [*common, asha])
     epochs = spec.resolve_base().train.epochs
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     walls = {}
-    for name, extra in (("full", []), ("asha", [ASHA])):
+    for name, extra in (("full", []), ("asha", [asha])):
         t0 = time.perf_counter()
         run_sweep(args.spec, sets=[*common, *extra, f"storage_path={out}", f"name={name}"])
         walls[name] = time.perf_counter() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -38,3 +39,23 @@ def add_data_labels(p: argparse.ArgumentParser) -> None:
                    help="obs column with the perturbation label (default: %(default)s)")
     p.add_argument("--control", default=defaults.control_name,
                    help="label of the control cells (default: %(default)s)")
+
+
+def add_profile(p: argparse.ArgumentParser) -> None:
+    """`--profile`: the choices of `evaluate.profile` (the config's, equal to the registry's profiles;
+    the registry itself would import the metrics just to parse)."""
+    import typing
+
+    from nbglm.config import EvaluateConfig
+
+    choices = typing.get_args(typing.get_type_hints(EvaluateConfig)["profile"])
+    p.add_argument("--profile", choices=choices, default=EvaluateConfig().profile,
+                   help="metric profile: vcc2025 = cell-eval 0.8's DES/PDS/MAE; vcc2026 = cell-eval2 0.20's six "
+                        "members on raw counts (default: %(default)s)")
+
+
+def add_real_data(p: argparse.ArgumentParser) -> None:
+    """What the metrics commands take of the real side: `--real`, `--profile`, `--pert-col`, `--control`."""
+    p.add_argument("--real", required=True, type=Path, help="observed held-out cells (h5ad)")
+    add_profile(p)
+    add_data_labels(p)

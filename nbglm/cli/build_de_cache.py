@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nbglm.cli._args import add_data_labels
-from nbglm.cli.eval import add_profile
+from nbglm.cli._args import add_real_data
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,11 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Build the ground-truth cache that `nbglm eval --de-cache` reuses in every trial: "
                                    "vcc2025: pseudobulks, DE and the cell-mean baseline's scores; vcc2026: profiles, "
                                    "DE, control cells, the baseline's and the replicate anchor's panel means.")
-    p.add_argument("--real", required=True, type=Path, help="observed held-out cells (h5ad)")
+    add_real_data(p)
     p.add_argument("--output", required=True, type=Path, help="cache directory to write")
     p.add_argument("--train", type=Path, help="training data (h5ad): also score the cell-mean baseline (vcc2025)")
-    add_profile(p)
-    add_data_labels(p)
     return p
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nbglm.cli._args import add_data_labels
+from nbglm.cli._args import add_real_data
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -17,28 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "MAE, overall score) numerically as cell-eval 0.8, or vcc2026 (six members scaled "
                                    "between baseline and replicate, raw counts) as cell-eval2 0.20.")
     p.add_argument("--pred", required=True, type=Path, help="predicted cells (h5ad), control cells included")
-    p.add_argument("--real", required=True, type=Path, help="observed held-out cells (h5ad)")
-    add_profile(p)
+    add_real_data(p)
     baseline = p.add_mutually_exclusive_group()
     baseline.add_argument("--train", type=Path, help="training data (h5ad) for the cell-mean baseline of the "
                           "vcc2025 overall score (vcc2026 draws its baseline from --real)")
     baseline.add_argument("--de-cache", type=Path, help="cache directory from `nbglm build-de-cache` (same profile)")
-    add_data_labels(p)
     p.add_argument("--output", type=Path, help="write the metrics as JSON to this file")
     return p
-
-
-def add_profile(p: argparse.ArgumentParser) -> None:
-    """`--profile`: the choices of `evaluate.profile` (the config's, equal to the registry's profiles;
-    the registry itself would import the metrics just to parse)."""
-    import typing
-
-    from nbglm.config import EvaluateConfig
-
-    choices = typing.get_args(typing.get_type_hints(EvaluateConfig)["profile"])
-    p.add_argument("--profile", choices=choices, default=EvaluateConfig().profile,
-                   help="metric profile: vcc2025 = cell-eval 0.8's DES/PDS/MAE; vcc2026 = cell-eval2 0.20's six "
-                        "members on raw counts (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
