@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -54,6 +55,12 @@ def fold_inputs(inputs: Inputs, folds: pd.DataFrame, fold: int, pert_col: str, c
     is_pert = folds["kind"].to_numpy() == "perturbation"
     val_perts = folds["label"].to_numpy()[held & is_pert]
     val_controls = folds["label"].to_numpy()[held & ~is_pert]
-    in_val = np.isin(labels, val_perts) | ((labels == control) & np.isin(train.obs_names.to_numpy(str), val_controls))
-    val = train[in_val].copy()
-    return replace(inputs, train=train[~in_val].copy(), test=val, heldout=val_list(val, pert_col, control))
+    in_val = pd.Index(labels).isin(val_perts) | ((labels == control) & train.obs_names.isin(val_controls))
+    val = _rows(train, in_val)
+    return replace(inputs, train=_rows(train, ~in_val), test=val, heldout=val_list(val, pert_col, control))
+
+
+def _rows(adata: ad.AnnData, mask: np.ndarray) -> ad.AnnData:
+    """The cells of `mask` as a new AnnData: one copy of their counts (a view's .copy() makes two)."""
+    rows = np.flatnonzero(mask)
+    return ad.AnnData(X=adata.X[rows], obs=adata.obs.iloc[rows].copy(), var=adata.var.copy())
