@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anndata as ad
@@ -11,6 +12,7 @@ import scipy.sparse as sp
 
 from nbglm.errors import NbglmError
 
+CHUNK_ROWS = 4096  # cells per chunk where a whole-matrix pass makes per-row transients (float64, log1p)
 PHASES = ("G1", "S", "G2M")  # cell-cycle phases, index 0/1/2; G1 is the model's reference
 
 
@@ -114,10 +116,17 @@ class Dataset:
         return list(self.heldout["target_gene"])
 
 
-def pseudobulks(x: sp.spmatrix | np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct labels and the mean row of `x` per label, via one sparse indicator product."""
+def pseudobulks(x: sp.spmatrix | np.ndarray, labels: np.ndarray,
+                transform: Callable[[sp.spmatrix | np.ndarray], sp.spmatrix | np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct labels and the mean row of `x` per label (of `transform(rows)`, applied per
+    chunk of CHUNK_ROWS rows, so a transformed copy of the whole matrix never exists)."""
     names, codes = np.unique(labels, return_inverse=True)
-    indicator = sp.csr_matrix((np.ones(codes.size), (codes, np.arange(codes.size))), shape=(names.size, codes.size))
-    sums = indicator @ x
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return names, sums / np.bincount(codes)[:, None]
+    sums = np.zeros((names.size, x.shape[1]))
+    for start in range(0, x.shape[0], CHUNK_ROWS):
+        rows = x[start:start + CHUNK_ROWS]
+        group = codes[start:start + CHUNK_ROWS]
+        indicator = sp.csr_matrix((np.ones(group.size), (group, np.arange(group.size))), shape=(names.size, group.size))
+        part = indicator @ (rows if transform is None else transform(rows))
+        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+    return names, sums / np.bincount(codes, minlength=names.size)[:, None]

@@ -196,7 +196,8 @@ def effect_gene_embedding(counts: sp.csr_matrix, labels: np.ndarray, control: st
     a gene that never responds keeps a near-zero row), so the block sits beside a normalised table.
     """
     totals = np.asarray(counts.sum(axis=1)).ravel()
-    names, bulks = pseudobulks(lognormalize(counts, float(np.median(totals))), np.asarray(labels, dtype=str))
+    target = float(np.median(totals))
+    names, bulks = pseudobulks(counts, np.asarray(labels, dtype=str), lambda rows: lognormalize(rows, target))
     is_ctrl = names == control
     effects = bulks[~is_ctrl] - bulks[is_ctrl]
     effects -= effects.mean(axis=0)

@@ -20,14 +20,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from nbglm.data.dataset import PHASES, Dataset, GroupSums, Summaries
+from nbglm.data.dataset import CHUNK_ROWS, PHASES, Dataset, GroupSums, Summaries
 
-CHUNK_ROWS = 4096  # cells per chunk: bounds the float64 transients to a chunk's non-zeros
-
-
-def _chunks(x: sp.spmatrix | np.ndarray, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, sp.csr_matrix]]:
-    for start in range(0, x.shape[0], rows):
-        yield start, sp.csr_matrix(x[start:start + rows])
+def _chunks(x: sp.spmatrix | np.ndarray) -> Iterator[tuple[int, sp.csr_matrix]]:
+    for start in range(0, x.shape[0], CHUNK_ROWS):
+        yield start, sp.csr_matrix(x[start:start + CHUNK_ROWS])
 
 
 def _phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
