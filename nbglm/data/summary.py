@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from nbglm.data.dataset import CHUNK_ROWS, PHASES, Dataset, GroupSums, Summaries
 
+
 def _chunks(x: sp.spmatrix | np.ndarray) -> Iterator[tuple[int, sp.csr_matrix]]:
     for start in range(0, x.shape[0], CHUNK_ROWS):
         yield start, sp.csr_matrix(x[start:start + CHUNK_ROWS])
@@ -65,7 +66,7 @@ def group_sums(adata: ad.AnnData, pert_col: str, control: str, phase_col: str | 
                 moments[k] += _sum_rows(sp.csr_matrix((v, xc.indices, xc.indptr), shape=xc.shape), slot[g[ctrl]],
                                         None, control_rows.size)
     pos = totals > 0
-    safe = np.where(pos, totals, 1.0)
+    ctrl_cells = pos & (slot[group] >= 0)
     return GroupSums(
         labels=group_labels,
         phase=keys % (len(PHASES) + 1) - 1,
@@ -76,8 +77,7 @@ def group_sums(adata: ad.AnnData, pert_col: str, control: str, phase_col: str | 
         y=y,
         control_rows=control_rows,
         moments=moments,
-        inv_t=np.bincount(slot[group][pos & (slot[group] >= 0)], weights=(1.0 / safe)[pos & (slot[group] >= 0)],
-                          minlength=control_rows.size),
+        inv_t=np.bincount(slot[group][ctrl_cells], weights=1.0 / totals[ctrl_cells], minlength=control_rows.size),
         median_total=float(np.median(totals)) if totals.size else 0.0,
         bad_phases=bad,
     )
