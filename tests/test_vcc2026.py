@@ -146,6 +146,8 @@ def _with_x(pred: ad.AnnData, x) -> ad.AnnData:
 
 @pytest.mark.parametrize("change, message", [
     (lambda p: _with_x(p, -p.X.toarray()), "negative"),
+    (lambda p: _with_x(p, np.where(np.arange(p.n_vars) == 3, np.nan, p.X.toarray())), "non-finite"),
+    (lambda p: _with_x(p, np.where(np.arange(p.n_vars) == 3, np.inf, p.X.toarray())), "non-finite"),
     (lambda p: _with_x(p, p.X.toarray() + 0.5), "fractional"),
     (lambda p: _with_x(p, p.X.toarray() * 1e5), "1e6"),
     (lambda p: p[:, ::-1].copy(), "genes differ"),

@@ -288,19 +288,22 @@ def check_submission(pred, ref: Reference, *, pert_col: str) -> None:
         raise NbglmError("vcc2026: a predicted cell totals more than 1e6 counts; downscale cells to at most 1e6 counts each")
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _value_checks(data, indptr):  # pragma: no cover - compiled
-    """One pass over the stored values: any negative or non-finite, any fractional, the largest cell total."""
+    """One pass over the stored values: any negative or non-finite, any fractional, the largest cell total
+    (reassociated sums: exact for integral counts, and a fractional file is refused whatever its totals)."""
     n_rows = indptr.size - 1
     invalid = np.zeros(n_rows, dtype=np.bool_)
     fractional = np.zeros(n_rows, dtype=np.bool_)
     totals = np.zeros(n_rows)
     for row in numba.prange(n_rows):
+        bad, frac, total = False, False, 0.0  # locals: a store per value would keep the loop scalar
         for k in range(indptr[row], indptr[row + 1]):
             v = np.float64(data[k])
-            invalid[row] |= not (v >= 0.0 and v < np.inf)
-            fractional[row] |= v != np.floor(v)
-            totals[row] += v
+            bad |= not (v >= 0.0 and v < np.inf)
+            frac |= v != np.floor(v)
+            total += v
+        invalid[row], fractional[row], totals[row] = bad, frac, total
     return invalid.any(), fractional.any(), totals.max() if n_rows else 0.0
 
 
