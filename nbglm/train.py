@@ -31,14 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
 from nbglm.config import Config, ModelConfig
 from nbglm.data import PHASES, Dataset
 from nbglm.data.dataset import GroupSums
-from nbglm.data.summary import group_sums
+from nbglm.data.summary import group_sums, phase_codes
 from nbglm.errors import NbglmError
 from nbglm.losses import LOSSES
 from nbglm.model import CONTROL_IDX, LowRankNBGLM
@@ -68,19 +67,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise NbglmError(f"experiment.device = {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     return device
-
-
-def phase_indices(obs: pd.DataFrame, phase_col: str | None) -> np.ndarray:
-    """Phase labels G1/S/G2M -> 0/1/2; any other label is an NbglmError listing it."""
-    if phase_col is None or phase_col not in obs.columns:
-        raise NbglmError(f"model.use_cycle is on but the data has no phase column {phase_col!r}: "
-                         "set data.phase_column to the obs column with G1/S/G2M, or model.use_cycle=false")
-    labels = obs[phase_col].astype(str).to_numpy()
-    codes = pd.Categorical(labels, categories=PHASES).codes.astype(np.int64)
-    if (codes < 0).any():
-        bad = sorted(set(labels[codes < 0]))
-        raise NbglmError(f"phase column {phase_col!r} has values {bad[:5]}; expected only {list(PHASES)}")
-    return codes
 
 
 def control_stats(sums: GroupSums, ref: float, use_sf: bool, phase: np.ndarray | None,
@@ -149,7 +135,7 @@ def _phases(sums: GroupSums, data: Dataset, use_cycle: bool) -> np.ndarray | Non
     if not use_cycle:
         return None
     if data.phase_col is None:
-        raise NbglmError(f"model.use_cycle is on but the data has no phase column: set data.phase_column to the "
+        raise NbglmError("model.use_cycle is on but the data has no phase column: set data.phase_column to the "
                          "obs column with G1/S/G2M, or model.use_cycle=false")
     if sums.bad_phases:
         raise NbglmError(f"phase column {data.phase_col!r} has values {list(sums.bad_phases)}; expected only {list(PHASES)}")
@@ -210,7 +196,7 @@ def _whole_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) ->
     labels = data.train.obs[data.pert_col].astype(str).to_numpy()
     totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
     sf = totals / ref if cfg.size_factor.use_sf else np.ones_like(totals)
-    phase = phase_indices(data.train.obs, data.phase_col) if cfg.model.use_cycle else None
+    phase = phase_codes(data.train.obs, data.phase_col)[0] if cfg.model.use_cycle else None  # checked by _prepare
     is_ctrl = labels == data.control
     keep = np.isin(labels, data.train_perts) & (totals > 0)
     if cfg.model.use_cycle or cfg.model.learn_theta:

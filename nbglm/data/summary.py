@@ -28,7 +28,9 @@ def _chunks(x: sp.spmatrix | np.ndarray) -> Iterator[tuple[int, sp.csr_matrix]]:
         yield start, sp.csr_matrix(x[start:start + CHUNK_ROWS])
 
 
-def _phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
+def phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Each cell's phase 0/1/2 (G1/S/G2M), -1 without the column or for another label; and up to 5
+    of those other labels."""
     if phase_col is None or phase_col not in obs.columns:
         return np.full(len(obs), -1, dtype=np.int64), ()
     labels = obs[phase_col].astype(str).to_numpy()
@@ -39,7 +41,7 @@ def _phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, 
 def group_sums(adata: ad.AnnData, pert_col: str, control: str, phase_col: str | None) -> GroupSums:
     """Sum `adata`'s counts per (label, phase) group in row chunks of `CHUNK_ROWS` cells."""
     labels = adata.obs[pert_col].astype(str).to_numpy()
-    phase, bad = _phase_codes(adata.obs, phase_col)
+    phase, bad = phase_codes(adata.obs, phase_col)
     names, label_codes = np.unique(labels, return_inverse=True)
     keys, group = np.unique(label_codes * (len(PHASES) + 1) + phase + 1, return_inverse=True)
     n_groups, n_genes = keys.size, adata.n_vars
