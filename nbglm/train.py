@@ -127,7 +127,10 @@ def _sums(data: Dataset, which: str) -> GroupSums | None:
     if data.sums is not None:
         return getattr(data.sums, which)
     adata = getattr(data, which)
-    return None if adata is None else group_sums(adata, data.pert_col, data.control, data.phase_col)
+    if adata is None:
+        return None
+    counts = data.train_counts() if which == "train" else adata.X
+    return group_sums(counts, adata.obs, data.pert_col, data.control, data.phase_col)
 
 
 def _phases(sums: GroupSums, data: Dataset, use_cycle: bool) -> np.ndarray | None:
@@ -192,7 +195,7 @@ def _whole_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) ->
     if data.train is None:
         raise NbglmError("train.fit_mode=whole fits cells, but this dataset holds only their sums: "
                          "build it with its cells (concise mode alone is summarised)")
-    x = sp.csr_matrix(data.train.X, dtype=np.float32)
+    x = sp.csr_matrix(data.in_memory().train.X, dtype=np.float32)
     labels = data.train.obs[data.pert_col].astype(str).to_numpy()
     totals = np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
     sf = totals / ref if cfg.size_factor.use_sf else np.ones_like(totals)

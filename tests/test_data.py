@@ -378,9 +378,10 @@ def test_read_counts_accepts_dense_integer_matrix(tmp_path):
 @pytest.mark.parametrize("layout", ["csr", "csc", "dense"])
 def test_read_counts_reads_the_matrix_in_chunks_into_float32_csr(tmp_path: Path, layout: str,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """read_counts reads X in chunks into memory; open_counts checks it the same way and leaves it on disk."""
     from nbglm.data import io
 
-    monkeypatch.setattr(io, "CHUNK_ROWS", 7)  # 50 cells: 8 chunks, the last one short
+    monkeypatch.setattr("nbglm.data.rows.CHUNK_ROWS", 7)  # 50 cells: 8 chunks, the last one short
     rng = np.random.default_rng(0)
     counts = rng.poisson(0.7, (50, 12)).astype(np.int64)
     x = counts if layout == "dense" else (sp.csr_matrix if layout == "csr" else sp.csc_matrix)(counts)
@@ -390,9 +391,17 @@ def test_read_counts_reads_the_matrix_in_chunks_into_float32_csr(tmp_path: Path,
     got = io.read_counts(path, "target_gene", "ctrl")
     assert sp.isspmatrix_csr(got.X) and got.X.dtype == np.float32 and got.X.has_sorted_indices
     np.testing.assert_array_equal(got.X.toarray(), counts)
+    cells, on_disk = io.open_counts(path, "target_gene", "ctrl")
+    assert cells.X is None and cells.obs_names.equals(got.obs_names) and on_disk.shape == (50, 12)
+    np.testing.assert_array_equal(on_disk.take().toarray(), counts)
+    every_third = on_disk.subset(np.arange(50) % 3 == 0)
+    np.testing.assert_array_equal(every_third.take().toarray(), counts[::3])
+    np.testing.assert_array_equal(every_third.totals(), counts[::3].sum(axis=1))
+    del on_disk, every_third  # their file handle: the file is rewritten below
     counts = counts.astype(np.float64)
     counts[48, 3] = 0.5  # a non-integer value in the last chunk
     ad.AnnData(X=counts if layout == "dense" else sp.csr_matrix(counts), obs=obs,
                var=pd.DataFrame(index=[f"g{i}" for i in range(12)])).write_h5ad(path)
-    with pytest.raises(NbglmError, match="non-integer values"):
-        io.read_counts(path, "target_gene", "ctrl")
+    for read in (io.read_counts, io.open_counts):
+        with pytest.raises(NbglmError, match="non-integer values"):
+            read(path, "target_gene", "ctrl")

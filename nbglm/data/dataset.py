@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from nbglm.data.rows import Rows, row_chunks
 from nbglm.errors import NbglmError
 
-CHUNK_ROWS = 4096  # cells per chunk where a whole-matrix pass makes per-row transients (float64, log1p)
 PHASES = ("G1", "S", "G2M")  # cell-cycle phases, index 0/1/2; G1 is the model's reference
 
 
@@ -68,6 +68,18 @@ class Dataset:
     control: str  # label of control cells in pert_col
     phase_col: str | None  # obs column with G1/S/G2M, if present in the data
     sums: Summaries | None = None  # concise mode: the cells' sums replace train's cells and test's counts
+    train_x: Rows | None = None  # train's counts when train.X is None: a fold's part, or a file on disk
+
+    def train_counts(self) -> Rows:
+        """The training counts, read a chunk of rows at a time."""
+        return self.train_x if self.train_x is not None else Rows(self.train.X)
+
+    def in_memory(self) -> Dataset:
+        """This dataset with its training counts in `train.X` (what a fit on cells needs)."""
+        if self.train_x is None:
+            return self
+        train = ad.AnnData(X=self.train_x.take(), obs=self.train.obs, var=self.train.var)
+        return replace(self, train=train, train_x=None)
 
     @property
     def gene_names(self) -> list[str]:
@@ -100,12 +112,17 @@ class Dataset:
                                  "keep_controls=True for sampling.control_cells=real")
             return self.sums.controls
         source = self.control_source()
+        if source is self.train and self.train_x is not None:
+            keep = self._is_control(source)
+            return ad.AnnData(X=self.train_x.subset(keep).take(), obs=source.obs[keep], var=source.var)
         return source[self._is_control(source)]
 
     def control_totals(self) -> np.ndarray:
         """Total counts of `control_cells()`: their number and depth size the predicted controls."""
         if self.sums is not None:
             return self.sums.control_totals
+        if self.control_source() is self.train and self.train_x is not None:
+            return self.train_x.subset(self._is_control(self.train)).totals()
         return np.asarray(self.control_cells().X.sum(axis=1), dtype=np.float64).ravel()
 
     def _is_control(self, adata: ad.AnnData) -> np.ndarray:
@@ -116,16 +133,15 @@ class Dataset:
         return list(self.heldout["target_gene"])
 
 
-def pseudobulks(x: sp.spmatrix | np.ndarray, labels: np.ndarray,
+def pseudobulks(x: sp.spmatrix | np.ndarray | Rows, labels: np.ndarray,
                 transform: Callable[[sp.spmatrix | np.ndarray], sp.spmatrix | np.ndarray] | None = None,
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct labels and the mean row of `x` per label (of `transform(rows)`, applied per
-    chunk of CHUNK_ROWS rows, so a transformed copy of the whole matrix never exists)."""
+    chunk of rows, so a transformed copy of the whole matrix never exists)."""
     names, codes = np.unique(labels, return_inverse=True)
     sums = np.zeros((names.size, x.shape[1]))
-    for start in range(0, x.shape[0], CHUNK_ROWS):
-        rows = x[start:start + CHUNK_ROWS]
-        group = codes[start:start + CHUNK_ROWS]
+    for start, rows in row_chunks(x):
+        group = codes[start:start + rows.shape[0]]
         indicator = sp.csr_matrix((np.ones(group.size), (group, np.arange(group.size))), shape=(names.size, group.size))
         part = indicator @ (rows if transform is None else transform(rows))
         sums += part.toarray() if sp.issparse(part) else np.asarray(part)

@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from nbglm.data.dataset import pseudobulks
+from nbglm.data.rows import Rows, row_totals
 from nbglm.errors import NbglmError
 
 log = logging.getLogger("nbglm")
@@ -187,7 +188,7 @@ def derive_gene_embedding(counts: sp.csr_matrix, genes: list[str], dim: int, see
                         columns=[f"pc{i}" for i in range(d)])
 
 
-def effect_gene_embedding(counts: sp.csr_matrix, labels: np.ndarray, control: str, dim: int) -> np.ndarray:
+def effect_gene_embedding(counts: sp.csr_matrix | Rows, labels: np.ndarray, control: str, dim: int) -> np.ndarray:
     """Gene loadings of the top principal components of the training perturbations' effects.
 
     An effect is a perturbation's log-normalised pseudobulk minus the control's. A gene's row says
@@ -195,8 +196,7 @@ def effect_gene_embedding(counts: sp.csr_matrix, labels: np.ndarray, control: st
     held-out perturbations play no part. Rows are scaled to a mean L2 norm of 1 (not each to 1:
     a gene that never responds keeps a near-zero row), so the block sits beside a normalised table.
     """
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    target = float(np.median(totals))
+    target = float(np.median(row_totals(counts)))
     names, bulks = pseudobulks(counts, np.asarray(labels, dtype=str), lambda rows: lognormalize(rows, target))
     is_ctrl = names == control
     effects = bulks[~is_ctrl] - bulks[is_ctrl]

@@ -48,7 +48,11 @@ def assign_folds(inputs: Inputs, pert_col: str, control: str, k: int, seed: int)
 
 def fold_inputs(inputs: Inputs, folds: pd.DataFrame, fold: int, pert_col: str, control: str) -> Inputs:
     """Fold `fold` as a train/validation pair: the validation part plays the test set, and its
-    held-out list is computed from its cells; the real test set is not part of it."""
+    held-out list is computed from its cells; the real test set is not part of it.
+
+    The training part is a row subset of the training counts (`Inputs.train_x`), read a chunk at
+    a time by whatever learns from it; only the validation part is copied (its ground-truth cache
+    needs its cells in memory)."""
     train = inputs.train
     labels = train.obs[pert_col].astype(str).to_numpy()
     held = folds["fold"].to_numpy() == fold
@@ -56,11 +60,8 @@ def fold_inputs(inputs: Inputs, folds: pd.DataFrame, fold: int, pert_col: str, c
     val_perts = folds["label"].to_numpy()[held & is_pert]
     val_controls = folds["label"].to_numpy()[held & ~is_pert]
     in_val = pd.Index(labels).isin(val_perts) | ((labels == control) & train.obs_names.isin(val_controls))
-    val = _rows(train, in_val)
-    return replace(inputs, train=_rows(train, ~in_val), test=val, heldout=val_list(val, pert_col, control))
-
-
-def _rows(adata: ad.AnnData, mask: np.ndarray) -> ad.AnnData:
-    """The cells of `mask` as a new AnnData: one copy of their counts (a view's .copy() makes two)."""
-    rows = np.flatnonzero(mask)
-    return ad.AnnData(X=adata.X[rows], obs=adata.obs.iloc[rows].copy(), var=adata.var.copy())
+    counts = inputs.train_counts()
+    val = ad.AnnData(X=counts.subset(in_val).take(), obs=train.obs[in_val].copy(), var=train.var.copy())
+    part = ad.AnnData(obs=train.obs[~in_val].copy(), var=train.var.copy())
+    return replace(inputs, train=part, train_x=counts.subset(~in_val), test=val, test_x=None,
+                   heldout=val_list(val, pert_col, control))

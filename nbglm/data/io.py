@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from nbglm.data.rows import OnDisk, Rows
 from nbglm.errors import NbglmError
 
 VAL_COLUMNS = ("target_gene", "n_cells", "median_umi_per_cell")
@@ -21,14 +22,11 @@ def _examples(items, n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-CHUNK_ROWS = 8192  # cells read, checked and converted at a time
-
-
 def read_counts(path: str | Path, pert_col: str, control: str | None, what: str = "data") -> ad.AnnData:
     """Read an h5ad of raw UMI counts and check it; return float32 CSR counts.
 
-    The obs/var tables are checked first; the matrix is then read from disk in row chunks of
-    `CHUNK_ROWS` cells, each checked and converted into the float32 CSR arrays, so reading never
+    The obs/var tables are checked first; the matrix is then read from disk in row chunks
+    (`nbglm.data.rows`), each checked and converted into the float32 CSR arrays, so reading never
     holds a second copy of the whole matrix in another dtype. Counts must be non-negative integers
     (dense or sparse, any dtype): the NB model is defined on raw UMIs, and normalised or log data
     would silently give wrong fits. `control=None` skips the control-label check (e.g. a test file
@@ -47,6 +45,36 @@ def read_counts(path: str | Path, pert_col: str, control: str | None, what: str 
         return validate_counts(backed, pert_col, control, str(p))
     finally:
         backed.file.close()
+
+
+def open_counts(path: str | Path, pert_col: str, control: str | None, what: str = "data") -> tuple[ad.AnnData, Rows]:
+    """`read_counts` that leaves the matrix on disk: the cells' obs/var (X None) and their counts as
+    `Rows` read from the file a chunk at a time, every value checked now by one pass. Files whose X
+    is not stored by rows (CSC) are read into memory."""
+    p = Path(path)
+    if not p.is_file():
+        raise NbglmError(f"{what} file not found: {p} (check the path)")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
+            backed = ad.read_h5ad(p, backed="r")
+            rows_readable = OnDisk.readable(p)
+    except Exception as exc:
+        raise NbglmError(f"cannot read {p} as h5ad: {exc}".splitlines()[0]) from None
+    try:
+        if not rows_readable:
+            cells = validate_counts(backed, pert_col, control, str(p))
+            return ad.AnnData(obs=cells.obs, var=cells.var), Rows(cells.X)
+        labels = check_tables(backed, pert_col, control, str(p))
+        obs = backed.obs.copy()
+        obs[pert_col] = pd.Categorical(labels.to_numpy())
+        cells = ad.AnnData(obs=obs, var=backed.var.copy())
+    finally:
+        backed.file.close()
+    counts = Rows(OnDisk(p))
+    for _ in counts.chunks(check=lambda values: check_values(values, str(p))):
+        pass
+    return cells, counts
 
 
 def check_tables(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> pd.Series:
@@ -91,30 +119,9 @@ def check_values(values: np.ndarray, source: str) -> None:
 def _read_matrix(x, source: str) -> sp.csr_matrix:
     """The float32 CSR of an h5ad's X (in memory or on disk; dense, CSR or CSC), checked chunk by
     chunk and written into arrays allocated once at their final size."""
-    n_cells, n_genes = x.shape
     if getattr(x, "format", None) == "csc" or (sp.issparse(x) and x.format != "csr"):
         x = sp.csr_matrix(x.to_memory() if hasattr(x, "to_memory") else x)  # rows of a CSC file are not contiguous
-    starts = range(0, n_cells, CHUNK_ROWS)
-    if sp.issparse(x):
-        nnz = x.nnz
-    elif hasattr(x, "group"):  # CSR on disk
-        nnz = int(x.group["indptr"][-1])
-    else:  # dense: count first, so the CSR arrays are allocated once
-        nnz = sum(int(np.count_nonzero(np.asarray(x[i:i + CHUNK_ROWS]))) for i in starts)
-    data = np.empty(nnz, np.float32)
-    indices = np.empty(nnz, np.int32 if n_genes < 2**31 else np.int64)
-    indptr = np.zeros(n_cells + 1, np.int32 if nnz < 2**31 else np.int64)
-    pos = 0
-    for start in starts:
-        block = x[start:start + CHUNK_ROWS]
-        block = sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
-        check_values(block.data, source)
-        block.sort_indices()
-        end = pos + block.nnz
-        data[pos:end], indices[pos:end] = block.data, block.indices
-        indptr[start + 1:start + 1 + block.shape[0]] = block.indptr[1:] + pos
-        pos = end
-    return sp.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+    return Rows(x).take(check=lambda values: check_values(values, source))
 
 
 def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> ad.AnnData:
@@ -131,10 +138,11 @@ def pert_labels(adata: ad.AnnData, pert_col: str, control: str) -> list[str]:
     return list(pd.unique(labels[labels != control]))
 
 
-def val_list(adata: ad.AnnData, pert_col: str, control: str) -> pd.DataFrame:
-    """Held-out list (target_gene, n_cells, median_umi_per_cell) computed from real cells."""
+def val_list(adata: ad.AnnData, pert_col: str, control: str, totals: np.ndarray | None = None) -> pd.DataFrame:
+    """Held-out list (target_gene, n_cells, median_umi_per_cell) computed from real cells (`totals`:
+    their total counts, when their X is not in memory)."""
     labels = adata.obs[pert_col].astype(str).to_numpy()
-    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    totals = np.asarray(adata.X.sum(axis=1)).ravel() if totals is None else totals
     frame = pd.DataFrame({"target_gene": labels, "umi": totals})
     frame = frame[frame["target_gene"] != control]
     grouped = frame.groupby("target_gene", sort=False)["umi"]

@@ -18,7 +18,8 @@ from nbglm.config import Config
 from nbglm.data.dataset import Dataset
 from nbglm.data.embeddings import (align_genes, derive_gene_embedding, effect_gene_embedding, read_embedding,
                                    select_perts)
-from nbglm.data.io import check_val_perts, pert_labels, read_counts, read_val_list, val_list
+from nbglm.data.io import check_val_perts, open_counts, pert_labels, read_counts, read_val_list, val_list
+from nbglm.data.rows import Rows
 from nbglm.data.synthetic import make_synthetic
 from nbglm.errors import NbglmError
 
@@ -34,6 +35,18 @@ class Inputs:
     pert_table: pd.DataFrame | None  # None: a perturbation's row is its target gene's
     gene_source: str
     pert_source: str | None
+    train_x: Rows | None = None  # train's counts when train.X is None: a fold's part, or a file on disk
+    test_x: Rows | None = None  # test's counts when test.X is None: a file on disk
+
+    def train_counts(self) -> Rows:
+        """The training counts, read a chunk of rows at a time."""
+        return self.train_x if self.train_x is not None else Rows(self.train.X)
+
+    def test_in_memory(self) -> ad.AnnData | None:
+        """The test cells with their counts in X (what a ground-truth cache is built from)."""
+        if self.test is None or self.test_x is None:
+            return self.test
+        return ad.AnnData(X=self.test_x.take(), obs=self.test.obs, var=self.test.var)
 
 
 def check_inputs(cfg: Config, inputs: Inputs) -> list[str]:
@@ -69,18 +82,21 @@ def assemble(cfg: Config, inputs: Inputs) -> Dataset:
     train_perts = check_inputs(cfg, inputs)
     gene_table = inputs.gene_table
     if gene_table is None:
-        gene_table = derive_gene_embedding(train.X, genes, cfg.data.derived_embedding_dim)
+        x = train.X if inputs.train_x is None else inputs.train_x.take()
+        gene_table = derive_gene_embedding(x, genes, cfg.data.derived_embedding_dim)
     normalize = cfg.data.normalize_embeddings
     gene_emb = align_genes(gene_table, genes, inputs.gene_source, normalize)
     if cfg.data.effect_pcs:
         labels = train.obs[pert_col].astype(str).to_numpy()
-        gene_emb = np.hstack([gene_emb, effect_gene_embedding(train.X, labels, control, cfg.data.effect_pcs)])
+        gene_emb = np.hstack([gene_emb, effect_gene_embedding(inputs.train_counts(), labels, control,
+                                                                    cfg.data.effect_pcs)])
     pert_emb = select_perts(gene_table if inputs.pert_table is None else inputs.pert_table, train_perts,
                             list(heldout["target_gene"]), inputs.pert_source or inputs.gene_source, normalize)
     phase = cfg.data.phase_column
     return Dataset(
         train=train,
-        test=inputs.test,
+        train_x=inputs.train_x,
+        test=inputs.test_in_memory(),
         heldout=heldout.reset_index(drop=True),
         gene_emb=gene_emb,
         pert_emb=pert_emb,
@@ -90,8 +106,10 @@ def assemble(cfg: Config, inputs: Inputs) -> Dataset:
     )
 
 
-def read_inputs(cfg: Config) -> Inputs:
-    """The built-in synthetic data when no training file is configured, else the configured files."""
+def read_inputs(cfg: Config, on_disk: bool = False) -> Inputs:
+    """The built-in synthetic data when no training file is configured, else the configured files:
+    read into memory, or with `on_disk` checked and left in their files (`nbglm.data.rows`), as a
+    sweep's driver reads them."""
     paths, data = cfg.paths, cfg.data
     pert_col, control = data.pert_name_col, data.control_name
     train_key = "paths.train_split_h5ad" if data.use_split else "paths.train_h5ad"
@@ -109,14 +127,20 @@ def read_inputs(cfg: Config) -> Inputs:
         return Inputs(syn.train, syn.test, syn.val, syn.gene_emb, syn.pert_emb,
                       "the synthetic gene embedding", "the synthetic perturbation embedding")
 
-    train = read_counts(train_path, pert_col, control, f"training data ({train_key})")
-    test = read_counts(paths.test_h5ad, pert_col, None, "test data (paths.test_h5ad)") if paths.test_h5ad else None
+    train_x = test_x = None
+    if on_disk:
+        train, train_x = open_counts(train_path, pert_col, control, f"training data ({train_key})")
+        test, test_x = (open_counts(paths.test_h5ad, pert_col, None, "test data (paths.test_h5ad)")
+                        if paths.test_h5ad else (None, None))
+    else:
+        train = read_counts(train_path, pert_col, control, f"training data ({train_key})")
+        test = read_counts(paths.test_h5ad, pert_col, None, "test data (paths.test_h5ad)") if paths.test_h5ad else None
     if paths.val_list_csv:
         heldout = read_val_list(paths.val_list_csv)
         if test is not None:
             check_val_perts(heldout, pert_labels(test, pert_col, control), paths.val_list_csv, "the test data")
     elif test is not None:
-        heldout = val_list(test, pert_col, control)
+        heldout = val_list(test, pert_col, control, None if test_x is None else test_x.totals())
         if heldout.empty:
             raise NbglmError(f"test data {paths.test_h5ad} has no perturbed cells (only '{control}'); "
                              "it must hold the held-out perturbations' cells")
@@ -125,7 +149,7 @@ def read_inputs(cfg: Config) -> Inputs:
     gene_table = read_embedding(paths.gene_embedding) if paths.gene_embedding else None
     gene_source = paths.gene_embedding or "the gene embedding derived from the training data"
     pert_table = read_embedding(paths.pert_embedding) if paths.pert_embedding else None
-    return Inputs(train, test, heldout, gene_table, pert_table, gene_source, paths.pert_embedding)
+    return Inputs(train, test, heldout, gene_table, pert_table, gene_source, paths.pert_embedding, train_x, test_x)
 
 
 def load_dataset(cfg: Config) -> Dataset:

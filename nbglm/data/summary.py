@@ -6,13 +6,12 @@ cell counts (see `nbglm.train`); the control cells' dispersion needs three more 
 So a sweep unit in concise mode gets these sums instead of the cells (`summarized`): a few
 megabytes per fold instead of the whole count matrix, and no per-unit copy of it.
 
-Counts are read in row chunks (`CHUNK_ROWS`), so no dense or float64 copy of the whole matrix is
+Counts are read in row chunks (`nbglm.data.rows`), so no dense or float64 copy of the whole matrix is
 made. Sums of counts and of totals are integers, exact in float64 whatever the order of addition.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 
 import anndata as ad
@@ -20,12 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from nbglm.data.dataset import CHUNK_ROWS, PHASES, Dataset, GroupSums, Summaries
-
-
-def _chunks(x: sp.spmatrix | np.ndarray) -> Iterator[tuple[int, sp.csr_matrix]]:
-    for start in range(0, x.shape[0], CHUNK_ROWS):
-        yield start, sp.csr_matrix(x[start:start + CHUNK_ROWS])
+from nbglm.data.dataset import PHASES, Dataset, GroupSums, Summaries
+from nbglm.data.rows import Rows, row_chunks
 
 
 def phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -38,22 +33,24 @@ def phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, t
     return codes, tuple(sorted(set(labels[codes < 0]))[:5])
 
 
-def group_sums(adata: ad.AnnData, pert_col: str, control: str, phase_col: str | None) -> GroupSums:
-    """Sum `adata`'s counts per (label, phase) group in row chunks of `CHUNK_ROWS` cells."""
-    labels = adata.obs[pert_col].astype(str).to_numpy()
-    phase, bad = phase_codes(adata.obs, phase_col)
+def group_sums(counts: sp.spmatrix | np.ndarray | Rows, obs: pd.DataFrame, pert_col: str, control: str,
+               phase_col: str | None) -> GroupSums:
+    """Sum the cells' counts (rows of `counts`, described by `obs`) per (label, phase) group, a
+    chunk of rows at a time."""
+    labels = obs[pert_col].astype(str).to_numpy()
+    phase, bad = phase_codes(obs, phase_col)
     names, label_codes = np.unique(labels, return_inverse=True)
     keys, group = np.unique(label_codes * (len(PHASES) + 1) + phase + 1, return_inverse=True)
-    n_groups, n_genes = keys.size, adata.n_vars
+    n_groups, n_genes = keys.size, counts.shape[1]
     group_labels = names[keys // (len(PHASES) + 1)]
     control_rows = np.flatnonzero(group_labels == control)
     slot = np.full(n_groups, -1)
     slot[control_rows] = np.arange(control_rows.size)
 
-    totals = np.zeros(adata.n_obs)
+    totals = np.zeros(len(obs))
     y = np.zeros((n_groups, n_genes))
     moments = np.zeros((3, control_rows.size, n_genes))
-    for start, x in _chunks(adata.X):
+    for start, x in row_chunks(counts):
         t = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
         totals[start:start + t.size] = t
         g = group[start:start + t.size]
@@ -100,11 +97,12 @@ def summarized(data: Dataset, keep_controls: bool) -> Dataset:
     sums = Summaries(
         genes=data.gene_names,
         train_perts=data.train_perts,
-        train=group_sums(data.train, data.pert_col, data.control, data.phase_col),
-        test=None if data.test is None else group_sums(data.test, data.pert_col, data.control, data.phase_col),
+        train=group_sums(data.train_counts(), data.train.obs, data.pert_col, data.control, data.phase_col),
+        test=None if data.test is None else group_sums(data.test.X, data.test.obs, data.pert_col, data.control,
+                                                       data.phase_col),
         control_totals=data.control_totals(),
         controls=data.control_cells() if keep_controls else None,
     )
     test = None if data.test is None else ad.AnnData(obs=data.test.obs[[data.pert_col]].copy(),
                                                      var=pd.DataFrame(index=data.test.var_names.copy()))
-    return replace(data, train=None, test=test, sums=sums)
+    return replace(data, train=None, train_x=None, test=test, sums=sums)

@@ -18,7 +18,8 @@ import numpy as np
 
 from nbglm import atomic
 from nbglm.errors import NbglmError
-from nbglm.metrics.vcc import PROFILE, FileSummary, baseline_summary, group_codes, score, summarize_adata
+from nbglm.data.rows import Rows
+from nbglm.metrics.vcc import PROFILE, FileSummary, baseline_summary, group_codes, log1p_of, score, summarize_log1p
 
 CACHE_VERSION = 1
 _ARRAYS = "ground_truth.npz"
@@ -107,15 +108,17 @@ def build_de_cache(
     *,
     pert_col: str = "target_gene",
     control: str = "non-targeting",
+    train_counts: Rows | None = None,
 ) -> GroundTruthCache:
-    """Summarise `real` and, with `train`, score the cell-mean baseline against it."""
+    """Summarise `real` and, with `train`, score the cell-mean baseline against it (`train_counts`:
+    train's counts when train.X is None, read a chunk at a time)."""
     identity = DataIdentity.of(real, pert_col, control)
-    summary = summarize_adata(real, pert_col, control, "real")
-    baseline = None
-    if train is not None:
-        scores = score(baseline_summary(train, real, pert_col, control), summary)
-        baseline = {name: result.mean for name, result in scores.items()}
-    return GroundTruthCache(identity, summary, baseline)
+    with log1p_of(real, "real") as x:
+        summary = summarize_log1p(x, real, pert_col, control, "real")
+        if train is None:
+            return GroundTruthCache(identity, summary, None)
+        base = baseline_summary(train, real, pert_col, control, x, train_counts)
+    return GroundTruthCache(identity, summary, {name: result.mean for name, result in score(base, summary).items()})
 
 
 def write_meta(directory: Path, profile: str, version: int, identity: DataIdentity, **extra: object) -> None:

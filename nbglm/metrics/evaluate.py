@@ -15,6 +15,7 @@ import anndata as ad
 import numpy as np
 
 from nbglm.errors import NbglmError
+from nbglm.data.rows import Rows
 from nbglm.metrics.de_cache import META, GroundTruthCache, build_de_cache, load_de_cache
 from nbglm.metrics.registry import profiles
 from nbglm.metrics.vcc2026 import PROFILE as PROFILE_2026
@@ -92,11 +93,13 @@ def cache_profile(cache: GroundTruthCache | Reference) -> str:
 
 
 def build_cache(real: ad.AnnData, train: ad.AnnData | None = None, *, profile: str = PROFILE,
-                pert_col: str = "target_gene", control: str = "non-targeting") -> GroundTruthCache | Reference:
-    """The real side of `profile`, computed once for many evaluations of predictions of `real`."""
+                pert_col: str = "target_gene", control: str = "non-targeting",
+                train_counts: Rows | None = None) -> GroundTruthCache | Reference:
+    """The real side of `profile`, computed once for many evaluations of predictions of `real`
+    (`train_counts`: train's counts when train.X is None, read a chunk at a time)."""
     _check_profile(profile, None)
     if profile == PROFILE:
-        return build_de_cache(real, train, pert_col=pert_col, control=control)
+        return build_de_cache(real, train, pert_col=pert_col, control=control, train_counts=train_counts)
     return build_reference(real, pert_col=pert_col, control=control)
 
 

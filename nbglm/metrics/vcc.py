@@ -7,7 +7,8 @@ each metric follows cell-eval's definition, including its float32 casts where th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anndata as ad
@@ -18,6 +19,7 @@ import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
 from nbglm.data.dataset import pseudobulks
+from nbglm.data.rows import Rows, row_chunks
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, rank_sum_test
@@ -82,13 +84,28 @@ def to_log1p(adata: ad.AnnData, which: str, out: np.ndarray | None = None) -> Ma
     x = adata.X
     if x is None:
         raise NbglmError(f"{which} has no expression matrix (X is empty)")
-    x = sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x)
-    if x.dtype == np.float16 or not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
+    x = _as_float(sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x))
     if not x.size or (sp.issparse(x) and not x.nnz):
         return x
     data, indptr = (x.data, x.indptr) if sp.issparse(x) else (x.ravel(), np.arange(0, x.size + 1, x.shape[1]))
-    totals, low, high, fractional = _row_stats(data, indptr, x.dtype.type(_FRACTION_EPS))
+    totals = _target(*_row_stats(data, indptr, x.dtype.type(_FRACTION_EPS)), which, sp.issparse(x), x.dtype)
+    if totals is None:
+        return x
+    return _normalize_log1p(x, *totals, out)
+
+
+def _as_float(x: Matrix) -> Matrix:
+    """cell-eval's dtypes: float32 and float64 stay, anything else becomes float32."""
+    return x.astype(np.float32) if x.dtype == np.float16 or not np.issubdtype(x.dtype, np.floating) else x
+
+
+def _target(totals: np.ndarray, low: np.ndarray, high: np.ndarray, fractional: np.ndarray, which: str,
+            sparse: bool, dtype: np.dtype) -> tuple[np.ndarray, np.floating] | None:
+    """to_log1p's decision for a whole file from its row statistics: None for log1p data, else the
+    row totals and the normalisation target (their median, over all cells for sparse X and over
+    cells with counts for dense X, as scanpy); anything else is an error."""
+    if not totals.size:
+        return None
     low, high = low.min(), high.max()
     if not np.isfinite(totals).all():  # a NaN or infinity makes its row's total one
         raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
@@ -102,8 +119,32 @@ def to_log1p(adata: ad.AnnData, which: str, out: np.ndarray | None = None) -> Ma
                 f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} "
                 f"(log1p data stays below {_LOG1P_MAX:g})"
             )
-        return x
-    return _normalize_log1p(x, totals.astype(x.dtype), out)
+        return None
+    totals = totals.astype(dtype)
+    return totals, np.median(totals if sparse else totals[totals > 0])
+
+
+def log1p_transform(x: Matrix | Rows, which: str) -> Callable[[Matrix], Matrix]:
+    """`to_log1p` as a transform of row chunks of `x` (a matrix, or `Rows` of one in memory or on
+    disk): one pass now decides for the whole file and finds its target; each chunk is then
+    normalised on its own, equal to the rows of `to_log1p` of the whole file."""
+    sparse = isinstance(x, Rows) or sp.issparse(x)
+    stats, dtype = [], None
+    for _, chunk in row_chunks(x):
+        chunk = _as_float(chunk)
+        dtype = chunk.dtype
+        stats.append(_row_stats(chunk.data, chunk.indptr, dtype.type(_FRACTION_EPS)))
+    plan = None if dtype is None else _target(*(np.concatenate(s) for s in zip(*stats)), which, sparse, dtype)
+    if plan is None:
+        return _as_float
+    target = plan[1]
+
+    def transform(chunk: Matrix) -> Matrix:
+        chunk = sp.csr_matrix(_as_float(chunk))
+        totals = _row_stats(chunk.data, chunk.indptr, chunk.dtype.type(_FRACTION_EPS))[0].astype(chunk.dtype)
+        return _normalize_log1p(chunk, totals, target, None)
+
+    return transform
 
 
 @numba.njit(parallel=True, cache=True)
@@ -132,10 +173,9 @@ def _divide_rows(data, indptr, scale, out):  # pragma: no cover - compiled
             out[k] = data[k] / scale[row]
 
 
-def _normalize_log1p(x: Matrix, totals: np.ndarray, out: np.ndarray | None) -> Matrix:
-    """scanpy ``normalize_total`` (target: median total count) then ``log1p``, same dtype; sparse
-    values go to `out` (bytes) when it is given and large enough."""
-    target = np.median(totals if sp.issparse(x) else totals[totals > 0])
+def _normalize_log1p(x: Matrix, totals: np.ndarray, target: np.floating, out: np.ndarray | None) -> Matrix:
+    """scanpy ``normalize_total`` (to `target`) then ``log1p``, same dtype; sparse values go to
+    `out` (bytes) when it is given and large enough."""
     scale = totals / target
     scale += scale == 0
     if sp.issparse(x):
@@ -223,12 +263,25 @@ def summarize(
     )
 
 
+@contextmanager
+def log1p_of(adata: ad.AnnData, which: str) -> Iterator[Matrix]:
+    """`to_log1p(adata)`, its sparse values in a buffer lent for the block (`nbglm.metrics.buffers`)."""
+    stored = adata.X.nnz if sp.issparse(adata.X) else 0
+    itemsize = 8 if adata.X is not None and adata.X.dtype == np.float64 else 4
+    with borrowed("log1p values", itemsize * stored) as out:
+        yield to_log1p(adata, which, out)
+
+
 def summarize_adata(adata: ad.AnnData, pert_col: str, control: str, which: str) -> FileSummary:
     """Normalise one AnnData as cell-eval does and summarise it."""
+    with log1p_of(adata, which) as x:
+        return summarize_log1p(x, adata, pert_col, control, which)
+
+
+def summarize_log1p(x: Matrix, adata: ad.AnnData, pert_col: str, control: str, which: str) -> FileSummary:
+    """Summarise `adata` from its log1p matrix `x`."""
     perts, groups = group_codes(_labels(adata, pert_col, which), control)
-    stored = adata.X.nnz if sp.issparse(adata.X) else 0
-    with borrowed("log1p values", 8 * stored) as out:  # float64 at most
-        return summarize(to_log1p(adata, which, out), groups, adata.var_names.to_numpy(str), perts)
+    return summarize(x, groups, adata.var_names.to_numpy(str), perts)
 
 
 def _significant(s: FileSummary) -> np.ndarray:
@@ -301,11 +354,16 @@ def overall_score(scores: Mapping[str, float], baseline: Mapping[str, float]) ->
     return float(np.mean(list(scaled_scores(scores, baseline).values())))
 
 
-def _baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str) -> np.ndarray:
-    """Mean over the training groups' log1p pseudobulks, control included as cell-eval does."""
+def _baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str, train_counts: Rows | None) -> np.ndarray:
+    """Mean over the training groups' log1p pseudobulks, control included as cell-eval does; the
+    training cells are normalised a chunk at a time (`train_counts`: their counts when train.X is
+    None, e.g. a sweep fold's training part)."""
     if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
         raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
-    _, bulks = pseudobulks(to_log1p(train, "train"), _labels(train, pert_col, "train"))
+    x = train.X if train_counts is None else train_counts
+    if x is None:
+        raise NbglmError("train has no expression matrix (X is empty)")
+    _, bulks = pseudobulks(x, _labels(train, pert_col, "train"), log1p_transform(x, "train"))
     return bulks.mean(axis=0).astype(np.float32)
 
 
@@ -320,7 +378,7 @@ def cell_mean_baseline(
     labels = _labels(real, pert_col, "real")
     if control not in labels:
         raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
-    vector = _baseline_vector(train, real, pert_col)
+    vector = _baseline_vector(train, real, pert_col, None)
     x = to_log1p(real, "real")
     is_ctrl = labels == control
     ctrl = x[np.flatnonzero(is_ctrl)]
@@ -336,12 +394,14 @@ def cell_mean_baseline(
     )
 
 
-def baseline_summary(train: ad.AnnData, real: ad.AnnData, pert_col: str, control: str) -> FileSummary:
-    """Summary of :func:`cell_mean_baseline` without building it: one row per perturbation."""
+def baseline_summary(train: ad.AnnData, real: ad.AnnData, pert_col: str, control: str,
+                     real_log1p: Matrix | None = None, train_counts: Rows | None = None) -> FileSummary:
+    """Summary of :func:`cell_mean_baseline` without building it: one row per perturbation
+    (`real_log1p`: `to_log1p` of real, when the caller has it)."""
     perts, groups = group_codes(_labels(real, pert_col, "real"), control)
-    x = to_log1p(real, "real")
+    x = to_log1p(real, "real") if real_log1p is None else real_log1p
     ctrl = x[np.flatnonzero(groups == 0)]
-    vector = _baseline_vector(train, real, pert_col)
+    vector = _baseline_vector(train, real, pert_col, train_counts)
     rows = np.broadcast_to(vector, (perts.size, vector.size))
     compact = sp.vstack([sp.csr_matrix(ctrl), sp.csr_matrix(rows)], format="csr")
     compact_groups = np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, perts.size + 1)])

@@ -33,7 +33,7 @@ def _cv_runs(sweep: Sweep, cfgs: list[Config]) -> Iterator[tuple[int, dict]]:
     from nbglm.pipeline import run_experiment
     from nbglm.sweep.folds import build_fold
 
-    inputs = replace(read_inputs(cfgs[0]), test=None)
+    inputs = replace(read_inputs(cfgs[0], on_disk=True), test=None, test_x=None)
     built = [build_fold(cfgs[0], inputs, sweep.folds, f) for f in range(sweep.n_folds)]
     with tempfile.TemporaryDirectory(prefix="nbglm-report-") as tmp:
         for i, cfg in enumerate(cfgs):

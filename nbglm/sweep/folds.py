@@ -42,7 +42,7 @@ def data_key(cfg: Config) -> str:
 
 def for_units(cfg: Config, data: Dataset) -> Dataset:
     """`data` as `cfg`'s units get it: summarised when the fit needs only sums, else as it is."""
-    return summarized(data, keep_controls=cfg.sampling.control_cells == "real") if summarises(cfg) else data
+    return summarized(data, keep_controls=cfg.sampling.control_cells == "real") if summarises(cfg) else data.in_memory()
 
 
 def build_fold(cfg: Config, inputs: Inputs, folds: pd.DataFrame, fold: int) -> tuple[Any, Any]:

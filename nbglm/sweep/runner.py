@@ -158,7 +158,7 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
     if address:
         check_address(address, connect_timeout)  # before the data is read: a wrong address costs seconds
     warm_rows = warm_start_rows(spec) if spec.search.warm_start and not resume else []
-    inputs = read_inputs(base_cfg)  # read here, shipped to every node via the object store
+    inputs = read_inputs(base_cfg, on_disk=True)  # checked here; the counts stay in their files
     check_inputs(base_cfg, inputs)  # a held-out list that overlaps training is one line now, not after the search
     pert_col, control = base_cfg.data.pert_name_col, base_cfg.data.control_name
     folds_csv = sweep_dir / FOLDS
@@ -177,7 +177,7 @@ def run_sweep(spec_path: str | Path, *, address: str | None = None, resume: bool
         del base_folds
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         store = FoldStore.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1).remote(
-            replace(inputs, test=None), folds)  # the test set stays here
+            replace(inputs, test=None, test_x=None), folds)  # the test set stays here
         ctx = SweepContext(spec=spec, base=base, sweep_dir=str(sweep_dir), cpu=cpu, gpu=gpu, store=store,
                            base_key=data_key(base_cfg), base_folds=base_refs,
                            faults=faults)

@@ -1,0 +1,169 @@
+"""Count matrices read a chunk of rows at a time: in memory or in an h5ad file on disk, whole or a
+subset of their rows.
+
+Why: a sweep's driver needs each fold's training part only to sum it (group sums, effect PCs, the
+baseline's pseudobulks), so a fold's part is `Rows` of the training matrix, never a copy of it; and
+at the VCC shape (300,000 cells x 18,080 genes, 4.4 GiB as float32 CSR) that matrix need not be in
+memory at all: `OnDisk` reads it from the file when a pass asks for it (a pass over a file in the
+page cache takes seconds). Every pass goes through `row_chunks`, so no dense, float64 or log copy
+of a whole matrix is ever made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from nbglm.errors import NbglmError
+
+CHUNK_ROWS = 4096  # rows per chunk: a chunk's float64 and log1p transients stay ~100 MB at 18,080 genes
+
+
+class OnDisk:
+    """The X of an h5ad file stored as CSR or dense, read a range of rows at a time. Pickled as its
+    path (a Ray worker on the same node reopens the file); anndata writes CSC column-contiguous, so
+    a CSC file is read into memory by the caller instead."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._x: Any = None
+        self._indptr: np.ndarray | None = None
+        with h5py.File(self.path, "r") as f:  # opened for reading on first use, and kept open
+            x = f["X"]
+            self.shape = tuple(int(n) for n in (x.attrs["shape"] if isinstance(x, h5py.Group) else x.shape))
+            self.dtype = np.dtype((x["data"] if isinstance(x, h5py.Group) else x).dtype)
+
+    @staticmethod
+    def readable(path: str | Path) -> bool:
+        """True when the file's X can be read by rows: CSR or dense."""
+        with h5py.File(path, "r") as f:
+            x = f.get("X")
+            return isinstance(x, h5py.Dataset) or (isinstance(x, h5py.Group) and
+                                                    x.attrs.get("encoding-type") == "csr_matrix")
+
+    def _open(self) -> Any:
+        if self._x is None:
+            self._x = h5py.File(self.path, "r")["X"]
+            if isinstance(self._x, h5py.Group):
+                self._indptr = self._x["indptr"][:]
+        return self._x
+
+    def row_nnz(self) -> np.ndarray | None:
+        """Stored entries per row (CSR files), without reading the values."""
+        self._open()
+        return None if self._indptr is None else np.diff(self._indptr)
+
+    def __getitem__(self, rows: slice) -> sp.csr_matrix | np.ndarray:
+        x = self._open()
+        start, stop, _ = rows.indices(self.shape[0])
+        if self._indptr is None:
+            return x[start:stop]
+        lo, hi = int(self._indptr[start]), int(self._indptr[stop])
+        return sp.csr_matrix((x["data"][lo:hi], x["indices"][lo:hi], self._indptr[start:stop + 1] - lo),
+                             shape=(stop - start, self.shape[1]))
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "shape": self.shape, "dtype": self.dtype}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _x=None, _indptr=None)
+
+
+def _csr(block: Any) -> sp.csr_matrix:
+    return sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+
+class Rows:
+    """Some rows of a matrix (in memory, anndata-backed or `OnDisk`), in increasing order, read in
+    chunks of `CHUNK_ROWS` of the matrix's own rows; each chunk keeps its stored dtype."""
+
+    def __init__(self, x: Any, rows: np.ndarray | None = None) -> None:
+        self.x = x
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows is not None and self.rows.size and (np.diff(self.rows) <= 0).any():
+            raise ValueError("Rows: row indices must be strictly increasing")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.x.shape[0] if self.rows is None else self.rows.size, self.x.shape[1])
+
+    def subset(self, mask: np.ndarray) -> Rows:
+        """The rows where `mask` (one entry per row of self) is true."""
+        picked = np.flatnonzero(mask)
+        return Rows(self.x, picked if self.rows is None else self.rows[picked])
+
+    def chunks(self, check: Callable[[np.ndarray], None] | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(position of the chunk's first row among self's rows, the chunk as CSR with sorted
+        indices); `check` sees each chunk's stored values as read, before any conversion."""
+        n = self.x.shape[0]
+        done = 0
+        for start in range(0, n, CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, n)
+            if self.rows is None:
+                take = None
+            else:
+                hi = done + int(np.searchsorted(self.rows[done:], stop))
+                if hi == done:
+                    continue
+                take = self.rows[done:hi] - start
+            block = self.x[start:stop]
+            if check is not None:
+                check(block.data if sp.issparse(block) else np.asarray(block))
+            block = _csr(block)
+            if take is not None and take.size < stop - start:
+                block = block[take]
+            block.sort_indices()
+            yield (start if take is None else done), block
+            done += block.shape[0]
+
+    def totals(self) -> np.ndarray:
+        """Each row's sum, float64 (exact for counts)."""
+        out = np.zeros(self.shape[0])
+        for pos, block in self.chunks():
+            out[pos:pos + block.shape[0]] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+        return out
+
+    def take(self, check: Callable[[np.ndarray], None] | None = None) -> sp.csr_matrix:
+        """The rows as one float32 CSR, written chunk by chunk into arrays allocated once."""
+        n_rows, n_genes = self.shape
+        nnz = self._nnz()
+        data = np.empty(nnz, np.float32)
+        indices = np.empty(nnz, np.int32 if n_genes < 2**31 else np.int64)
+        indptr = np.zeros(n_rows + 1, np.int32 if nnz < 2**31 else np.int64)
+        end = 0
+        for pos, block in self.chunks(check):
+            begin, end = end, end + block.nnz
+            if end > nnz:
+                raise NbglmError("the count matrix changed while it was read; read it again")
+            data[begin:end], indices[begin:end] = block.data, block.indices
+            indptr[pos + 1:pos + 1 + block.shape[0]] = block.indptr[1:] + begin
+        return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+
+    def _nnz(self) -> int:
+        """Stored entries of these rows: from the row pointers where there are some, else by a pass."""
+        if sp.issparse(self.x):
+            per_row = np.diff(sp.csr_matrix(self.x).indptr) if self.x.format == "csr" else None
+        elif isinstance(self.x, OnDisk):
+            per_row = self.x.row_nnz()
+        elif hasattr(self.x, "group"):  # an anndata-backed CSR
+            per_row = np.diff(self.x.group["indptr"][:])
+        else:
+            per_row = None
+        if per_row is None:
+            return sum(block.nnz for _, block in self.chunks())
+        return int(per_row.sum() if self.rows is None else per_row[self.rows].sum())
+
+
+def row_chunks(x: Any) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """(first row, CSR chunk) over `x`: a matrix, or `Rows`."""
+    return (x if isinstance(x, Rows) else Rows(x)).chunks()
+
+
+def row_totals(x: Any) -> np.ndarray:
+    """Each row's float64 sum of `x`: a matrix, or `Rows`."""
+    return (x if isinstance(x, Rows) else Rows(x)).totals()
