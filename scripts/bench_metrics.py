@@ -208,7 +208,7 @@ def machine() -> str:
 def sort_figures(pred_path: str, repeats: int) -> None:
     """ns per key of numpy's sort and the radix sort on the prediction's DE key blocks."""
     try:
-        from nbglm.metrics.de import n_threads, pack_keys
+        from nbglm.metrics.de import key_layout, n_threads, pack_keys
         from nbglm.metrics.io import read_counts_for_eval
         from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
     except ImportError as error:  # a tree from before the radix sort: numpy's sort only
@@ -218,7 +218,8 @@ def sort_figures(pred_path: str, repeats: int) -> None:
 
     pred = read_counts_for_eval(pred_path, "target_gene", "pred")
     perts, groups = group_codes(pred.obs["target_gene"].to_numpy(str), CONTROL)
-    packed = pack_keys(to_log1p(pred, "pred"), groups.astype(np.int64), perts.size + 1)
+    x, groups = to_log1p(pred, "pred"), groups.astype(np.int64)
+    packed = pack_keys(x, groups, key_layout(x, groups, perts.size + 1), (0, x.shape[1]))
     edges, n_keys = packed.edges, packed.keys.size
     blocks = [packed.keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
     check = [block.copy() for block in blocks]

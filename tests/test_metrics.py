@@ -249,6 +249,28 @@ def test_rank_sum_radix_and_numpy_sorts_agree(block_keys: int, monkeypatch: pyte
             assert results[0].u_statistic[g - 1, j] == ref.statistic
 
 
+@pytest.mark.parametrize("window_keys", [1, 150, 1000])
+def test_rank_sum_in_windows_of_genes_equals_one_window(window_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A matrix ranked a window of genes at a time (one gene per window, windows cut between
+    all-zero genes, a few windows) gives the statistics of one pass over all genes."""
+    rng = np.random.default_rng(window_keys)
+    groups = np.repeat(np.arange(4), [50, 30, 20, 25])
+    x = rng.poisson(rng.uniform(0, 2, 60), (groups.size, 60)).astype(np.float32)
+    x[:, 20:30] = 0.0
+    x[:, -3:] = 0.0  # genes with no counts at the end of the matrix, and of a window
+    whole = rank_sum_test(sp.csr_matrix(x), groups, 4)
+    for j in (0, 19, 30, 59):
+        ref = mannwhitneyu(x[groups == 2, j], x[groups == 0, j], method="asymptotic", use_continuity=True)
+        assert whole.u_statistic[1, j] == ref.statistic
+    assert len(nbglm.metrics.de.gene_windows(np.count_nonzero(x, axis=0), 1 << 25)) == 1
+    monkeypatch.setattr(nbglm.metrics.de, "_WINDOW_KEYS", window_keys)
+    n_windows = len(nbglm.metrics.de.gene_windows(np.count_nonzero(x, axis=0), window_keys))
+    assert n_windows > 1
+    windowed = rank_sum_test(sp.csr_matrix(x), groups, 4)
+    for name in ("u_statistic", "pvalue", "group_sums", "tie_term"):
+        np.testing.assert_array_equal(getattr(windowed, name), getattr(whole, name), err_msg=name)
+
+
 def test_rank_sum_group_weights_equal_repeated_rows() -> None:
     rng = np.random.default_rng(7)
     control = rng.poisson(1.0, (40, 30)).astype(np.float32)

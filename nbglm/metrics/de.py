@@ -9,7 +9,9 @@ matrix is packed into one integer key ``gene | value | group``, and the keys are
 blocks of consecutive genes with about equal numbers of keys (a counting sort; its counting pass
 also sums each group's values). A pool of threads then sorts each block with a radix sort (see
 :mod:`nbglm.metrics.radix`; numpy's sort where a probe finds it faster on this CPU) and runs one
-compiled scan over it that gives every group's rank sum against control:
+compiled scan over it that gives every group's rank sum against control (a matrix with more
+entries than `_WINDOW_KEYS` is ranked a window of consecutive genes at a time, so that its keys
+never take more than 256 MiB):
 control sorts first within a tie block, so a running count of control entries is each entry's
 rank among the controls. Zeros are never stored or sorted: with non-negative data they form one
 tie block whose contribution has a closed form. Value codes count from the smallest stored
@@ -39,6 +41,7 @@ from nbglm.metrics.radix import radix_is_faster, sort_keys
 _BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
 _MAX_BLOCKS = 256  # ... but at most this many: more write cursors slow the scatter more than
 # the sort gains (a larger block is split in cache, see nbglm.metrics.radix)
+_WINDOW_KEYS = 1 << 25  # keys packed at once (256 MiB): a larger matrix is ranked a window of genes at a time
 _TASKS_PER_THREAD = 8  # runs of blocks per thread, so that uneven blocks even out
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
@@ -91,7 +94,7 @@ def _count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_ch
 @numba.njit(parallel=True, cache=True)
 def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, start, keys, gene_shift, group_bits):  # pragma: no cover
     """Fill `keys` with the int64 keys ``gene | value code - code_lo | group``, one per nonzero
-    entry; chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
+    entry of a gene in a block (`gene_block` -1: another window's gene); chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
     contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
     for c in numba.prange(n_chunks):
@@ -99,7 +102,7 @@ def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, sta
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g, block, pos = groups[row], -1, 0
             for k in range(indptr[row], indptr[row + 1]):
-                if data[k] != 0:
+                if data[k] != 0 and gene_block[indices[k]] >= 0:
                     j = indices[k]
                     if gene_block[j] != block:  # a row's next entries are mostly in the same block
                         if block >= 0:
@@ -156,53 +159,89 @@ def _radix_sort_and_scan(keys, edges, scratch, gene_shift, group_bits, group_w, 
 
 
 @dataclass(frozen=True)
+class KeyLayout:
+    """What the keys of every window of genes share, from one counting pass over the matrix."""
+
+    codes: np.ndarray  # each stored value's code
+    code_lo: int  # the smallest code of a nonzero value
+    gene_shift: int
+    group_bits: int
+    chunk_entries: np.ndarray  # (row chunks, genes) nonzero entries per gene in each chunk of rows
+    sums: np.ndarray  # (groups, genes) column sums over each group's rows
+
+    @property
+    def entries(self) -> np.ndarray:
+        return self.chunk_entries.sum(axis=0)
+
+
+@dataclass(frozen=True)
 class PackedKeys:
-    """One int64 key ``gene << gene_shift | value code << group_bits | group`` per nonzero entry,
-    in blocks of consecutive genes: block i is ``keys[edges[i]:edges[i + 1]]``, unsorted.
-    `sums` (groups x genes) are the column sums over each group's rows."""
+    """One int64 key ``gene << gene_shift | value code << group_bits | group`` per nonzero entry of
+    a window of genes, in blocks of consecutive genes: block i is ``keys[edges[i]:edges[i + 1]]``,
+    unsorted."""
 
     keys: np.ndarray
     edges: np.ndarray
     gene_shift: int
     group_bits: int
-    sums: np.ndarray
 
 
-def pack_keys(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, out: np.ndarray | None = None) -> PackedKeys:
-    """The keys of CSR `x` (int64 `groups` per row), scattered into blocks of about equal size,
-    written to `out` (bytes, at least 8 per stored entry) when given."""
+def key_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int) -> KeyLayout:
+    """Count the entries of CSR `x` (int64 `groups` per row) per gene, and the bits a key needs."""
     n_genes = x.shape[1]
     group_bits = max(1, int(n_groups - 1).bit_length())
     if x.dtype == np.float32:  # the bit patterns of non-negative float32 values sort like the values
         codes = x.data.view(np.uint32)
     else:  # ranks among the distinct values
         codes = np.unique(x.data, return_inverse=True)[1]
-
-    workers = n_threads()
-    gene_counts, sums, code_lo, code_hi = _count_entries(
-        x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes, workers
+    chunk_entries, sums, code_lo, code_hi = _count_entries(
+        x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes, n_threads()
     )
     value_bits = max(1, int(max(0, code_hi - code_lo)).bit_length())  # only the bits the values use
     gene_shift = value_bits + group_bits
     if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
         raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
-    entries = gene_counts.sum(axis=0)
+    return KeyLayout(codes, int(code_lo), gene_shift, group_bits, chunk_entries, sums)
+
+
+def gene_windows(entries: np.ndarray, max_keys: int) -> list[tuple[int, int]]:
+    """Consecutive gene ranges of at most `max_keys` entries each (a gene with more has its own)."""
+    ends = np.cumsum(entries)
+    windows, lo = [], 0
+    while lo < entries.size:
+        before = ends[lo - 1] if lo else 0
+        hi = max(lo + 1, int(np.searchsorted(ends, before + max_keys, side="right")))
+        windows.append((lo, min(hi, entries.size)))
+        lo = windows[-1][1]
+    return windows
+
+
+def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tuple[int, int],
+              out: np.ndarray | None = None) -> PackedKeys:
+    """The keys of the genes in [genes[0], genes[1]) of CSR `x`, scattered into blocks of about
+    equal size, written to `out` (bytes, at least 8 per key) when given."""
+    lo, hi = genes
+    counts_by_chunk = layout.chunk_entries[:, lo:hi]
+    entries = counts_by_chunk.sum(axis=0)
     n_keys = int(entries.sum())
     n_blocks = int(np.clip(n_keys // _BLOCK_KEYS, 1, _MAX_BLOCKS))
-    gene_block = (np.cumsum(entries) - entries) * n_blocks // max(1, n_keys)  # blocks of about equal keys
-    counts = np.stack([np.bincount(gene_block, weights=row, minlength=n_blocks) for row in gene_counts]).astype(np.int64)
-    start = np.cumsum(counts.T.ravel()).reshape(n_blocks, workers).T - counts  # block-major: a block's chunks in a row
+    gene_block = np.full(x.shape[1], -1, dtype=np.int64)
+    # blocks of about equal keys; genes with no entries after the last key join the last block
+    gene_block[lo:hi] = np.minimum((np.cumsum(entries) - entries) * n_blocks // max(1, n_keys), n_blocks - 1)
+    counts = np.stack([np.bincount(gene_block[lo:hi], weights=row, minlength=n_blocks)
+                       for row in counts_by_chunk]).astype(np.int64)
+    start = np.cumsum(counts.T.ravel()).reshape(n_blocks, -1).T - counts  # block-major: a block's chunks in a row
     keys = np.empty(n_keys, dtype=np.int64) if out is None else out[: 8 * n_keys].view(np.int64)
-    _scatter_keys(x.data, codes, code_lo, x.indices, x.indptr, groups, gene_block, start, keys, gene_shift, group_bits)
-    return PackedKeys(keys, np.append(start[0], n_keys), gene_shift, group_bits, sums)
+    _scatter_keys(x.data, layout.codes, layout.code_lo, x.indices, x.indptr, groups, gene_block, start, keys,
+                  layout.gene_shift, layout.group_bits)
+    return PackedKeys(keys, np.append(start[0], n_keys), layout.gene_shift, layout.group_bits)
 
 
-def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, n_genes: int) -> tuple[np.ndarray, ...]:
-    """Sort and scan every block on the thread pool: (groups x genes) nonzero counts, control
-    entries below, and tie terms (see :func:`_scan`)."""
+def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, out: tuple[np.ndarray, ...]) -> None:
+    """Sort and scan every block on the thread pool, adding to `out`: (genes x groups) nonzero
+    counts, control entries below, and tie terms (see :func:`_scan`)."""
     keys, edges, shifts = packed.keys, packed.edges, (packed.gene_shift, packed.group_bits)
     workers = n_threads()
-    out = tuple(np.zeros((n_genes, group_w.size), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
     radix = radix_is_faster()
     scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
     for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
@@ -222,7 +261,6 @@ def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, n_genes: int) -> tup
     cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(sort_and_scan, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
-    return tuple(a.T for a in out)
 
 
 def rank_sum_test(
@@ -241,9 +279,14 @@ def rank_sum_test(
     x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
-    with borrowed("de keys", 8 * x.nnz) as buffer:
-        packed = pack_keys(x, groups, n_groups, buffer)
-        count, below, ties = _sort_and_scan(packed, group_w, x.shape[1])
+    layout = key_layout(x, groups, n_groups)
+    windows = gene_windows(layout.entries, _WINDOW_KEYS)
+    out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
+    most = max((int(layout.entries[lo:hi].sum()) for lo, hi in windows), default=0)
+    with borrowed("de keys", 8 * most) as buffer:
+        for genes in windows:
+            _sort_and_scan(pack_keys(x, groups, layout, genes, buffer), group_w, out)
+    count, below, ties = (a.T for a in out)
 
     w = group_w[1:, None]
     n_ctrl = n_per_group[0]
@@ -253,7 +296,7 @@ def rank_sum_test(
     u1 = group_w[0] * below[1:] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
     z_all = zeros + ctrl_zeros
     tie_term = (z_all * z_all * z_all - z_all) + (ties[0] + ties[1:])
-    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), packed.sums, tie_term)
+    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), layout.sums, tie_term)
 
 
 def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:
