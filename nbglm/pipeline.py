@@ -284,7 +284,7 @@ def load_inputs(cfg: Config, data: Dataset | None = None) -> tuple[Dataset, Grou
                              f"evaluate.profile={profile}: rebuild it with `nbglm build-de-cache --profile {profile}`")
         return data, cache
     return data, build_cache(data.test, train=data.train, profile=profile, pert_col=data.pert_col,
-                             control=data.control, train_counts=data.train_x)
+                             control=data.control, train_counts=data.train_x, real_counts=data.test_x)
 
 
 def scores_text(metrics: dict[str, Any], profile: str = "vcc2025") -> str:

@@ -59,6 +59,24 @@ def library_sizes(rng: np.random.Generator, n: int, median: float, cv: float) ->
     return sizes * (median / np.median(sizes))
 
 
+def _stack(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """The float32 CSR blocks stacked by rows into arrays allocated once; each block is freed as it
+    is copied, so the peak is the result plus one block (`sp.vstack` holds the blocks and the result)."""
+    nnz, n_rows = sum(b.nnz for b in blocks), sum(b.shape[0] for b in blocks)
+    data = np.empty(nnz, np.float32)
+    indices = np.empty(nnz, np.int32 if blocks[0].shape[1] < 2**31 else np.int64)
+    indptr = np.zeros(n_rows + 1, np.int32 if nnz < 2**31 else np.int64)
+    row = end = 0
+    n_genes = blocks[0].shape[1]
+    while blocks:
+        block = blocks.pop(0)
+        begin, end = end, end + block.nnz
+        data[begin:end], indices[begin:end] = block.data, block.indices
+        indptr[row + 1:row + 1 + block.shape[0]] = block.indptr[1:] + begin
+        row += block.shape[0]
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+
+
 @torch.inference_mode()
 def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -> ad.AnnData:
     """Predicted cells for every held-out perturbation of `data`, plus control cells: the real ones
@@ -130,6 +148,6 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
         controls = data.control_cells()
         blocks.append(sp.csr_matrix(controls.X, dtype=np.float32))
         obs = pd.concat([obs, pd.DataFrame({data.pert_col: data.control}, index=controls.obs_names.astype(str))])
-    x = sp.vstack(blocks, format="csr", dtype=np.float32)
+    x = _stack(blocks)
     obs[data.pert_col] = pd.Categorical(obs[data.pert_col])
     return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(model.gene_names)))

@@ -129,7 +129,7 @@ def _sums(data: Dataset, which: str) -> GroupSums | None:
     adata = getattr(data, which)
     if adata is None:
         return None
-    counts = data.train_counts() if which == "train" else adata.X
+    counts = data.train_counts() if which == "train" else data.test_counts()
     return group_sums(counts, adata.obs, data.pert_col, data.control, data.phase_col)
 
 

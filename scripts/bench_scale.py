@@ -50,6 +50,28 @@ def peak_mib() -> float:
     return float("nan")
 
 
+class Phases:
+    """Seconds and peak RSS of each phase of a process (the peak is reset between phases)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, float]] = []
+        self._t = time.perf_counter()
+        self._reset()
+
+    @staticmethod
+    def _reset() -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+    def end(self, name: str) -> None:
+        now = time.perf_counter()
+        self.rows.append((name, now - self._t, peak_mib()))
+        self._t = now
+        self._reset()
+
+
 def files(overrides: list[str]) -> list[str]:
     """The synthetic dataset as files (generated once, cached), as `paths.*` overrides."""
     from nbglm.config import load_config
@@ -71,10 +93,10 @@ def driver(overrides: list[str], folds: int, out: str) -> dict:
     from nbglm.sweep.folds import build_fold, for_units
 
     cfg = load_config(None, overrides)
-    t0 = time.perf_counter()
-    inputs = read_inputs(cfg)
+    phases = Phases()
+    inputs = read_inputs(cfg, on_disk=True)  # as `nbglm sweep` reads them: checked, left in their files
     check_inputs(cfg, inputs)
-    read_s = time.perf_counter() - t0
+    phases.end("read and check")
     table = assign_folds(inputs, cfg.data.pert_name_col, cfg.data.control_name, folds, 0)
     store = 0
     for fold in range(folds):
@@ -83,13 +105,16 @@ def driver(overrides: list[str], folds: int, out: str) -> dict:
         if fold == 0:
             Path(out).write_bytes(pickle.dumps(built, protocol=5))
         del built
+        phases.end(f"fold {fold}")
     data, cache = load_inputs(cfg, assemble(cfg, inputs))
     store += object_store_bytes(for_units(cfg, data)) + object_store_bytes(cache)
+    del data, cache
+    phases.end("refit data")
     cells = inputs.train.n_obs + inputs.test.n_obs
-    nnz = inputs.train.X.nnz + inputs.test.X.nnz
+    nnz = inputs.train_x.nnz() + inputs.test_x.nnz()
     return {"cells": cells, "genes": inputs.train.n_vars, "density": nnz / (cells * inputs.train.n_vars),
-            "matrix_bytes": 8 * nnz, "read_s": read_s, "prep_s": time.perf_counter() - t0, "store": store,
-            "peak": peak_mib()}
+            "matrix_bytes": 8 * nnz, "read_s": phases.rows[0][1], "prep_s": sum(r[1] for r in phases.rows),
+            "store": store, "peak": max(r[2] for r in phases.rows), "phases": phases.rows}
 
 
 def unit(overrides: list[str], path: str) -> dict:
@@ -138,6 +163,7 @@ def main() -> None:
     parser.add_argument("--cells-per-pert", type=int, default=60)
     parser.add_argument("--controls", type=int, default=1000, help="control cells (in training and test)")
     parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--driver-only", action="store_true", help="measure the driver's preparation only")
     parser.add_argument("--pack", type=int, help="units at once for the packing ratio (default: 4 on CUDA, off on CPU)")
     args = parser.parse_args()
     synthetic = [*VCC, f"data.synthetic.cells_per_pert={args.cells_per_pert}", f"data.synthetic.n_control={args.controls}"]
@@ -153,7 +179,10 @@ def main() -> None:
               f"{d['matrix_bytes'] / 2**30:.2f} GiB as float32 CSR")
         print(f"driver: read {d['read_s']:.1f}s, preparation (read + {args.folds} folds + refit) {d['prep_s']:.1f}s, "
               f"peak RSS {d['peak']:,.0f} MiB")
+        print("  " + "; ".join(f"{name} {sec:.1f}s peak {mib:,.0f} MiB" for name, sec, mib in d["phases"]))
         print(f"object store per sweep ({args.folds} folds + refit, data + caches): {d['store'] / 2**20:,.1f} MiB", flush=True)
+        if args.driver_only:
+            return
         (u,) = in_child(unit, [*overrides, *paths], fold0)
         print(f"unit on {args.device} ({u['threads']} torch threads): fit {u['train_s']:.1f}s for {u['epochs']} epochs "
               f"({u['train_s'] / u['epochs']:.2f}s/epoch), sample {u['sample_s']:.1f}s, eval {u['eval_s']:.1f}s, "

@@ -130,9 +130,10 @@ def test_folds_and_refit_read_from_files_on_disk_equal_those_read_into_memory(
     whole = small_cfg("train.fit_mode=whole", *files)
     a, _ = build_fold(whole, memory, folds, 0)
     b, _ = build_fold(whole, disk, folds, 0)
-    assert b.train_x is None and (a.train.X != b.train.X).nnz == 0
+    assert b.train_x is None and b.test_x is None
+    assert (a.train.X != b.train.X).nnz == 0 and (a.test.X != b.test.X).nnz == 0
     (a, cache_a), (b, cache_b) = (load_inputs(cfg, assemble(cfg, i)) for i in (memory, disk))
-    assert a.train_x is None and b.train.X is None and (a.test.X != b.test.X).nnz == 0
+    assert a.train_x is None and b.train.X is None and b.test.X is None and (a.test.X != b.test_x.take()).nnz == 0
     np.testing.assert_array_equal(a.gene_emb, b.gene_emb)
     if profile == "vcc2025":
         assert cache_a.baseline == cache_b.baseline

@@ -69,17 +69,25 @@ class Dataset:
     phase_col: str | None  # obs column with G1/S/G2M, if present in the data
     sums: Summaries | None = None  # concise mode: the cells' sums replace train's cells and test's counts
     train_x: Rows | None = None  # train's counts when train.X is None: a fold's part, or a file on disk
+    test_x: Rows | None = None  # test's counts when test.X is None: a fold's validation part, or a file
 
     def train_counts(self) -> Rows:
         """The training counts, read a chunk of rows at a time."""
         return self.train_x if self.train_x is not None else Rows(self.train.X)
 
+    def test_counts(self) -> Rows | None:
+        """The test counts, read a chunk of rows at a time; None without test counts."""
+        if self.test_x is not None:
+            return self.test_x
+        return None if self.test is None or self.test.X is None else Rows(self.test.X)
+
     def in_memory(self) -> Dataset:
-        """This dataset with its training counts in `train.X` (what a fit on cells needs)."""
-        if self.train_x is None:
+        """This dataset with its counts in `train.X` and `test.X` (what a fit on cells needs)."""
+        if self.train_x is None and self.test_x is None:
             return self
-        train = ad.AnnData(X=self.train_x.take(), obs=self.train.obs, var=self.train.var)
-        return replace(self, train=train, train_x=None)
+        train, test = (a if x is None else ad.AnnData(X=x.take(), obs=a.obs, var=a.var)
+                       for a, x in ((self.train, self.train_x), (self.test, self.test_x)))
+        return replace(self, train=train, train_x=None, test=test, test_x=None)
 
     @property
     def gene_names(self) -> list[str]:
@@ -98,11 +106,24 @@ class Dataset:
         perts = pd.unique(labels[labels != self.control])
         return [p for p in perts if p in self.pert_emb.index]
 
+    def _control_file(self) -> tuple[ad.AnnData, Rows]:
+        """The file whose real control cells go with predictions: the test data if it has any, else
+        training; its cells and their counts."""
+        test = self.test_counts()
+        if test is not None and self._is_control(self.test).any():
+            return self.test, test
+        return self.train, self.train_counts()
+
     def control_source(self) -> ad.AnnData:
-        """The file whose real control cells go with predictions: the test data if it has any, else training."""
-        if self.test is not None and self.test.X is not None and self._is_control(self.test).any():
-            return self.test
-        return self.train
+        """`_control_file`'s cells with their counts in X."""
+        cells, counts = self._control_file()
+        return cells if cells.X is not None else ad.AnnData(X=counts.take(), obs=cells.obs, var=cells.var)
+
+    def _control_counts(self) -> tuple[ad.AnnData, Rows]:
+        """The real control cells that go with predictions: their obs and their counts."""
+        cells, counts = self._control_file()
+        keep = self._is_control(cells)
+        return cells[keep], counts.subset(keep)
 
     def control_cells(self) -> ad.AnnData:
         """The real control cells that go with a prediction."""
@@ -111,19 +132,14 @@ class Dataset:
                 raise NbglmError("this dataset was summarised without its control cells: summarise it with "
                                  "keep_controls=True for sampling.control_cells=real")
             return self.sums.controls
-        source = self.control_source()
-        if source is self.train and self.train_x is not None:
-            keep = self._is_control(source)
-            return ad.AnnData(X=self.train_x.subset(keep).take(), obs=source.obs[keep], var=source.var)
-        return source[self._is_control(source)]
+        cells, counts = self._control_counts()
+        return ad.AnnData(X=counts.take(), obs=cells.obs.copy(), var=cells.var.copy())
 
     def control_totals(self) -> np.ndarray:
         """Total counts of `control_cells()`: their number and depth size the predicted controls."""
         if self.sums is not None:
             return self.sums.control_totals
-        if self.control_source() is self.train and self.train_x is not None:
-            return self.train_x.subset(self._is_control(self.train)).totals()
-        return np.asarray(self.control_cells().X.sum(axis=1), dtype=np.float64).ravel()
+        return self._control_counts()[1].totals()
 
     def _is_control(self, adata: ad.AnnData) -> np.ndarray:
         return (adata.obs[self.pert_col].astype(str) == self.control).to_numpy()

@@ -50,9 +50,8 @@ def fold_inputs(inputs: Inputs, folds: pd.DataFrame, fold: int, pert_col: str, c
     """Fold `fold` as a train/validation pair: the validation part plays the test set, and its
     held-out list is computed from its cells; the real test set is not part of it.
 
-    The training part is a row subset of the training counts (`Inputs.train_x`), read a chunk at
-    a time by whatever learns from it; only the validation part is copied (its ground-truth cache
-    needs its cells in memory)."""
+    Both parts are row subsets of the training counts (`Inputs.train_x`, `Inputs.test_x`), read a
+    chunk at a time by whatever learns from them: no part is copied."""
     train = inputs.train
     labels = train.obs[pert_col].astype(str).to_numpy()
     held = folds["fold"].to_numpy() == fold
@@ -61,7 +60,7 @@ def fold_inputs(inputs: Inputs, folds: pd.DataFrame, fold: int, pert_col: str, c
     val_controls = folds["label"].to_numpy()[held & ~is_pert]
     in_val = pd.Index(labels).isin(val_perts) | ((labels == control) & train.obs_names.isin(val_controls))
     counts = inputs.train_counts()
-    val = ad.AnnData(X=counts.subset(in_val).take(), obs=train.obs[in_val].copy(), var=train.var.copy())
+    val, val_x = ad.AnnData(obs=train.obs[in_val].copy(), var=train.var.copy()), counts.subset(in_val)
     part = ad.AnnData(obs=train.obs[~in_val].copy(), var=train.var.copy())
-    return replace(inputs, train=part, train_x=counts.subset(~in_val), test=val, test_x=None,
-                   heldout=val_list(val, pert_col, control))
+    return replace(inputs, train=part, train_x=counts.subset(~in_val), test=val, test_x=val_x,
+                   heldout=val_list(val, pert_col, control, val_x.totals()))

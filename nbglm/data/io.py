@@ -72,9 +72,10 @@ def open_counts(path: str | Path, pert_col: str, control: str | None, what: str 
     finally:
         backed.file.close()
     counts = Rows(OnDisk(p))
-    for _ in counts.chunks(check=lambda values: check_values(values, str(p))):
-        pass
-    return cells, counts
+    totals = np.zeros(counts.shape[0])
+    for pos, block in counts.chunks(check=lambda values: check_values(values, str(p))):
+        totals[pos:pos + block.shape[0]] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+    return cells, Rows(counts.x, counts_totals=totals)
 
 
 def check_tables(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> pd.Series:

@@ -36,17 +36,12 @@ class Inputs:
     gene_source: str
     pert_source: str | None
     train_x: Rows | None = None  # train's counts when train.X is None: a fold's part, or a file on disk
-    test_x: Rows | None = None  # test's counts when test.X is None: a file on disk
+    test_x: Rows | None = None  # test's counts when test.X is None: a fold's validation part, or a file on disk
 
     def train_counts(self) -> Rows:
         """The training counts, read a chunk of rows at a time."""
         return self.train_x if self.train_x is not None else Rows(self.train.X)
 
-    def test_in_memory(self) -> ad.AnnData | None:
-        """The test cells with their counts in X (what a ground-truth cache is built from)."""
-        if self.test is None or self.test_x is None:
-            return self.test
-        return ad.AnnData(X=self.test_x.take(), obs=self.test.obs, var=self.test.var)
 
 
 def check_inputs(cfg: Config, inputs: Inputs) -> list[str]:
@@ -96,7 +91,8 @@ def assemble(cfg: Config, inputs: Inputs) -> Dataset:
     return Dataset(
         train=train,
         train_x=inputs.train_x,
-        test=inputs.test_in_memory(),
+        test=inputs.test,
+        test_x=inputs.test_x,
         heldout=heldout.reset_index(drop=True),
         gene_emb=gene_emb,
         pert_emb=pert_emb,

@@ -80,13 +80,24 @@ def _csr(block: Any) -> sp.csr_matrix:
 
 class Rows:
     """Some rows of a matrix (in memory, anndata-backed or `OnDisk`), in increasing order, read in
-    chunks of `CHUNK_ROWS` of the matrix's own rows; each chunk keeps its stored dtype."""
+    chunks of `CHUNK_ROWS` of the matrix's own rows; each chunk keeps its stored dtype.
 
-    def __init__(self, x: Any, rows: np.ndarray | None = None) -> None:
+    `counts_totals`: every row total of the whole matrix, given when its values were checked as
+    counts (`nbglm.data.io.open_counts`): totals then need no pass over the file."""
+
+    def __init__(self, x: Any, rows: np.ndarray | None = None, counts_totals: np.ndarray | None = None) -> None:
         self.x = x
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.counts_totals = counts_totals
         if self.rows is not None and self.rows.size and (np.diff(self.rows) <= 0).any():
             raise ValueError("Rows: row indices must be strictly increasing")
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the matrix is stored sparse (normalisation rules differ for dense files)."""
+        if isinstance(self.x, OnDisk):
+            return self.x.row_nnz() is not None
+        return sp.issparse(self.x) or hasattr(self.x, "format")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -95,7 +106,7 @@ class Rows:
     def subset(self, mask: np.ndarray) -> Rows:
         """The rows where `mask` (one entry per row of self) is true."""
         picked = np.flatnonzero(mask)
-        return Rows(self.x, picked if self.rows is None else self.rows[picked])
+        return Rows(self.x, picked if self.rows is None else self.rows[picked], self.counts_totals)
 
     def chunks(self, check: Callable[[np.ndarray], None] | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
         """(position of the chunk's first row among self's rows, the chunk as CSR with sorted
@@ -123,28 +134,37 @@ class Rows:
 
     def totals(self) -> np.ndarray:
         """Each row's sum, float64 (exact for counts)."""
+        if self.counts_totals is not None:
+            return self.counts_totals if self.rows is None else self.counts_totals[self.rows]
         out = np.zeros(self.shape[0])
         for pos, block in self.chunks():
             out[pos:pos + block.shape[0]] = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
         return out
 
-    def take(self, check: Callable[[np.ndarray], None] | None = None) -> sp.csr_matrix:
-        """The rows as one float32 CSR, written chunk by chunk into arrays allocated once."""
+    def take(self, check: Callable[[np.ndarray], None] | None = None,
+             transform: Callable[[sp.csr_matrix], Any] | None = None) -> sp.csr_matrix:
+        """The rows as one CSR, written chunk by chunk into arrays allocated once: float32 counts,
+        or `transform(chunk)` of each chunk (same stored entries, e.g. normalised values) in the
+        dtype it returns."""
         n_rows, n_genes = self.shape
-        nnz = self._nnz()
-        data = np.empty(nnz, np.float32)
+        nnz = self.nnz()
+        data = np.empty(nnz, np.float32) if transform is None else None
         indices = np.empty(nnz, np.int32 if n_genes < 2**31 else np.int64)
         indptr = np.zeros(n_rows + 1, np.int32 if nnz < 2**31 else np.int64)
         end = 0
         for pos, block in self.chunks(check):
+            if transform is not None:
+                block = sp.csr_matrix(transform(block))
+                data = np.empty(nnz, block.dtype) if data is None else data
             begin, end = end, end + block.nnz
             if end > nnz:
                 raise NbglmError("the count matrix changed while it was read; read it again")
             data[begin:end], indices[begin:end] = block.data, block.indices
             indptr[pos + 1:pos + 1 + block.shape[0]] = block.indptr[1:] + begin
-        return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+        return sp.csr_matrix((np.empty(0, np.float32) if data is None else data, indices, indptr),
+                             shape=(n_rows, n_genes))
 
-    def _nnz(self) -> int:
+    def nnz(self) -> int:
         """Stored entries of these rows: from the row pointers where there are some, else by a pass."""
         if sp.issparse(self.x):
             per_row = np.diff(sp.csr_matrix(self.x).indptr) if self.x.format == "csr" else None

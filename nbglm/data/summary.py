@@ -98,11 +98,11 @@ def summarized(data: Dataset, keep_controls: bool) -> Dataset:
         genes=data.gene_names,
         train_perts=data.train_perts,
         train=group_sums(data.train_counts(), data.train.obs, data.pert_col, data.control, data.phase_col),
-        test=None if data.test is None else group_sums(data.test.X, data.test.obs, data.pert_col, data.control,
-                                                       data.phase_col),
+        test=None if data.test is None else group_sums(data.test_counts(), data.test.obs, data.pert_col,
+                                                       data.control, data.phase_col),
         control_totals=data.control_totals(),
         controls=data.control_cells() if keep_controls else None,
     )
     test = None if data.test is None else ad.AnnData(obs=data.test.obs[[data.pert_col]].copy(),
                                                      var=pd.DataFrame(index=data.test.var_names.copy()))
-    return replace(data, train=None, train_x=None, test=test, sums=sums)
+    return replace(data, train=None, train_x=None, test=test, test_x=None, sums=sums)

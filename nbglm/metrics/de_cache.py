@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import numpy as np
 from nbglm import atomic
 from nbglm.errors import NbglmError
 from nbglm.data.rows import Rows
-from nbglm.metrics.vcc import PROFILE, FileSummary, baseline_summary, group_codes, log1p_of, score, summarize_log1p
+from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, group_codes, log1p_matrix, log1p_of, score,
+                               summarize_log1p)
 
 CACHE_VERSION = 1
 _ARRAYS = "ground_truth.npz"
@@ -109,11 +111,15 @@ def build_de_cache(
     pert_col: str = "target_gene",
     control: str = "non-targeting",
     train_counts: Rows | None = None,
+    real_counts: Rows | None = None,
 ) -> GroundTruthCache:
-    """Summarise `real` and, with `train`, score the cell-mean baseline against it (`train_counts`:
-    train's counts when train.X is None, read a chunk at a time)."""
+    """Summarise `real` and, with `train`, score the cell-mean baseline against it.
+
+    `train_counts` / `real_counts`: the counts when train.X / real.X is None (a sweep fold's parts,
+    or files on disk), read a chunk at a time; only real's log1p matrix is then held in memory."""
     identity = DataIdentity.of(real, pert_col, control)
-    with log1p_of(real, "real") as x:
+    normalised = log1p_of(real, "real") if real_counts is None else nullcontext(log1p_matrix(real_counts, "real"))
+    with normalised as x:
         summary = summarize_log1p(x, real, pert_col, control, "real")
         if train is None:
             return GroundTruthCache(identity, summary, None)

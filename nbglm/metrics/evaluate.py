@@ -94,12 +94,15 @@ def cache_profile(cache: GroundTruthCache | Reference) -> str:
 
 def build_cache(real: ad.AnnData, train: ad.AnnData | None = None, *, profile: str = PROFILE,
                 pert_col: str = "target_gene", control: str = "non-targeting",
-                train_counts: Rows | None = None) -> GroundTruthCache | Reference:
+                train_counts: Rows | None = None, real_counts: Rows | None = None) -> GroundTruthCache | Reference:
     """The real side of `profile`, computed once for many evaluations of predictions of `real`
-    (`train_counts`: train's counts when train.X is None, read a chunk at a time)."""
+    (`train_counts` / `real_counts`: the counts when train.X / real.X is None, read a chunk at a time)."""
     _check_profile(profile, None)
     if profile == PROFILE:
-        return build_de_cache(real, train, pert_col=pert_col, control=control, train_counts=train_counts)
+        return build_de_cache(real, train, pert_col=pert_col, control=control, train_counts=train_counts,
+                              real_counts=real_counts)
+    if real_counts is not None:
+        real = ad.AnnData(X=real_counts.take(), obs=real.obs, var=real.var)
     return build_reference(real, pert_col=pert_col, control=control)
 
 

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from scipy.spatial.distance import cdist
 
 from nbglm.data.dataset import pseudobulks
-from nbglm.data.rows import Rows, row_chunks
+from nbglm.data.rows import Rows
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.de import benjamini_hochberg, log2_fold_change, rank_sum_test
@@ -126,15 +126,20 @@ def _target(totals: np.ndarray, low: np.ndarray, high: np.ndarray, fractional: n
 
 def log1p_transform(x: Matrix | Rows, which: str) -> Callable[[Matrix], Matrix]:
     """`to_log1p` as a transform of row chunks of `x` (a matrix, or `Rows` of one in memory or on
-    disk): one pass now decides for the whole file and finds its target; each chunk is then
-    normalised on its own, equal to the rows of `to_log1p` of the whole file."""
-    sparse = isinstance(x, Rows) or sp.issparse(x)
-    stats, dtype = [], None
-    for _, chunk in row_chunks(x):
-        chunk = _as_float(chunk)
-        dtype = chunk.dtype
-        stats.append(_row_stats(chunk.data, chunk.indptr, dtype.type(_FRACTION_EPS)))
-    plan = None if dtype is None else _target(*(np.concatenate(s) for s in zip(*stats)), which, sparse, dtype)
+    disk): one pass now decides for the whole file and finds its target (no pass for `Rows` of
+    checked counts: their totals are known); each chunk is then normalised on its own, equal to
+    the rows of `to_log1p` of the whole file."""
+    rows = x if isinstance(x, Rows) else Rows(x)
+    if not rows.shape[0]:
+        return _as_float
+    dtype = _as_float(np.empty(0, getattr(rows.x, "dtype", np.float32))).dtype
+    if rows.counts_totals is not None:  # non-negative integers: counts, never log1p data
+        totals = rows.totals().astype(dtype)
+        plan = (totals, np.median(totals if rows.sparse else totals[totals > 0]))
+    else:
+        stats = [_row_stats(c.data, c.indptr, dtype.type(_FRACTION_EPS)) for _, c in rows.chunks()
+                 for c in [_as_float(c)]]
+        plan = _target(*(np.concatenate(s) for s in zip(*stats)), which, rows.sparse, dtype)
     if plan is None:
         return _as_float
     target = plan[1]
@@ -261,6 +266,13 @@ def summarize(
         fdr=benjamini_hochberg(test.pvalue),
         log2_fold_change=log2_fold_change(mean[1:], mean[0]),
     )
+
+
+def log1p_matrix(counts: Matrix | Rows, which: str) -> sp.csr_matrix:
+    """`to_log1p` of `counts` (a matrix, or `Rows` of one in memory or on disk) made a chunk of
+    rows at a time into arrays allocated once: the counts themselves are never held whole."""
+    rows = counts if isinstance(counts, Rows) else Rows(counts)
+    return rows.take(transform=log1p_transform(counts, which))
 
 
 @contextmanager
