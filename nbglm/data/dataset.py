@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from nbglm.data.rows import Rows, row_chunks
+from nbglm.data.rows import Rows, add_rows, row_chunks
 from nbglm.errors import NbglmError
 
 PHASES = ("G1", "S", "G2M")  # cell-cycle phases, index 0/1/2; G1 is the model's reference
@@ -157,8 +157,5 @@ def pseudobulks(x: sp.spmatrix | np.ndarray | Rows, labels: np.ndarray,
     names, codes = np.unique(labels, return_inverse=True)
     sums = np.zeros((names.size, x.shape[1]))
     for start, rows in row_chunks(x):
-        group = codes[start:start + rows.shape[0]]
-        indicator = sp.csr_matrix((np.ones(group.size), (group, np.arange(group.size))), shape=(names.size, group.size))
-        part = indicator @ (rows if transform is None else transform(rows))
-        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+        add_rows(sp.csr_matrix(rows if transform is None else transform(rows)), codes[start:start + rows.shape[0]], sums)
     return names, sums / np.bincount(codes, minlength=names.size)[:, None]

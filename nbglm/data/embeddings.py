@@ -146,11 +146,11 @@ def select_perts(table: pd.DataFrame, train_perts: list[str], heldout: list[str]
 
 def lognormalize(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:
     """log1p(counts / total * target_sum) per cell; stays sparse (log1p(0) = 0)."""
-    totals = np.asarray(counts.sum(axis=1)).ravel()
+    counts = sp.csr_matrix(counts)
+    totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()
     scale = target_sum / np.where(totals > 0, totals, 1.0)
-    out = sp.csr_matrix(sp.diags(scale) @ counts, dtype=np.float64)
-    np.log1p(out.data, out=out.data)
-    return out
+    values = counts.data * np.repeat(scale, np.diff(counts.indptr))
+    return sp.csr_matrix((np.log1p(values, out=values), counts.indices, counts.indptr), shape=counts.shape)
 
 
 def derive_gene_embedding(counts: sp.csr_matrix, genes: list[str], dim: int, seed: int = 0) -> pd.DataFrame:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -112,24 +113,24 @@ class Rows:
         """(position of the chunk's first row among self's rows, the chunk as CSR with sorted
         indices); `check` sees each chunk's stored values as read, before any conversion."""
         n = self.x.shape[0]
-        done = 0
-        for start in range(0, n, CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, n)
-            if self.rows is None:
-                take = None
-            else:
-                hi = done + int(np.searchsorted(self.rows[done:], stop))
-                if hi == done:
+        done = 0  # rows of self yielded so far
+        for window in range(0, n, CHUNK_ROWS):
+            lo, hi = window, min(window + CHUNK_ROWS, n)
+            take = None
+            if self.rows is not None:  # the selected rows in this window; only their span is read
+                end = done + int(np.searchsorted(self.rows[done:], hi))
+                if end == done:
                     continue
-                take = self.rows[done:hi] - start
-            block = self.x[start:stop]
+                lo, hi = int(self.rows[done]), int(self.rows[end - 1]) + 1
+                take = self.rows[done:end] - lo
+            block = self.x[lo:hi]
             if check is not None:
                 check(block.data if sp.issparse(block) else np.asarray(block))
             block = _csr(block)
-            if take is not None and take.size < stop - start:
+            if take is not None and take.size < hi - lo:
                 block = block[take]
             block.sort_indices()
-            yield (start if take is None else done), block
+            yield (lo if take is None else done), block
             done += block.shape[0]
 
     def totals(self) -> np.ndarray:
@@ -187,3 +188,18 @@ def row_chunks(x: Any) -> Iterator[tuple[int, sp.csr_matrix]]:
 def row_totals(x: Any) -> np.ndarray:
     """Each row's float64 sum of `x`: a matrix, or `Rows`."""
     return (x if isinstance(x, Rows) else Rows(x)).totals()
+
+
+@numba.njit(nogil=True, cache=True)
+def _add_rows(data, indices, indptr, group, out):  # pragma: no cover - compiled
+    for row in range(indptr.size - 1):
+        g = group[row]
+        if g >= 0:
+            for k in range(indptr[row], indptr[row + 1]):
+                out[g, indices[k]] += data[k]
+
+
+def add_rows(x: sp.csr_matrix, group: np.ndarray, out: np.ndarray) -> None:
+    """out[group[i]] += row i of CSR `x`, for every row with group[i] >= 0 (`out`: float64 groups
+    x columns). One compiled pass over the stored entries: no indicator matrix, no float64 copy."""
+    _add_rows(x.data, x.indices, x.indptr, np.asarray(group, dtype=np.int64), out)

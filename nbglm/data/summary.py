@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from nbglm.data.dataset import PHASES, Dataset, GroupSums, Summaries
-from nbglm.data.rows import Rows, row_chunks
+from nbglm.data.rows import Rows, add_rows, row_chunks
 
 
 def phase_codes(obs: pd.DataFrame, phase_col: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -55,15 +55,14 @@ def group_sums(counts: sp.spmatrix | np.ndarray | Rows, obs: pd.DataFrame, pert_
         totals[start:start + t.size] = t
         g = group[start:start + t.size]
         use = t > 0
-        y += _sum_rows(x, g, use, n_groups)
+        add_rows(x, np.where(use, g, -1), y)
         ctrl = use & (slot[g] >= 0)
         if ctrl.any():
             xc = x[np.flatnonzero(ctrl)]
             values = xc.data.astype(np.float64)
             scaled = values / np.repeat(t[ctrl], np.diff(xc.indptr))
             for k, v in enumerate((values * values, scaled, scaled * scaled)):
-                moments[k] += _sum_rows(sp.csr_matrix((v, xc.indices, xc.indptr), shape=xc.shape), slot[g[ctrl]],
-                                        None, control_rows.size)
+                add_rows(sp.csr_matrix((v, xc.indices, xc.indptr), shape=xc.shape), slot[g[ctrl]], moments[k])
     pos = totals > 0
     ctrl_cells = pos & (slot[group] >= 0)
     return GroupSums(
@@ -80,13 +79,6 @@ def group_sums(counts: sp.spmatrix | np.ndarray | Rows, obs: pd.DataFrame, pert_
         median_total=float(np.median(totals)) if totals.size else 0.0,
         bad_phases=bad,
     )
-
-
-def _sum_rows(x: sp.csr_matrix, group: np.ndarray, use: np.ndarray | None, n_groups: int) -> np.ndarray:
-    """(n_groups, genes) float64 sums of the rows of `x` by `group` (only rows with `use`, if given)."""
-    rows = np.arange(x.shape[0]) if use is None else np.flatnonzero(use)
-    indicator = sp.csr_matrix((np.ones(rows.size), (group[rows], rows)), shape=(n_groups, x.shape[0]))
-    return (indicator @ x.astype(np.float64)).toarray()
 
 
 def summarized(data: Dataset, keep_controls: bool) -> Dataset:

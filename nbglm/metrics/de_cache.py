@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 from nbglm import atomic
 from nbglm.errors import NbglmError
 from nbglm.data.rows import Rows
-from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, group_codes, log1p_matrix, log1p_of, score,
+from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, group_codes, log1p_of, log1p_transform, score,
                                summarize_log1p)
 
 CACHE_VERSION = 1
@@ -118,12 +117,18 @@ def build_de_cache(
     `train_counts` / `real_counts`: the counts when train.X / real.X is None (a sweep fold's parts,
     or files on disk), read a chunk at a time; only real's log1p matrix is then held in memory."""
     identity = DataIdentity.of(real, pert_col, control)
-    normalised = log1p_of(real, "real") if real_counts is None else nullcontext(log1p_matrix(real_counts, "real"))
-    with normalised as x:
-        summary = summarize_log1p(x, real, pert_col, control, "real")
-        if train is None:
-            return GroundTruthCache(identity, summary, None)
-        base = baseline_summary(train, real, pert_col, control, x, train_counts)
+    is_ctrl = real.obs[pert_col].to_numpy(str) == control
+    if real_counts is None:
+        with log1p_of(real, "real") as x:
+            summary = summarize_log1p(x, real, pert_col, control, "real")
+            ctrl = None if train is None else x[np.flatnonzero(is_ctrl)]
+    else:  # normalised a chunk at a time; the control cells again once the whole matrix is freed
+        transform = log1p_transform(real_counts, "real")
+        summary = summarize_log1p(real_counts.take(transform=transform), real, pert_col, control, "real")
+        ctrl = None if train is None else real_counts.subset(is_ctrl).take(transform=transform)
+    if train is None:
+        return GroundTruthCache(identity, summary, None)
+    base = baseline_summary(train, real, pert_col, control, ctrl, train_counts)
     return GroundTruthCache(identity, summary, {name: result.mean for name, result in score(base, summary).items()})
 
 

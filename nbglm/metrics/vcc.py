@@ -268,13 +268,6 @@ def summarize(
     )
 
 
-def log1p_matrix(counts: Matrix | Rows, which: str) -> sp.csr_matrix:
-    """`to_log1p` of `counts` (a matrix, or `Rows` of one in memory or on disk) made a chunk of
-    rows at a time into arrays allocated once: the counts themselves are never held whole."""
-    rows = counts if isinstance(counts, Rows) else Rows(counts)
-    return rows.take(transform=log1p_transform(counts, which))
-
-
 @contextmanager
 def log1p_of(adata: ad.AnnData, which: str) -> Iterator[Matrix]:
     """`to_log1p(adata)`, its sparse values in a buffer lent for the block (`nbglm.metrics.buffers`)."""
@@ -407,12 +400,11 @@ def cell_mean_baseline(
 
 
 def baseline_summary(train: ad.AnnData, real: ad.AnnData, pert_col: str, control: str,
-                     real_log1p: Matrix | None = None, train_counts: Rows | None = None) -> FileSummary:
+                     control_log1p: Matrix | None = None, train_counts: Rows | None = None) -> FileSummary:
     """Summary of :func:`cell_mean_baseline` without building it: one row per perturbation
-    (`real_log1p`: `to_log1p` of real, when the caller has it)."""
+    (`control_log1p`: real's control cells' rows of `to_log1p(real)`, when the caller has them)."""
     perts, groups = group_codes(_labels(real, pert_col, "real"), control)
-    x = to_log1p(real, "real") if real_log1p is None else real_log1p
-    ctrl = x[np.flatnonzero(groups == 0)]
+    ctrl = to_log1p(real, "real")[np.flatnonzero(groups == 0)] if control_log1p is None else control_log1p
     vector = _baseline_vector(train, real, pert_col, train_counts)
     rows = np.broadcast_to(vector, (perts.size, vector.size))
     compact = sp.vstack([sp.csr_matrix(ctrl), sp.csr_matrix(rows)], format="csr")
