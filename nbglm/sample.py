@@ -16,6 +16,7 @@ import torch
 
 from nbglm.config import Config
 from nbglm.data import PHASES, Dataset
+from nbglm.data.rows import return_freed_memory
 from nbglm.errors import NbglmError
 from nbglm.model import LowRankNBGLM
 
@@ -74,6 +75,7 @@ def _stack(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
         data[begin:end], indices[begin:end] = block.data, block.indices
         indptr[row + 1:row + 1 + block.shape[0]] = block.indptr[1:] + begin
         row += block.shape[0]
+    return_freed_memory()  # the blocks were small arrays: their pages stay with the process otherwise
     return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 
 import anndata as ad
@@ -397,7 +398,9 @@ def test_read_counts_reads_the_matrix_in_chunks_into_float32_csr(tmp_path: Path,
     every_third = on_disk.subset(np.arange(50) % 3 == 0)
     np.testing.assert_array_equal(every_third.take().toarray(), counts[::3])
     np.testing.assert_array_equal(every_third.totals(), counts[::3].sum(axis=1))
-    del on_disk, every_third  # their file handle: the file is rewritten below
+    shipped = pickle.loads(pickle.dumps(every_third))  # as Ray ships it to the fold store: the path, reopened
+    np.testing.assert_array_equal(shipped.take().toarray(), counts[::3])
+    del on_disk, every_third, shipped  # their file handle: the file is rewritten below
     counts = counts.astype(np.float64)
     counts[48, 3] = 0.5  # a non-integer value in the last chunk
     ad.AnnData(X=counts if layout == "dense" else sp.csr_matrix(counts), obs=obs,

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ctypes
+import ctypes.util
+
 import h5py
 import numba
 import numpy as np
@@ -203,3 +206,12 @@ def add_rows(x: sp.csr_matrix, group: np.ndarray, out: np.ndarray) -> None:
     """out[group[i]] += row i of CSR `x`, for every row with group[i] >= 0 (`out`: float64 groups
     x columns). One compiled pass over the stored entries: no indicator matrix, no float64 copy."""
     _add_rows(x.data, x.indices, x.indptr, np.asarray(group, dtype=np.int64), out)
+
+
+def return_freed_memory() -> None:
+    """Give the OS back the pages of freed arrays that glibc keeps in its heap (arrays under its
+    mmap threshold, ~32 MiB, are carved from the heap, and the heap is not shrunk when they are
+    freed); a no-op where the C library has no `malloc_trim`."""
+    trim = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
