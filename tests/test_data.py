@@ -408,3 +408,28 @@ def test_read_counts_reads_the_matrix_in_chunks_into_float32_csr(tmp_path: Path,
     for read in (io.read_counts, io.open_counts):
         with pytest.raises(NbglmError, match="non-integer values"):
             read(path, "target_gene", "ctrl")
+
+
+def test_counts_on_disk_give_the_baseline_of_the_same_file_read_into_memory(tmp_path: Path) -> None:
+    """Dense or CSR on disk, with a cell that has no counts (the dense and sparse normalisation
+    medians differ on it): the cell-mean baseline scored from the file's rows equals the one
+    scored from the file read into memory."""
+    from nbglm.data import io
+    from nbglm.metrics import build_de_cache
+
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(rng.uniform(0.5, 4.0, (60, 1)), (60, 15)).astype(np.int64)
+    counts[[1, 5, 8, 22, 23, 41, 47, 55]] = 0  # enough cells without counts to move the median
+    obs = pd.DataFrame({"target_gene": ["ctrl"] * 20 + ["A"] * 20 + ["B"] * 20}, index=[f"c{i}" for i in range(60)])
+    var = pd.DataFrame(index=[f"g{i}" for i in range(15)])
+    real = ad.AnnData(X=sp.csr_matrix(rng.poisson(1.5, (40, 15)).astype(np.float32)),
+                      obs=pd.DataFrame({"target_gene": ["ctrl"] * 20 + ["C"] * 20}, index=[f"r{i}" for i in range(40)]),
+                      var=var.copy())
+    for layout in ("dense", "csr"):
+        path = tmp_path / f"{layout}.h5ad"
+        ad.AnnData(X=counts if layout == "dense" else sp.csr_matrix(counts), obs=obs, var=var).write_h5ad(path)
+        memory = io.read_counts(path, "target_gene", "ctrl")
+        cells, rows = io.open_counts(path, "target_gene", "ctrl")
+        a = build_de_cache(real, memory, control="ctrl")
+        b = build_de_cache(real, cells, control="ctrl", train_counts=rows)
+        assert a.baseline == b.baseline and a.baseline is not None

@@ -98,10 +98,9 @@ class Rows:
 
     @property
     def sparse(self) -> bool:
-        """Whether the matrix is stored sparse (normalisation rules differ for dense files)."""
-        if isinstance(self.x, OnDisk):
-            return self.x.row_nnz() is not None
-        return sp.issparse(self.x) or hasattr(self.x, "format")
+        """Whether the matrix counts as sparse for cell-eval's normalisation (its median differs for
+        dense data): counts in a file are, as `read_counts` reads any file into CSR."""
+        return isinstance(self.x, OnDisk) or sp.issparse(self.x) or hasattr(self.x, "format")
 
     @property
     def shape(self) -> tuple[int, int]:
