@@ -94,20 +94,21 @@ def _count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_ch
 @numba.njit(parallel=True, cache=True)
 def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, start, keys, gene_shift, group_bits):  # pragma: no cover
     """Fill `keys` with the int64 keys ``gene | value code - code_lo | group``, one per nonzero
-    entry of a gene in a block (`gene_block` -1: another window's gene); chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
-    contiguous."""
+    entry of a gene in a block (`gene_block` -1: a gene of another window); chunk c writes block
+    b's keys from `start[c, b]` on, so that each block's keys end up contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
     for c in numba.prange(n_chunks):
         cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g, block, pos = groups[row], -1, 0
             for k in range(indptr[row], indptr[row + 1]):
-                if data[k] != 0 and gene_block[indices[k]] >= 0:
-                    j = indices[k]
-                    if gene_block[j] != block:  # a row's next entries are mostly in the same block
+                j = indices[k]
+                b = gene_block[j]
+                if data[k] != 0 and b >= 0:
+                    if b != block:  # a row's next entries are mostly in the same block
                         if block >= 0:
                             cursor[block] = pos
-                        block = gene_block[j]
+                        block = b
                         pos = cursor[block]
                     keys[pos] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
                     pos += 1
