@@ -266,9 +266,14 @@ def test_rank_sum_in_windows_of_genes_equals_one_window(window_keys: int, monkey
     monkeypatch.setattr(nbglm.metrics.de, "_WINDOW_KEYS", window_keys)
     n_windows = len(nbglm.metrics.de.gene_windows(np.count_nonzero(x, axis=0), window_keys))
     assert n_windows > 1
-    windowed = rank_sum_test(sp.csr_matrix(x), groups, 4)
-    for name in ("u_statistic", "pvalue", "group_sums", "tie_term"):
-        np.testing.assert_array_equal(getattr(windowed, name), getattr(whole, name), err_msg=name)
+    a = sp.csr_matrix(x)
+    backwards = np.concatenate([np.arange(a.indptr[r + 1] - 1, a.indptr[r] - 1, -1) for r in range(a.shape[0])])
+    unsorted = sp.csr_matrix((a.data[backwards], a.indices[backwards], a.indptr), shape=a.shape)
+    for matrix in (a, unsorted):  # a window is a run of each row's entries: unsorted rows are sorted first
+        windowed = rank_sum_test(matrix, groups, 4)
+        for name in ("u_statistic", "pvalue", "group_sums", "tie_term"):
+            np.testing.assert_array_equal(getattr(windowed, name), getattr(whole, name), err_msg=name)
+    assert not unsorted.has_sorted_indices
 
 
 def test_rank_sum_group_weights_equal_repeated_rows() -> None:

@@ -92,26 +92,30 @@ def _count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_ch
 
 
 @numba.njit(parallel=True, cache=True)
-def _scatter_keys(data, codes, code_lo, indices, indptr, groups, gene_block, start, keys, gene_shift, group_bits):  # pragma: no cover
+def _scatter_keys(data, codes, code_lo, indices, indptr, row_start, gene_end, groups, gene_block, start, keys,
+                  gene_shift, group_bits):  # pragma: no cover
     """Fill `keys` with the int64 keys ``gene | value code - code_lo | group``, one per nonzero
-    entry of a gene in a block (`gene_block` -1: a gene of another window); chunk c writes block
-    b's keys from `start[c, b]` on, so that each block's keys end up contiguous."""
+    entry of a gene below `gene_end`, reading each row from `row_start[row]` (its first entry of
+    this window of genes; left at the next window's first entry); chunk c writes block b's keys
+    from `start[c, b]` on, so that each block's keys end up contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
     for c in numba.prange(n_chunks):
         cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g, block, pos = groups[row], -1, 0
-            for k in range(indptr[row], indptr[row + 1]):
-                j = indices[k]
-                b = gene_block[j]
-                if data[k] != 0 and b >= 0:
-                    if b != block:  # a row's next entries are mostly in the same block
+            k, end = row_start[row], indptr[row + 1]
+            while k < end and indices[k] < gene_end:
+                if data[k] != 0:
+                    j = indices[k]
+                    if gene_block[j] != block:  # a row's next entries are mostly in the same block
                         if block >= 0:
                             cursor[block] = pos
-                        block = b
+                        block = gene_block[j]
                         pos = cursor[block]
                     keys[pos] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
                     pos += 1
+                k += 1
+            row_start[row] = k
             if block >= 0:
                 cursor[block] = pos
 
@@ -218,9 +222,11 @@ def gene_windows(entries: np.ndarray, max_keys: int) -> list[tuple[int, int]]:
 
 
 def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tuple[int, int],
-              out: np.ndarray | None = None) -> PackedKeys:
-    """The keys of the genes in [genes[0], genes[1]) of CSR `x`, scattered into blocks of about
-    equal size, written to `out` (bytes, at least 8 per key) when given."""
+              row_start: np.ndarray, out: np.ndarray | None = None) -> PackedKeys:
+    """The keys of the genes in [genes[0], genes[1]) of CSR `x` (indices sorted within rows when
+    there are several windows), scattered into blocks of about equal size, written to `out` (bytes,
+    at least 8 per key) when given. `row_start`: each row's first entry of this window, moved on to
+    the next window's by the scatter (start with ``x.indptr[:-1]`` and the first window)."""
     lo, hi = genes
     counts_by_chunk = layout.chunk_entries[:, lo:hi]
     entries = counts_by_chunk.sum(axis=0)
@@ -233,8 +239,8 @@ def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tu
                        for row in counts_by_chunk]).astype(np.int64)
     start = np.cumsum(counts.T.ravel()).reshape(n_blocks, -1).T - counts  # block-major: a block's chunks in a row
     keys = np.empty(n_keys, dtype=np.int64) if out is None else out[: 8 * n_keys].view(np.int64)
-    _scatter_keys(x.data, layout.codes, layout.code_lo, x.indices, x.indptr, groups, gene_block, start, keys,
-                  layout.gene_shift, layout.group_bits)
+    _scatter_keys(x.data, layout.codes, layout.code_lo, x.indices, x.indptr, row_start, hi, groups, gene_block, start,
+                  keys, layout.gene_shift, layout.group_bits)
     return PackedKeys(keys, np.append(start[0], n_keys), layout.gene_shift, layout.group_bits)
 
 
@@ -282,11 +288,15 @@ def rank_sum_test(
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
     layout = key_layout(x, groups, n_groups)
     windows = gene_windows(layout.entries, _WINDOW_KEYS)
+    if len(windows) > 1 and not x.has_sorted_indices:  # a window is a run of each row's entries
+        x = x.sorted_indices()
+        layout = key_layout(x, groups, n_groups)
     out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
     most = max((int(layout.entries[lo:hi].sum()) for lo, hi in windows), default=0)
+    row_start = x.indptr[:-1].astype(np.int64)
     with borrowed("de keys", 8 * most) as buffer:
         for genes in windows:
-            _sort_and_scan(pack_keys(x, groups, layout, genes, buffer), group_w, out)
+            _sort_and_scan(pack_keys(x, groups, layout, genes, row_start, buffer), group_w, out)
     count, below, ties = (a.T for a in out)
 
     w = group_w[1:, None]
