@@ -43,7 +43,6 @@ class Inputs:
         return self.train_x if self.train_x is not None else Rows(self.train.X)
 
 
-
 def check_inputs(cfg: Config, inputs: Inputs) -> list[str]:
     """The checks that need no learning: same genes in train and test, some training perturbations,
     no held-out perturbation among them. Returns the training perturbations."""
@@ -83,8 +82,8 @@ def assemble(cfg: Config, inputs: Inputs) -> Dataset:
     gene_emb = align_genes(gene_table, genes, inputs.gene_source, normalize)
     if cfg.data.effect_pcs:
         labels = train.obs[pert_col].astype(str).to_numpy()
-        gene_emb = np.hstack([gene_emb, effect_gene_embedding(inputs.train_counts(), labels, control,
-                                                                    cfg.data.effect_pcs)])
+        effects = effect_gene_embedding(inputs.train_counts(), labels, control, cfg.data.effect_pcs)
+        gene_emb = np.hstack([gene_emb, effects])
     pert_emb = select_perts(gene_table if inputs.pert_table is None else inputs.pert_table, train_perts,
                             list(heldout["target_gene"]), inputs.pert_source or inputs.gene_source, normalize)
     phase = cfg.data.phase_column

@@ -11,12 +11,11 @@ of a whole matrix is ever made.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-import ctypes
-import ctypes.util
 
 import h5py
 import numba
@@ -35,9 +34,9 @@ class OnDisk:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._x: Any = None
+        self._x: Any = None  # the file is opened on the first read, and kept open
         self._indptr: np.ndarray | None = None
-        with h5py.File(self.path, "r") as f:  # opened for reading on first use, and kept open
+        with h5py.File(self.path, "r") as f:
             x = f["X"]
             self.shape = tuple(int(n) for n in (x.attrs["shape"] if isinstance(x, h5py.Group) else x.shape))
             self.dtype = np.dtype((x["data"] if isinstance(x, h5py.Group) else x).dtype)
