@@ -8,6 +8,8 @@ library size fixes its depth, so the requested median UMI holds whatever the siz
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -16,7 +18,7 @@ import torch
 
 from nbglm.config import Config
 from nbglm.data import PHASES, Dataset
-from nbglm.data.rows import return_freed_memory
+from nbglm.data.rows import return_freed_memory, stack_csr
 from nbglm.errors import NbglmError
 from nbglm.model import LowRankNBGLM
 
@@ -61,22 +63,21 @@ def library_sizes(rng: np.random.Generator, n: int, median: float, cv: float) ->
 
 
 def _stack(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
-    """The float32 CSR blocks stacked by rows into arrays allocated once; each block is freed as it
-    is copied, so the peak is the result plus one block (`sp.vstack` holds the blocks and the result)."""
-    nnz, n_rows = sum(b.nnz for b in blocks), sum(b.shape[0] for b in blocks)
-    data = np.empty(nnz, np.float32)
-    indices = np.empty(nnz, np.int32 if blocks[0].shape[1] < 2**31 else np.int64)
-    indptr = np.zeros(n_rows + 1, np.int32 if nnz < 2**31 else np.int64)
-    row = end = 0
-    n_genes = blocks[0].shape[1]
-    while blocks:
-        block = blocks.pop(0)
-        begin, end = end, end + block.nnz
-        data[begin:end], indices[begin:end] = block.data, block.indices
-        indptr[row + 1:row + 1 + block.shape[0]] = block.indptr[1:] + begin
-        row += block.shape[0]
+    """The float32 CSR blocks stacked by rows; each block is freed as it is copied, so the peak is
+    the result plus one block (`sp.vstack` holds the blocks and the result)."""
+    shape = (sum(b.shape[0] for b in blocks), blocks[0].shape[1])
+    nnz = sum(b.nnz for b in blocks)
+
+    def popped() -> Iterator[tuple[int, sp.csr_matrix]]:
+        row = 0
+        while blocks:
+            block = blocks.pop(0)
+            yield row, block
+            row += block.shape[0]
+
+    x = stack_csr(popped(), shape, nnz, np.float32)
     return_freed_memory()  # the blocks were small arrays: their pages stay with the process otherwise
-    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+    return x
 
 
 @torch.inference_mode()

@@ -32,43 +32,36 @@ def read_counts(path: str | Path, pert_col: str, control: str | None, what: str 
     would silently give wrong fits. `control=None` skips the control-label check (e.g. a test file
     may hold no controls).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise NbglmError(f"{what} file not found: {p} (check the path)")
-    try:
-        with warnings.catch_warnings():  # duplicated names are checked below, as one error line
-            warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
-            backed = ad.read_h5ad(p, backed="r")
-    except Exception as exc:
-        raise NbglmError(f"cannot read {p} as h5ad: {exc}".splitlines()[0]) from None
+    p, backed = _open_backed(path, what)
     try:
         return validate_counts(backed, pert_col, control, str(p))
     finally:
         backed.file.close()
 
 
-def open_counts(path: str | Path, pert_col: str, control: str | None, what: str = "data") -> tuple[ad.AnnData, Rows]:
-    """`read_counts` that leaves the matrix on disk: the cells' obs/var (X None) and their counts as
-    `Rows` read from the file a chunk at a time, every value checked now by one pass. Files whose X
-    is not stored by rows (CSC) are read into memory."""
+def _open_backed(path: str | Path, what: str) -> tuple[Path, ad.AnnData]:
+    """The h5ad opened backed (obs/var in memory, X on disk), or one error line."""
     p = Path(path)
     if not p.is_file():
         raise NbglmError(f"{what} file not found: {p} (check the path)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # duplicated names are checked later, as one error line
             warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
-            backed = ad.read_h5ad(p, backed="r")
-            rows_readable = OnDisk.readable(p)
+            return p, ad.read_h5ad(p, backed="r")
     except Exception as exc:
         raise NbglmError(f"cannot read {p} as h5ad: {exc}".splitlines()[0]) from None
+
+
+def open_counts(path: str | Path, pert_col: str, control: str | None, what: str = "data") -> tuple[ad.AnnData, Rows]:
+    """`read_counts` that leaves the matrix on disk: the cells' obs/var (X None) and their counts as
+    `Rows` read from the file a chunk at a time, every value checked now by one pass. Files whose X
+    is not stored by rows (CSC) are read into memory."""
+    p, backed = _open_backed(path, what)
     try:
-        if not rows_readable:
+        if not OnDisk.readable(p):
             cells = validate_counts(backed, pert_col, control, str(p))
             return ad.AnnData(obs=cells.obs, var=cells.var), Rows(cells.X)
-        labels = check_tables(backed, pert_col, control, str(p))
-        obs = backed.obs.copy()
-        obs[pert_col] = pd.Categorical(labels.to_numpy())
-        cells = ad.AnnData(obs=obs, var=backed.var.copy())
+        cells = _checked_cells(backed, pert_col, control, str(p))
     finally:
         backed.file.close()
     counts = Rows(OnDisk(p))
@@ -127,10 +120,17 @@ def _read_matrix(x, source: str) -> sp.csr_matrix:
 
 def validate_counts(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> ad.AnnData:
     """`read_counts`' checks and conversion for an AnnData already in memory."""
+    cells = _checked_cells(adata, pert_col, control, source)
+    cells.X = _read_matrix(adata.X, source)
+    return cells
+
+
+def _checked_cells(adata: ad.AnnData, pert_col: str, control: str | None, source: str) -> ad.AnnData:
+    """`adata`'s obs and var, checked (`check_tables`), labels categorical; no X yet."""
     labels = check_tables(adata, pert_col, control, source)
     obs = adata.obs.copy()
     obs[pert_col] = pd.Categorical(labels.to_numpy())
-    return ad.AnnData(X=_read_matrix(adata.X, source), obs=obs, var=adata.var.copy())
+    return ad.AnnData(obs=obs, var=adata.var.copy())
 
 
 def pert_labels(adata: ad.AnnData, pert_col: str, control: str) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,23 +148,9 @@ class Rows:
         """The rows as one CSR, written chunk by chunk into arrays allocated once: float32 counts,
         or `transform(chunk)` of each chunk (same stored entries, e.g. normalised values) in the
         dtype it returns."""
-        n_rows, n_genes = self.shape
-        nnz = self.nnz()
-        data = np.empty(nnz, np.float32) if transform is None else None
-        indices = np.empty(nnz, np.int32 if n_genes < 2**31 else np.int64)
-        indptr = np.zeros(n_rows + 1, np.int32 if nnz < 2**31 else np.int64)
-        end = 0
-        for pos, block in self.chunks(check):
-            if transform is not None:
-                block = sp.csr_matrix(transform(block))
-                data = np.empty(nnz, block.dtype) if data is None else data
-            begin, end = end, end + block.nnz
-            if end > nnz:
-                raise NbglmError("the count matrix changed while it was read; read it again")
-            data[begin:end], indices[begin:end] = block.data, block.indices
-            indptr[pos + 1:pos + 1 + block.shape[0]] = block.indptr[1:] + begin
-        return sp.csr_matrix((np.empty(0, np.float32) if data is None else data, indices, indptr),
-                             shape=(n_rows, n_genes))
+        blocks = ((pos, block if transform is None else sp.csr_matrix(transform(block)))
+                  for pos, block in self.chunks(check))
+        return stack_csr(blocks, self.shape, self.nnz(), np.float32 if transform is None else None)
 
     def nnz(self) -> int:
         """Stored entries of these rows: from the row pointers where there are some, else by a pass."""
@@ -179,6 +165,26 @@ class Rows:
         if per_row is None:
             return sum(block.nnz for _, block in self.chunks())
         return int(per_row.sum() if self.rows is None else per_row[self.rows].sum())
+
+
+def stack_csr(blocks: Iterable[tuple[int, sp.csr_matrix]], shape: tuple[int, int], nnz: int,
+              dtype: np.dtype | type | None) -> sp.csr_matrix:
+    """CSR row blocks, (first row, block), written into one CSR whose arrays are allocated once
+    (`nnz` entries; values in `dtype`, or the first block's when None): never a second copy of the
+    result, as `sp.vstack` makes while it holds the blocks."""
+    n_rows, n_cols = shape
+    data = None if dtype is None else np.empty(nnz, dtype)
+    indices = np.empty(nnz, np.int32 if n_cols < 2**31 else np.int64)
+    indptr = np.zeros(n_rows + 1, np.int32 if nnz < 2**31 else np.int64)
+    end = 0
+    for pos, block in blocks:
+        data = np.empty(nnz, block.dtype) if data is None else data
+        begin, end = end, end + block.nnz
+        if end > nnz:
+            raise NbglmError("the count matrix changed while it was read; read it again")
+        data[begin:end], indices[begin:end] = block.data, block.indices
+        indptr[pos + 1:pos + 1 + block.shape[0]] = block.indptr[1:] + begin
+    return sp.csr_matrix((np.empty(0, np.float32) if data is None else data, indices, indptr), shape=shape)
 
 
 def row_chunks(x: Any) -> Iterator[tuple[int, sp.csr_matrix]]:
