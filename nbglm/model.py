@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,20 @@ def build_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str 
         prev = width
     layers.append(nn.Linear(prev, out_dim))
     return nn.Sequential(*layers)
+
+
+class PertGroups(NamedTuple):
+    perts: torch.Tensor  # the distinct perturbation indices, control excluded
+    inverse: torch.Tensor  # each row's position in [control, *perts] (with a control) or in perts
+    has_ctrl: bool
+
+
+def group_perts(pert_idx: torch.Tensor) -> PertGroups:
+    """The distinct perturbations of a batch of rows. On a GPU this waits for the device (the number
+    of distinct values decides a shape), so rows that never change are grouped once, not every step."""
+    uniq, inv = torch.unique(pert_idx, return_inverse=True)
+    has_ctrl = bool(uniq.numel()) and bool(uniq[0] < 0)
+    return PertGroups(uniq[1:] if has_ctrl else uniq, inv, has_ctrl)
 
 
 class LowRankNBGLM(nn.Module):
@@ -134,13 +149,13 @@ class LowRankNBGLM(nn.Module):
             raw = (p @ self.V) @ (g @ self.U).T
         return self.alpha * torch.tanh(raw + self.b)
 
-    def forward(self, pert_idx: torch.Tensor, log_sf: torch.Tensor,
-                phase_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pert_idx: torch.Tensor, log_sf: torch.Tensor, phase_idx: torch.Tensor | None = None,
+                groups: PertGroups | None = None) -> torch.Tensor:
         """Log-mean counts (n x n_genes) for cells with perturbation index (-1 = control),
-        log size factor and phase index (0/1/2 = G1/S/G2M; None = G1)."""
-        uniq, inv = torch.unique(pert_idx, return_inverse=True)
-        has_ctrl = bool(uniq.numel()) and bool(uniq[0] < 0)
-        eff = self.effects(uniq[1:] if has_ctrl else uniq)
+        log size factor and phase index (0/1/2 = G1/S/G2M; None = G1). `groups`: `group_perts(pert_idx)`,
+        for a caller that passes the same rows every step."""
+        perts, inv, has_ctrl = groups if groups is not None else group_perts(pert_idx)
+        eff = self.effects(perts)
         if has_ctrl:
             eff = F.pad(eff, (0, 0, 1, 0))  # the control row: no effect
         # index_select, not eff[inv]: its backward sums in a fixed order, so CPU fits are reproducible.

@@ -40,7 +40,7 @@ from nbglm.data.dataset import GroupSums
 from nbglm.data.summary import group_sums, phase_codes
 from nbglm.errors import NbglmError
 from nbglm.losses import LOSSES
-from nbglm.model import CONTROL_IDX, LowRankNBGLM
+from nbglm.model import CONTROL_IDX, LowRankNBGLM, group_perts
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +228,13 @@ def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
 
 
 def _optimizer(model: LowRankNBGLM, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; weight decay on weight matrices and the kernel only, not on biases, norms, alpha, theta."""
+    """AdamW; weight decay on weight matrices and the kernel only, not on biases, norms, alpha, theta.
+    On a GPU the fused update (a few kernels per step instead of several per parameter)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and name != "cycle" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True if model.b.is_cuda else None)
 
 
 class _WholeBatches:
@@ -296,6 +297,7 @@ class _Pseudobulk:
         self.q = torch.as_tensor(merge @ q, **as_t)
         self.n = torch.as_tensor(merge @ n, **as_t)
         self.pert = torch.as_tensor(uniq // len(PHASES) - 1, device=device)
+        self.groups = group_perts(self.pert)
         self.phase = torch.as_tensor(uniq % len(PHASES), device=device) if phase is not None else None
         self.n_elements = float(n.sum()) * sums.y.shape[1]
 
@@ -312,9 +314,9 @@ class _Pseudobulk:
     def loss(self, model: LowRankNBGLM, name: str) -> torch.Tensor:
         fn = LOSSES[name]
         if name == "mse_log1p":
-            log_mu = model(self.pert, (self.s / self.n).log(), self.phase)
+            log_mu = model(self.pert, (self.s / self.n).log(), self.phase, self.groups)
             return (self.n[:, None] * fn(log_mu, self.y / self.n[:, None])).sum() / self.n_elements
-        log_mu = model(self.pert, self.s.log(), self.phase)
+        log_mu = model(self.pert, self.s.log(), self.phase, self.groups)
         theta = model.theta * (self.s.square() / self.q)[:, None]
         return fn(log_mu, self.y, theta).sum() / self.n_elements
 
@@ -406,7 +408,7 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
                     total += loss.detach()
                     weight += 1
             epoch_loss = float(total) / weight
-            if not math.isfinite(epoch_loss) or not all(torch.isfinite(p).all() for p in params):
+            if not math.isfinite(epoch_loss) or not torch.stack([torch.isfinite(p).all() for p in params]).all():
                 clip = "" if tcfg.grad_clip > 0 else ", or set train.grad_clip > 0 (now 0: no clipping)"
                 raise NbglmError(f"training diverged at epoch {epoch} (loss {epoch_loss}) after a finite start: "
                                  f"lower train.lr (now {tcfg.lr:g}){clip}")

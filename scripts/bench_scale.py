@@ -16,7 +16,9 @@ buffers out of band, as `ray.put` stores them). Concise units get each fold's pe
 Unit (its own process, fed fold 0's objects): one `run_experiment` as a sweep's cross-validation
 unit runs it (fit with the validation signal, sampling, evaluation against the cache): fit s/epoch,
 sampling s, evaluation s, peak RSS, and on CUDA the peak GPU memory torch allocated. With
-`--pack N` (default 4 on CUDA) N units run at once and their throughput is compared with one at a time.
+`--pack N` (default 4 on CUDA) N units run at once and their throughput is compared with one at a time;
+`--threads T` gives every unit, alone or packed, T torch and numba threads (as a Ray unit with `cpu: T`
+gets), so that the packed units do not compete for more cores than one unit had.
 """
 
 from __future__ import annotations
@@ -117,34 +119,46 @@ def driver(overrides: list[str], folds: int, out: str) -> dict:
             "store": store, "peak": max(r[2] for r in phases.rows), "phases": phases.rows}
 
 
-def unit(overrides: list[str], path: str) -> dict:
-    """One cross-validation unit on fold 0's objects."""
+def unit(overrides: list[str], path: str, threads: int | None = None, start=None) -> dict:
+    """One cross-validation unit on fold 0's objects; packed units wait at the barrier `start` once
+    their imports, data and CUDA context are ready, so that only the experiments themselves overlap."""
+    if threads:
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)  # before numba is first imported
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from nbglm.config import load_config
     from nbglm.pipeline import run_experiment
 
     cfg = load_config(None, overrides)
     data, cache = pickle.loads(Path(path).read_bytes())
-    if cfg.experiment.device.startswith("cuda"):
+    cuda = cfg.experiment.device.startswith("cuda")
+    if cuda:
+        torch.zeros((), device=cfg.experiment.device)  # the CUDA context, outside the timed span
         torch.cuda.reset_peak_memory_stats()
+    if start is not None:
+        start.wait()
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, began = time.perf_counter(), time.time()
         result = run_experiment(cfg, data, bundle_dir=Path(tmp) / "unit", de_cache=cache, val_signal=True)
         wall = time.perf_counter() - t0
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if cfg.experiment.device.startswith("cuda") else None
-    return {**result.timings, "epochs": len(result.history), "wall": wall, "peak": peak_mib(), "gpu_mib": gpu,
-            "threads": torch.get_num_threads()}
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {**result.timings, "epochs": len(result.history), "wall": wall, "began": began, "ended": began + wall,
+            "peak": peak_mib(), "gpu_mib": gpu, "threads": torch.get_num_threads()}
 
 
 def _child(fn, args, queue) -> None:
     queue.put(fn(*args))
 
 
-def in_child(fn, *args, n: int = 1) -> list[dict]:
-    """Run `fn(*args)` in `n` fresh processes at once (spawned: no memory shared with this one)."""
+def in_child(fn, *args, n: int = 1, barrier: bool = False) -> list[dict]:
+    """Run `fn(*args)` in `n` fresh processes at once (spawned: no memory shared with this one);
+    with `barrier`, `fn` also gets a barrier for the `n` processes as its last argument."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    args = (*args, ctx.Barrier(n)) if barrier else args
     procs = [ctx.Process(target=_child, args=(fn, args, queue)) for _ in range(n)]
     for p in procs:
         p.start()
@@ -165,6 +179,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--driver-only", action="store_true", help="measure the driver's preparation only")
     parser.add_argument("--pack", type=int, help="units at once for the packing ratio (default: 4 on CUDA, off on CPU)")
+    parser.add_argument("--threads", type=int, help="torch and numba threads per unit (default: their own choice)")
     args = parser.parse_args()
     synthetic = [*VCC, f"data.synthetic.cells_per_pert={args.cells_per_pert}", f"data.synthetic.n_control={args.controls}"]
     overrides = [*synthetic, f"experiment.device={args.device}", *args.overrides]
@@ -183,18 +198,18 @@ def main() -> None:
         print(f"object store per sweep ({args.folds} folds + refit, data + caches): {d['store'] / 2**20:,.1f} MiB", flush=True)
         if args.driver_only:
             return
-        (u,) = in_child(unit, [*overrides, *paths], fold0)
+        (u,) = in_child(unit, [*overrides, *paths], fold0, args.threads)
         print(f"unit on {args.device} ({u['threads']} torch threads): fit {u['train_s']:.1f}s for {u['epochs']} epochs "
               f"({u['train_s'] / u['epochs']:.2f}s/epoch), sample {u['sample_s']:.1f}s, eval {u['eval_s']:.1f}s, "
               f"wall {u['wall']:.1f}s; peak RSS {u['peak']:,.0f} MiB"
               + (f"; peak GPU memory allocated by torch {u['gpu_mib']:,.0f} MiB" if u["gpu_mib"] is not None else ""))
         pack = args.pack if args.pack is not None else (4 if args.device.startswith("cuda") else 0)
         if pack > 1:
-            t0 = time.perf_counter()
-            in_child(unit, [*overrides, *paths], fold0, n=pack)
-            together = time.perf_counter() - t0
-            print(f"{pack} units at once: {together:.1f}s; throughput {pack * u['wall'] / together:.2f}x one at a time "
-                  f"(one took {u['wall']:.1f}s)")
+            packed = in_child(unit, [*overrides, *paths], fold0, args.threads, n=pack, barrier=True)
+            together = max(p["ended"] for p in packed) - min(p["began"] for p in packed)
+            fits = ", ".join(f"{p['train_s'] / p['epochs']:.2f}" for p in packed)
+            print(f"{pack} units at once: {together:.1f}s from the first start to the last end (s/epoch {fits}); "
+                  f"throughput {pack * u['wall'] / together:.2f}x one at a time (one took {u['wall']:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from torch import nn
 from nbglm.config import load_config
 from nbglm.errors import NbglmError
 from nbglm.losses import LOSSES, nb_nll
-from nbglm.model import CONTROL_IDX, LowRankNBGLM, build_mlp
+from nbglm.model import CONTROL_IDX, LowRankNBGLM, build_mlp, group_perts
 
 
 def make_model(*overrides: str, n_genes: int = 40, n_perts: int = 7, d: int = 12) -> LowRankNBGLM:
@@ -55,6 +55,12 @@ def test_forward_shape_and_formula() -> None:
     # No cycle term without phases; controls only: the control mean times the size factor.
     ctrl = model(torch.full((3,), CONTROL_IDX), torch.zeros(3))
     torch.testing.assert_close(ctrl, model.log_mu_ctrl.expand(3, -1))
+    # Rows grouped once (as the pseudobulk fit does) give the same means, with and without a control.
+    for rows in (pert, torch.tensor([6, 0, 6, 2])):
+        groups = group_perts(rows)
+        assert groups.has_ctrl == bool((rows == CONTROL_IDX).any())
+        sf = torch.randn(len(rows))
+        torch.testing.assert_close(model(rows, sf, groups=groups), model(rows, sf), rtol=0, atol=0)
 
 
 def test_untrained_model_is_the_control_mean_model() -> None:
