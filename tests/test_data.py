@@ -410,6 +410,30 @@ def test_read_counts_reads_the_matrix_in_chunks_into_float32_csr(tmp_path: Path,
             read(path, "target_gene", "ctrl")
 
 
+def test_chunks_of_an_in_memory_csr_are_views_and_unsorted_rows_are_sorted_copies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbglm.data.rows import Rows
+
+    monkeypatch.setattr("nbglm.data.rows.CHUNK_ROWS", 4)
+    x = sp.random(10, 6, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    chunks = list(Rows(x).chunks())
+    assert [pos for pos, _ in chunks] == [0, 4, 8]
+    assert all(np.shares_memory(block.data, x.data) for _, block in chunks)  # a sorted CSR is not copied
+    np.testing.assert_array_equal(sp.vstack([block for _, block in chunks]).toarray(), x.toarray())
+    picked = Rows(x).subset(np.arange(10) % 3 == 1)
+    np.testing.assert_array_equal(picked.take().toarray(), x.toarray()[1::3])
+    unsorted = sp.csr_matrix((x.data[::-1].copy(), x.indices.copy(), x.indptr.copy()), shape=x.shape)
+    for r in range(10):  # reverse each row's entries: the same matrix, indices unsorted
+        a, b = unsorted.indptr[r], unsorted.indptr[r + 1]
+        unsorted.indices[a:b], unsorted.data[a:b] = x.indices[a:b][::-1], x.data[a:b][::-1]
+    unsorted.has_sorted_indices = False
+    before = unsorted.indices.copy()
+    blocks = [block for _, block in Rows(unsorted).chunks()]
+    assert all(block.has_sorted_indices for block in blocks)
+    np.testing.assert_array_equal(sp.vstack(blocks).toarray(), x.toarray())
+    np.testing.assert_array_equal(unsorted.indices, before)  # the caller's matrix is left as it was
+
+
 def test_counts_on_disk_give_the_baseline_of_the_same_file_read_into_memory(tmp_path: Path) -> None:
     """Dense or CSR on disk, with a cell that has no counts (the dense and sparse normalisation
     medians differ on it): the cell-mean baseline scored from the file's rows equals the one

@@ -78,6 +78,8 @@ class OnDisk:
 
 
 def _csr(block: Any) -> sp.csr_matrix:
+    if isinstance(block, sp.csr_matrix):
+        return block  # as it is: the constructor would copy a view's arrays
     return sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
 
 
@@ -124,7 +126,7 @@ class Rows:
                     continue
                 lo, hi = int(self.rows[done]), int(self.rows[end - 1]) + 1
                 take = self.rows[done:end] - lo
-            block = self.x[lo:hi]
+            block = self._window(lo, hi)
             if check is not None:
                 check(block.data if sp.issparse(block) else np.asarray(block))
             block = _csr(block)
@@ -133,6 +135,19 @@ class Rows:
             block.sort_indices()
             yield (lo if take is None else done), block
             done += block.shape[0]
+
+    def _window(self, lo: int, hi: int) -> Any:
+        """Rows lo:hi of the matrix; of an in-memory CSR with sorted indices a view of its arrays
+        (scipy's row slice copies them, which costs as much as the pass that reads the chunk)."""
+        x = self.x
+        if not (sp.issparse(x) and x.format == "csr" and x.has_sorted_indices):
+            return x[lo:hi]
+        a, b = x.indptr[lo], x.indptr[hi]
+        view = sp.csr_matrix((hi - lo, x.shape[1]), dtype=x.dtype)  # set, not passed: the constructor copies views
+        view.data, view.indices = x.data[a:b], x.indices[a:b]
+        view.indptr = (x.indptr[lo:hi + 1] - a).astype(x.indices.dtype)
+        view.has_sorted_indices = True
+        return view
 
     def totals(self) -> np.ndarray:
         """Each row's sum, float64 (exact for counts)."""

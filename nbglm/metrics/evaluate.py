@@ -47,8 +47,9 @@ def evaluate(
     if profile != PROFILE:
         return evaluate_vcc2026(pred, real, pert_col=pert_col, control=control, cache=cache)
     check_pair(pred, real, pert_col, control)
-    if cache is None:
-        cache = build_de_cache(real, pert_col=pert_col, control=control)
+    if cache is None:  # the baseline is scored with it: real's log1p control cells are at hand there
+        cache = build_de_cache(real, train, pert_col=pert_col, control=control)
+        train = None
     else:
         cache.check(real, pert_col, control)
     pred_summary = summarize_adata(pred, pert_col, control, "pred")
