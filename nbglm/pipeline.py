@@ -221,7 +221,7 @@ def _fill(cfg: Config, data: Dataset, bundle: Path, *, final: Path, pred: ad.Ann
         metrics: dict[str, Any] = {}
         if mode in EVALUATING_MODES:
             t0 = time.perf_counter()
-            metrics = _evaluate(cfg, data, pred, de_cache)
+            metrics = _evaluate(cfg, data, pred, de_cache)  # pred's values are log1p from here on
             timings["eval_s"] = time.perf_counter() - t0
             log.info("%s (eval %.1fs)", scores_text(metrics, cfg.evaluate.profile), timings["eval_s"])
         timings["total_s"] = time.perf_counter() - t_start
@@ -265,7 +265,8 @@ def _evaluate(cfg: Config, data: Dataset, pred: ad.AnnData,
     if de_cache is None and data.sums is not None:
         raise NbglmError("this dataset holds sums, not cells: score it with the ground-truth cache built from its cells")
     return evaluate(pred, data.test, pert_col=data.pert_col, control=data.control,
-                    train=None if de_cache else data.train, cache=de_cache, profile=cfg.evaluate.profile)
+                    train=None if de_cache else data.train, cache=de_cache, profile=cfg.evaluate.profile,
+                    overwrite_pred=True)
 
 
 def load_inputs(cfg: Config, data: Dataset | None = None) -> tuple[Dataset, GroundTruthCache | Reference | None]:

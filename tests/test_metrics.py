@@ -377,6 +377,21 @@ def test_baseline_prediction_scores_zero_and_overall_matches_cell_eval(tmp_path:
     assert ours["overall_score"] == pytest.approx(cell_eval_overall(user_agg, base_agg), abs=TOL)
 
 
+def test_overwriting_inputs_gives_the_same_scores_and_leaves_log1p_values() -> None:
+    """evaluate(..., overwrite_pred/real=True) normalises those matrices in place: the same numbers,
+    X's values become their log1p (and only the named inputs change)."""
+    real, train, pred = make_counts(40, floor=True), make_counts(41, n_perts=12), make_counts(42, floor=True)
+    expected = evaluate(pred.copy(), real.copy(), control=CONTROL, train=train.copy())
+    train_x = train.X.copy()
+    for overwrite_real in (False, True):
+        p, r = pred.copy(), real.copy()
+        got = evaluate(p, r, control=CONTROL, train=train, overwrite_pred=True, overwrite_real=overwrite_real)
+        assert got == expected
+        np.testing.assert_array_equal(p.X.data, to_log1p(pred, "pred").data)
+        np.testing.assert_array_equal(r.X.data, (to_log1p(real, "real") if overwrite_real else real.X).data)
+        np.testing.assert_array_equal(train.X.data, train_x.data)  # train is never overwritten
+
+
 def test_baseline_vector_matches_cell_eval() -> None:
     real, train = make_counts(40), make_counts(41, n_perts=12)
     ours = cell_mean_baseline(train, real, control=CONTROL)

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     real = read_counts_for_eval(args.real, args.pert_col, "real")
     train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None
     result = evaluate(pred, real, pert_col=args.pert_col, control=args.control, train=train, cache=cache,
-                      profile=args.profile)
+                      profile=args.profile, overwrite_pred=True, overwrite_real=True)
     Console().print(_table(result) if args.profile == "vcc2025" else _table_2026(result))
     if args.output:
         atomic.write_text(args.output, json.dumps(result, indent=2) + "\n")

@@ -111,15 +111,17 @@ def build_de_cache(
     control: str = "non-targeting",
     train_counts: Rows | None = None,
     real_counts: Rows | None = None,
+    overwrite: bool = False,
 ) -> GroundTruthCache:
     """Summarise `real` and, with `train`, score the cell-mean baseline against it.
 
     `train_counts` / `real_counts`: the counts when train.X / real.X is None (a sweep fold's parts,
-    or files on disk), read a chunk at a time; only real's log1p matrix is then held in memory."""
+    or files on disk), read a chunk at a time; only real's log1p matrix is then held in memory.
+    `overwrite`: real.X's values may become their log1p (the caller is done with them)."""
     identity = DataIdentity.of(real, pert_col, control)
     is_ctrl = real.obs[pert_col].to_numpy(str) == control
     if real_counts is None:
-        with log1p_of(real, "real") as x:
+        with log1p_of(real, "real", overwrite) as x:
             summary = summarize_log1p(x, real, pert_col, control, "real")
             ctrl = None if train is None else x[np.flatnonzero(is_ctrl)]
     else:  # normalised a chunk at a time; the control cells again once the whole matrix is freed

@@ -32,6 +32,8 @@ def evaluate(
     train: ad.AnnData | None = None,
     cache: GroundTruthCache | Reference | None = None,
     profile: str = PROFILE,
+    overwrite_pred: bool = False,
+    overwrite_real: bool = False,
 ) -> dict[str, Any]:
     """The metrics of `profile`; for vcc2026 see :func:`nbglm.metrics.vcc2026.evaluate_vcc2026`
     (its baseline comes from `real`, so `train` is not used). For vcc2025:
@@ -42,17 +44,19 @@ def evaluate(
     `cache`; with neither, ``overall_score``, ``scaled`` and ``baseline`` are None. A `cache`
     built from `real` (see :func:`nbglm.metrics.build_de_cache`) skips all work on `real`.
     The result holds only str, int, float, None, lists and dicts (JSON-able).
+    `overwrite_pred` / `overwrite_real`: the caller is done with that AnnData, so the vcc2025 profile
+    may normalise its float CSR matrix in place (X's values become log1p) instead of into a copy.
     """
     _check_profile(profile, cache)
     if profile != PROFILE:
         return evaluate_vcc2026(pred, real, pert_col=pert_col, control=control, cache=cache)
     check_pair(pred, real, pert_col, control)
     if cache is None:  # the baseline is scored with it: real's log1p control cells are at hand there
-        cache = build_de_cache(real, train, pert_col=pert_col, control=control)
+        cache = build_de_cache(real, train, pert_col=pert_col, control=control, overwrite=overwrite_real)
         train = None
     else:
         cache.check(real, pert_col, control)
-    pred_summary = summarize_adata(pred, pert_col, control, "pred")
+    pred_summary = summarize_adata(pred, pert_col, control, "pred", overwrite_pred)
 
     scores = score(pred_summary, cache.real)
     means = {name: result.mean for name, result in scores.items()}

@@ -269,17 +269,22 @@ def summarize(
 
 
 @contextmanager
-def log1p_of(adata: ad.AnnData, which: str) -> Iterator[Matrix]:
-    """`to_log1p(adata)`, its sparse values in a buffer lent for the block (`nbglm.metrics.buffers`)."""
+def log1p_of(adata: ad.AnnData, which: str, overwrite: bool = False) -> Iterator[Matrix]:
+    """`to_log1p(adata)`, its sparse values in a buffer lent for the block (`nbglm.metrics.buffers`),
+    or with `overwrite` in X's own values array (float CSR X only; X then holds log1p values)."""
+    x = adata.X
+    if overwrite and sp.issparse(x) and x.format == "csr" and x.dtype in (np.float32, np.float64):
+        yield to_log1p(adata, which, x.data.view(np.uint8))
+        return
     stored = adata.X.nnz if sp.issparse(adata.X) else 0
     itemsize = 8 if adata.X is not None and adata.X.dtype == np.float64 else 4
     with borrowed("log1p values", itemsize * stored) as out:
         yield to_log1p(adata, which, out)
 
 
-def summarize_adata(adata: ad.AnnData, pert_col: str, control: str, which: str) -> FileSummary:
-    """Normalise one AnnData as cell-eval does and summarise it."""
-    with log1p_of(adata, which) as x:
+def summarize_adata(adata: ad.AnnData, pert_col: str, control: str, which: str, overwrite: bool = False) -> FileSummary:
+    """Normalise one AnnData as cell-eval does and summarise it (`overwrite`: see `log1p_of`)."""
+    with log1p_of(adata, which, overwrite) as x:
         return summarize_log1p(x, adata, pert_col, control, which)
 
 
