@@ -62,21 +62,30 @@ def library_sizes(rng: np.random.Generator, n: int, median: float, cv: float) ->
     return sizes * (median / np.median(sizes))
 
 
+_TRIM_BYTES = 64 << 20
+
+
 def _stack(blocks: list[sp.csr_matrix]) -> sp.csr_matrix:
     """The float32 CSR blocks stacked by rows; each block is freed as it is copied, so the peak is
-    the result plus one block (`sp.vstack` holds the blocks and the result)."""
+    the result plus one block (`sp.vstack` holds the blocks and the result). The blocks are small
+    arrays that glibc carves from its heap and keeps when they are freed, so their pages are given
+    back every 64 MiB of copied blocks, not only at the end (which would hold blocks and result)."""
     shape = (sum(b.shape[0] for b in blocks), blocks[0].shape[1])
     nnz = sum(b.nnz for b in blocks)
 
     def popped() -> Iterator[tuple[int, sp.csr_matrix]]:
-        row = 0
+        row, copied = 0, 0
         while blocks:
             block = blocks.pop(0)
             yield row, block
-            row += block.shape[0]
+            row, copied = row + block.shape[0], copied + block.data.nbytes + block.indices.nbytes
+            del block
+            if copied >= _TRIM_BYTES:
+                return_freed_memory()
+                copied = 0
 
     x = stack_csr(popped(), shape, nnz, np.float32)
-    return_freed_memory()  # the blocks were small arrays: their pages stay with the process otherwise
+    return_freed_memory()
     return x
 
 

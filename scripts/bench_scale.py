@@ -52,6 +52,34 @@ def peak_mib() -> float:
     return float("nan")
 
 
+class RssTrace:
+    """This process's RSS every 20 ms on a thread, so that a call's peak can be split by phase."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.points: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        status = Path("/proc/self/status")
+        while not self._stop.wait(0.02):
+            rss = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+            self.points.append((time.perf_counter(), int(rss.split()[1]) / 1024))
+
+    def peaks(self, start: float, phases: list[tuple[str, float]]) -> dict[str, float]:
+        """Peak RSS (MiB) of each phase, given as (name, seconds) in order from `start`."""
+        self._stop.set()
+        self._thread.join()
+        out, t = {}, start
+        for name, seconds in phases:
+            inside = [mib for at, mib in self.points if t <= at < t + seconds]
+            out[name], t = max(inside, default=float("nan")), t + seconds
+        return out
+
+
 class Phases:
     """Seconds and peak RSS of each phase of a process (the peak is reset between phases)."""
 
@@ -141,12 +169,16 @@ def unit(overrides: list[str], path: str, threads: int | None = None, start=None
     if start is not None:
         start.wait()
     with tempfile.TemporaryDirectory() as tmp:
+        trace = RssTrace()
         t0, began = time.perf_counter(), time.time()
         result = run_experiment(cfg, data, bundle_dir=Path(tmp) / "unit", de_cache=cache, val_signal=True)
         wall = time.perf_counter() - t0
+    t = result.timings
+    phases = trace.peaks(t0, [("fit", t.get("load_s", 0.0) + t["train_s"]), ("sample", t["sample_s"]),
+                              ("eval", t["eval_s"])])
     gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return {**result.timings, "epochs": len(result.history), "wall": wall, "began": began, "ended": began + wall,
-            "peak": peak_mib(), "gpu_mib": gpu, "threads": torch.get_num_threads()}
+            "peak": peak_mib(), "phase_peaks": phases, "gpu_mib": gpu, "threads": torch.get_num_threads()}
 
 
 def _child(fn, args, queue) -> None:
@@ -203,6 +235,7 @@ def main() -> None:
               f"({u['train_s'] / u['epochs']:.2f}s/epoch), sample {u['sample_s']:.1f}s, eval {u['eval_s']:.1f}s, "
               f"wall {u['wall']:.1f}s; peak RSS {u['peak']:,.0f} MiB"
               + (f"; peak GPU memory allocated by torch {u['gpu_mib']:,.0f} MiB" if u["gpu_mib"] is not None else ""))
+        print("  unit RSS by phase (20 ms samples): " + ", ".join(f"{k} {v:,.0f} MiB" for k, v in u["phase_peaks"].items()))
         pack = args.pack if args.pack is not None else (4 if args.device.startswith("cuda") else 0)
         if pack > 1:
             packed = in_child(unit, [*overrides, *paths], fold0, args.threads, n=pack, barrier=True)

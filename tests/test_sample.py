@@ -153,3 +153,17 @@ def test_checkpoint_with_other_genes_is_refused(tmp_path: Path, data: Dataset, m
     other = data.train[:, ::-1].copy()
     with pytest.raises(NbglmError, match="training order"):
         sample_heldout(loaded, replace(data, train=other), small_cfg(), seed=0)
+
+
+def test_blocks_given_back_while_stacking_give_the_same_cells(data: Dataset, model: LowRankNBGLM,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batches' pages are returned to the OS every few blocks while they are stacked; the
+    prediction is the same as when they are all stacked first."""
+    import nbglm.sample
+
+    cfg = small_cfg("sampling.batch_cells=7")
+    whole = sample_heldout(model, data, cfg, seed=5)
+    monkeypatch.setattr(nbglm.sample, "_TRIM_BYTES", 1)
+    trimmed = sample_heldout(model, data, cfg, seed=5)
+    assert (whole.X != trimmed.X).nnz == 0 and whole.X.shape == trimmed.X.shape
+    assert whole.obs.equals(trimmed.obs)
