@@ -207,6 +207,28 @@ def test_a_baseline_model_refuses_the_vcc2026_profile():
     assert "\n" not in str(err.value)
 
 
+def test_normalise_ranks_as_the_log1p_cpm_of_every_entry():
+    """Ranking (row, distinct count) slots gives the ranks of every entry's log1p(CPM): with
+    repeated counts, counts above the slot table, fractional values, equal values in other rows
+    and an empty row."""
+    from nbglm.metrics.vcc2026_de import normalise, order_codes
+
+    rng = np.random.default_rng(4)
+    x = rng.poisson(2.0, (40, 60)).astype(np.float64)
+    x[3, :5] = [5000, 5000, 9000, 0.5, 2.25]  # beyond the table; fractional
+    x[7] = 0  # no counts
+    x[10] = x[11]  # equal rows: equal values in two rows
+    counts = sp.csr_matrix(x.astype(np.float32))
+    got = normalise(counts)
+    divisor = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel() / 1e6
+    divisor[divisor == 0] = 1.0
+    values = np.log1p(counts.data.astype(np.float64) / np.repeat(divisor, np.diff(counts.indptr)))
+    _, inverse = np.unique(values, return_inverse=True)
+    np.testing.assert_array_equal(got.ranked.data, (inverse + 1).astype(np.float32))
+    np.testing.assert_array_equal(got.ranked.indices, counts.indices)
+    np.testing.assert_array_equal(got.divisor, divisor)
+
+
 def test_order_codes_and_row_stacking_match_their_plain_numpy_forms():
     from nbglm.metrics.vcc2026 import _stack_rows
     from nbglm.metrics.vcc2026_de import order_codes

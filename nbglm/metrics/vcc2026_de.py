@@ -57,11 +57,14 @@ class Normalised:
 
 
 def normalise(counts: sp.csr_matrix) -> Normalised:
+    """A count's log1p(CPM) depends on its row and its value only, and a row holds few distinct
+    counts: the logarithms and the ranking run over (row, distinct count) slots, not every entry."""
     divisor = _row_totals(counts.data, counts.indptr) / CPM_TARGET
     divisor[divisor == 0] = 1.0
-    values = _divide_rows(counts.data, counts.indptr, divisor)
-    ranked = sp.csr_matrix((order_codes(np.log1p(values, out=values)), counts.indices, counts.indptr),
-                           shape=counts.shape)
+    slot = np.empty(counts.nnz, dtype=np.int32 if counts.nnz < 2**31 else np.int64)
+    cpm = _count_slots(counts.data, counts.indptr, divisor, slot)
+    codes = order_codes(np.log1p(cpm, out=cpm))  # numpy's log1p, as cell-eval2's (numba's differs in the last bit)
+    ranked = sp.csr_matrix((np.take(codes, slot), counts.indices, counts.indptr), shape=counts.shape)
     return Normalised(divisor, ranked)
 
 
@@ -74,14 +77,34 @@ def _row_totals(data, indptr):  # pragma: no cover - compiled
     return out
 
 
+_SLOT_TABLE = 4096  # counts below this share a slot per row; larger or fractional values get their own
+
+
 @numba.njit(cache=True)
-def _divide_rows(data, indptr, divisor):  # pragma: no cover - compiled
-    """float64 data / divisor[row] per stored entry (IEEE division: numpy's result, bit for bit)."""
-    out = np.empty(data.size)
+def _count_slots(data, indptr, divisor, slot):  # pragma: no cover - compiled
+    """Each stored entry's slot (written to `slot`) and each slot's CPM, float64(count) / divisor[row] (IEEE division:
+    numpy's result, bit for bit). Equal counts of a row share a slot; a value that is not a small
+    non-negative integer gets a slot of its own (equal values still rank together: the ranking
+    is by value)."""
+    values = np.empty(data.size)
+    owner = np.full(_SLOT_TABLE, -1, dtype=np.int64)  # the row whose slot table[c] holds
+    table = np.empty(_SLOT_TABLE, dtype=np.int64)
+    n_slots = 0
     for row in range(indptr.size - 1):
         for k in range(indptr[row], indptr[row + 1]):
-            out[k] = np.float64(data[k]) / divisor[row]
-    return out
+            v = np.float64(data[k])
+            c = int(v) if v >= 0.0 and v < _SLOT_TABLE else -1
+            if c >= 0 and c != v:
+                c = -1
+            if c >= 0 and owner[c] == row:
+                slot[k] = table[c]
+                continue
+            values[n_slots] = v / divisor[row]
+            if c >= 0:
+                owner[c], table[c] = row, n_slots
+            slot[k] = n_slots
+            n_slots += 1
+    return values[:n_slots]
 
 
 @numba.njit(cache=True)
