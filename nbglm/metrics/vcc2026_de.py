@@ -64,7 +64,8 @@ def normalise(counts: sp.csr_matrix) -> Normalised:
     slot = np.empty(counts.nnz, dtype=np.int32 if counts.nnz < 2**31 else np.int64)
     cpm = _count_slots(counts.data, counts.indptr, divisor, slot)
     codes = order_codes(np.log1p(cpm, out=cpm))  # numpy's log1p, as cell-eval2's (numba's differs in the last bit)
-    ranked = sp.csr_matrix((np.take(codes, slot), counts.indices, counts.indptr), shape=counts.shape)
+    ranked = sp.csr_matrix((_gather(codes, slot, np.empty(slot.size, codes.dtype)), counts.indices, counts.indptr),
+                           shape=counts.shape)
     return Normalised(divisor, ranked)
 
 
@@ -105,6 +106,14 @@ def _count_slots(data, indptr, divisor, slot):  # pragma: no cover - compiled
             slot[k] = n_slots
             n_slots += 1
     return values[:n_slots]
+
+
+@numba.njit(cache=True)
+def _gather(values, index, out):  # pragma: no cover - compiled
+    """out[k] = values[index[k]] (np.take would first widen int32 indices to a new int64 array)."""
+    for k in range(index.size):
+        out[k] = values[index[k]]
+    return out
 
 
 @numba.njit(cache=True)
