@@ -229,6 +229,23 @@ def test_normalise_ranks_as_the_log1p_cpm_of_every_entry():
     np.testing.assert_array_equal(got.divisor, divisor)
 
 
+def test_baseline_cells_normalised_from_their_distinct_rows_equal_the_whole_normalisation():
+    from nbglm.metrics.vcc2026 import _stack_rows, baseline_counts
+    from nbglm.metrics.vcc2026_de import normalise
+
+    rng = np.random.default_rng(5)
+    genes = np.array([f"G{i}" for i in range(50)], dtype=object)
+    labels = np.array(["ctrl"] * 12 + ["G1"] * 9 + ["G2"] * 9 + ["KO"] * 9)
+    counts = sp.csr_matrix(rng.poisson(1.5, (labels.size, genes.size)).astype(np.float32))
+    base = baseline_counts(counts, labels, "ctrl", genes)
+    assert base.rows.shape[0] < base.source.size  # cells drawn with replacement share rows
+    control = counts[labels == "ctrl"]
+    whole = normalise(_stack_rows(control, base.counts(), np.ones(base.source.size, dtype=bool)))
+    got = base.normalised_under(control)
+    np.testing.assert_array_equal(got.divisor, whole.divisor)
+    assert (got.ranked != whole.ranked).nnz == 0
+
+
 def test_order_codes_and_row_stacking_match_their_plain_numpy_forms():
     from nbglm.metrics.vcc2026 import _stack_rows
     from nbglm.metrics.vcc2026_de import order_codes

@@ -138,8 +138,9 @@ def _copy_rows(data, indices, indptr, picked, out_data, out_indices, out_start):
 
 def summarize(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str,
               ref_control: sp.csr_matrix | None = None, cells: Normalised | None = None) -> Side:
-    """Summary of one file; with `ref_control` the DE compares against those control cells instead;
-    `cells` is `normalise(counts)` when the caller holds it."""
+    """Summary of one file; with `ref_control` the DE compares against those control cells instead.
+    `cells`, when the caller holds it: the normalisation of the DE's rows, `counts` or, with
+    `ref_control`, `ref_control` above the perturbed rows of `counts`."""
     labels = np.array(sorted(set(cell_labels.tolist()) - {control}), dtype=object)
     codes = _codes(cell_labels, control, labels)
     ctrl = counts[codes == 0]
@@ -149,8 +150,8 @@ def summarize(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str,
     else:
         pert = codes > 0
         both = _stack_rows(ref_control, counts, pert)
-        de = de_table(both, normalise(both), np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]),
-                      labels)
+        de = de_table(both, cells if cells is not None else normalise(both),
+                      np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]), labels)
     return Side(labels, prof, de, sp.csr_matrix(ctrl))
 
 
@@ -172,7 +173,27 @@ def _nanmean(v: np.ndarray) -> float:
     return float(v[ok].mean()) if ok.any() else float("nan")
 
 
-def baseline_counts(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str, genes: np.ndarray, seed: int = 0):
+@dataclass(frozen=True)
+class BaselineCells:
+    """The baseline's cells: row i is `rows[source[i]]`, labelled `labels[i]`. Its cells are
+    control cells drawn with replacement, so few rows are distinct: the DE normalises those once."""
+
+    rows: sp.csr_matrix
+    source: np.ndarray
+    labels: np.ndarray
+
+    def counts(self) -> sp.csr_matrix:
+        return self.rows[self.source]
+
+    def normalised_under(self, control: sp.csr_matrix) -> Normalised:
+        """`normalise` of `control` above `counts()`, from the distinct rows (a row's normalised
+        values depend on that row alone, and the ranks on the distinct values only)."""
+        cells = normalise(sp.vstack([control, self.rows], format="csr"))
+        return cells.rows(np.concatenate([np.arange(control.shape[0]), control.shape[0] + self.source]))
+
+
+def baseline_counts(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str, genes: np.ndarray,
+                    seed: int = 0) -> BaselineCells:
     """cell-eval2's dispersed mean-response baseline: control cells drawn with replacement per
     perturbation (sorted labels, one generator) and scaled gene-wise to the mean perturbation profile."""
     labels = np.array(sorted(set(cell_labels.tolist()) - {control}), dtype=object)
@@ -194,10 +215,11 @@ def baseline_counts(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str
     rng = np.random.default_rng(seed)
     sizes = np.bincount(codes, minlength=labels.size + 1)[1:]
     source = np.concatenate([rng.integers(0, ctrl.shape[0], size=int(s)) for s in sizes])
-    out = sp.csr_matrix(ctrl[source], dtype=ctrl.dtype, copy=True)
-    out.data = (out.data * scale[out.indices]).astype(np.float32)
-    out.eliminate_zeros()
-    return out, np.repeat(labels, sizes)
+    drawn, source = np.unique(source, return_inverse=True)
+    rows = sp.csr_matrix(ctrl[drawn], dtype=ctrl.dtype, copy=True)
+    rows.data = (rows.data * scale[rows.indices]).astype(np.float32)
+    rows.eliminate_zeros()
+    return BaselineCells(rows, source, np.repeat(labels, sizes))
 
 
 def _halves(obs: pd.DataFrame, pert_col: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,8 +263,9 @@ def build_reference(real, *, pert_col: str, control: str) -> Reference:
         raise NbglmError(f"vcc2026: control label {control!r} not found in the real data's obs[{pert_col!r}]")
     cells = normalise(counts)
     side = summarize(counts, cell_labels, control, cells=cells)
-    b_counts, b_labels = baseline_counts(counts, cell_labels, control, genes)
-    b_side = summarize(b_counts, b_labels, control, ref_control=side.control_counts)
+    base = baseline_counts(counts, cell_labels, control, genes)
+    b_side = summarize(base.counts(), base.labels, control, ref_control=side.control_counts,
+                       cells=base.normalised_under(side.control_counts))
     baseline = compare(b_side, side, genes)["means"]
     replicate = replicate_anchor(counts, real.obs, pert_col, control, genes, side, cells)
     return Reference(DataIdentity.of(real, pert_col, control), genes, control, side, baseline, replicate)
