@@ -83,10 +83,10 @@ _SLOT_TABLE = 4096  # counts below this share a slot per row; larger or fraction
 
 @numba.njit(cache=True)
 def _count_slots(data, indptr, divisor, slot):  # pragma: no cover - compiled
-    """Each stored entry's slot (written to `slot`) and each slot's CPM, float64(count) / divisor[row] (IEEE division:
-    numpy's result, bit for bit). Equal counts of a row share a slot; a value that is not a small
-    non-negative integer gets a slot of its own (equal values still rank together: the ranking
-    is by value)."""
+    """Each stored entry's slot (written to `slot`) and each slot's CPM, float64(count) /
+    divisor[row] (IEEE division: numpy's result, bit for bit). Equal counts of a row share a slot;
+    a value that is not a small non-negative integer gets a slot of its own (equal values still
+    rank together: the ranking is by value)."""
     values = np.empty(data.size)
     owner = np.full(_SLOT_TABLE, -1, dtype=np.int64)  # the row whose slot table[c] holds
     table = np.empty(_SLOT_TABLE, dtype=np.int64)
