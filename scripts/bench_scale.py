@@ -29,6 +29,7 @@ import os
 import pickle
 import platform
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,8 +57,6 @@ class RssTrace:
     """This process's RSS every 20 ms on a thread, so that a call's peak can be split by phase."""
 
     def __init__(self) -> None:
-        import threading
-
         self.points: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
