@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pytest
 
 from nbglm.cli import main
@@ -57,6 +58,8 @@ def test_train_sample_eval_writes_the_full_bundle(tmp_path: Path, data: Dataset)
     assert load_config(b / "config.yaml") == tiny(tmp_path)  # the resolved config reruns as is
     pred = ad.read_h5ad(b / "preds" / "pred.h5ad")
     assert list(pred.var_names) == data.gene_names
+    values = pred.X.data
+    assert values.max() > 1 and np.array_equal(values, np.round(values))  # counts: the scoring's log1p is in memory only
     assert not list(b.rglob("*.tmp*"))  # no temp file left behind
     assert "overall=" in (b / "logs" / "run.log").read_text()
 
