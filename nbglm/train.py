@@ -39,7 +39,7 @@ from nbglm.data import PHASES, Dataset
 from nbglm.data.dataset import GroupSums
 from nbglm.data.summary import group_sums, phase_codes
 from nbglm.errors import NbglmError
-from nbglm.losses import LOSSES
+from nbglm.losses import LOSSES, nb_nll_sum
 from nbglm.model import CONTROL_IDX, LowRankNBGLM, group_perts
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,8 @@ class _Pseudobulk:
             return (self.n[:, None] * fn(log_mu, self.y / self.n[:, None])).sum() / self.n_elements
         log_mu = model(self.pert, self.s.log(), self.phase, self.groups)
         theta = model.theta * (self.s.square() / self.q)[:, None]
-        return fn(log_mu, self.y, theta).sum() / self.n_elements
+        total = nb_nll_sum(log_mu, self.y, theta) if name == "nb_nll" else fn(log_mu, self.y, theta).sum()
+        return total / self.n_elements
 
 
 def _progress_bar(enabled: bool | None, total: int):
