@@ -95,9 +95,19 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
     or, with sampling.control_cells=model, as many drawn from the model with no effect.
 
     Returns float32 CSR integer counts, genes in training order, obs[pert_col] = perturbation
-    (the control label for control cells). Cells are drawn in batches of
-    sampling.batch_cells, so memory is bounded by batch_cells x n_genes whatever the total.
+    (the control label for control cells). See `sample_blocks` for the same cells a block at a time.
     """
+    obs, blocks = sample_blocks(model, data, cfg, seed)
+    x = _stack(list(blocks))
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(model.gene_names)))
+
+
+def sample_blocks(model: LowRankNBGLM, data: Dataset, cfg: Config,
+                  seed: int) -> tuple[pd.DataFrame, Iterator[sp.csr_matrix]]:
+    """The cells of `sample_heldout` as (their obs, an iterator of float32 CSR row blocks): cells are
+    drawn in batches of sampling.batch_cells as the iterator is read, so memory is bounded by
+    batch_cells x n_genes whatever the total, and a caller that writes each block to disk never
+    holds the prediction. Every check runs before this returns."""
     scfg = cfg.sampling
     model.check_genes(data.gene_names)
     perts = [str(p) for p in data.heldout["target_gene"]]
@@ -116,18 +126,19 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
         raise NbglmError(f"held-out perturbation {bad} has n_cells < 1 or median_umi_per_cell <= 0 in the held-out list")
 
     rng = np.random.default_rng(seed)
-    was_training = model.training
-    model.eval()
-    profile = (model.log_mu_ctrl + model.effects(pert_idx)).cpu()  # log mean at unit size factor, G1
-    cycle = None if model.cycle is None else torch.nn.functional.pad(model.cycle, (1, 0)).T.cpu()
-    theta = model.theta.cpu().numpy().astype(np.float32)
-    model.train(was_training)
+    with torch.inference_mode():
+        was_training = model.training
+        model.eval()
+        profile = (model.log_mu_ctrl + model.effects(pert_idx)).cpu()  # log mean at unit size factor, G1
+        cycle = None if model.cycle is None else torch.nn.functional.pad(model.cycle, (1, 0)).T.cpu()
+        theta = model.theta.cpu().numpy().astype(np.float32)
+        model.train(was_training)
     labels = np.array(perts, dtype=object)
     if scfg.control_cells == "model":  # one more group: no effect, the real controls' count and depth
         if ctrl_median is None:
             raise NbglmError("sampling.control_cells=model draws as many control cells as the data has, but it "
                              "has none; add control cells or set sampling.control_cells=real")
-        profile = torch.cat([profile, model.log_mu_ctrl.cpu()[None]])
+        profile = torch.cat([profile, model.log_mu_ctrl.detach().cpu()[None]])
         n_cells, medians = np.append(n_cells, ctrl_totals.size), np.append(medians, ctrl_median)
         labels = np.append(labels, data.control)
 
@@ -137,29 +148,29 @@ def sample_heldout(model: LowRankNBGLM, data: Dataset, cfg: Config, seed: int) -
              if cycle is not None else None)
     gamma = scfg.sampler == "gp_mixture" or scfg.gamma_heterogeneity.enable
     r0 = scfg.gamma_heterogeneity.r0
-
-    blocks = []
-    for start in range(0, len(cell_pert), scfg.batch_cells):
-        sl = slice(start, start + scfg.batch_cells)
-        log_mu = profile[cell_pert[sl]]
-        if cycle is not None:
-            log_mu = log_mu + cycle[phase[sl]]
-        scale = depth[sl] * (rng.gamma(r0, 1.0 / r0, len(depth[sl])) if gamma else 1.0)
-        mu = torch.softmax(log_mu, dim=1).numpy()  # in place from here: a batch is ~16 B per cell x gene
-        mu *= scale[:, None].astype(np.float32)
-        if scfg.sampler == "nb":
-            mu /= theta
-            mu *= rng.standard_gamma(np.broadcast_to(theta, mu.shape), dtype=np.float32)
-        counts = rng.poisson(mu)
-        del mu, log_mu
-        blocks.append(sp.csr_matrix(counts).astype(np.float32))
-        del counts
-
     obs = pd.DataFrame({data.pert_col: labels[cell_pert]}, index=[f"pred_{i}" for i in range(len(cell_pert))])
-    if scfg.control_cells == "real":
-        controls = data.control_cells()
-        blocks.append(sp.csr_matrix(controls.X, dtype=np.float32))
+    controls = data.control_cells() if scfg.control_cells == "real" else None
+    if controls is not None:
         obs = pd.concat([obs, pd.DataFrame({data.pert_col: data.control}, index=controls.obs_names.astype(str))])
-    x = _stack(blocks)
     obs[data.pert_col] = pd.Categorical(obs[data.pert_col])
-    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(model.gene_names)))
+
+    def blocks() -> Iterator[sp.csr_matrix]:
+        for start in range(0, len(cell_pert), scfg.batch_cells):
+            sl = slice(start, start + scfg.batch_cells)
+            log_mu = profile[cell_pert[sl]]
+            if cycle is not None:
+                log_mu = log_mu + cycle[phase[sl]]
+            scale = depth[sl] * (rng.gamma(r0, 1.0 / r0, len(depth[sl])) if gamma else 1.0)
+            mu = torch.softmax(log_mu, dim=1).numpy()  # in place from here: a batch is ~16 B per cell x gene
+            mu *= scale[:, None].astype(np.float32)
+            if scfg.sampler == "nb":
+                mu /= theta
+                mu *= rng.standard_gamma(np.broadcast_to(theta, mu.shape), dtype=np.float32)
+            counts = rng.poisson(mu)
+            del mu, log_mu
+            yield sp.csr_matrix(counts).astype(np.float32)
+            del counts
+        if controls is not None:
+            yield sp.csr_matrix(controls.X, dtype=np.float32)
+
+    return obs, blocks()

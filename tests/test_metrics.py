@@ -31,7 +31,9 @@ from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.io import read_counts_for_eval
 from nbglm.metrics.radix import _BUCKET_KEYS, radix_is_faster, radix_sort, sort_keys
 from nbglm.cli import main
-from nbglm.metrics.vcc import group_codes
+from nbglm.metrics.vcc import group_codes, summarize_rows
+from nbglm.data.io import write_h5ad_rows
+from nbglm.data.rows import OnDisk, Rows
 
 import cell_eval  # dev dependency: the reference implementation
 
@@ -250,7 +252,7 @@ def test_rank_sum_radix_and_numpy_sorts_agree(block_keys: int, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("window_keys", [1, 150, 1000])
-def test_rank_sum_in_windows_of_genes_equals_one_window(window_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rank_sum_in_windows_of_genes_equals_one_window(window_keys: int) -> None:
     """A matrix ranked a window of genes at a time (one gene per window, windows cut between
     all-zero genes, a few windows) gives the statistics of one pass over all genes."""
     rng = np.random.default_rng(window_keys)
@@ -263,14 +265,13 @@ def test_rank_sum_in_windows_of_genes_equals_one_window(window_keys: int, monkey
         ref = mannwhitneyu(x[groups == 2, j], x[groups == 0, j], method="asymptotic", use_continuity=True)
         assert whole.u_statistic[1, j] == ref.statistic
     assert len(nbglm.metrics.de.gene_windows(np.count_nonzero(x, axis=0), 1 << 25)) == 1
-    monkeypatch.setattr(nbglm.metrics.de, "_WINDOW_KEYS", window_keys)
     n_windows = len(nbglm.metrics.de.gene_windows(np.count_nonzero(x, axis=0), window_keys))
     assert n_windows > 1
     a = sp.csr_matrix(x)
     backwards = np.concatenate([np.arange(a.indptr[r + 1] - 1, a.indptr[r] - 1, -1) for r in range(a.shape[0])])
     unsorted = sp.csr_matrix((a.data[backwards], a.indices[backwards], a.indptr), shape=a.shape)
     for matrix in (a, unsorted):  # a window is a run of each row's entries: unsorted rows are sorted first
-        windowed = rank_sum_test(matrix, groups, 4)
+        windowed = rank_sum_test(matrix, groups, 4, max_keys=window_keys)
         for name in ("u_statistic", "pvalue", "group_sums", "tie_term"):
             np.testing.assert_array_equal(getattr(windowed, name), getattr(whole, name), err_msg=name)
     assert not unsorted.has_sorted_indices
@@ -390,6 +391,27 @@ def test_overwriting_inputs_gives_the_same_scores_and_leaves_log1p_values() -> N
         np.testing.assert_array_equal(p.X.data, to_log1p(pred, "pred").data)
         np.testing.assert_array_equal(r.X.data, (to_log1p(real, "real") if overwrite_real else real.X).data)
         np.testing.assert_array_equal(train.X.data, train_x.data)  # train is never overwritten
+
+
+@pytest.mark.parametrize("block_entries", [1, 2_000, 1 << 30])
+def test_prediction_read_from_disk_in_blocks_gives_the_same_summary(block_entries: int, tmp_path: Path) -> None:
+    """A prediction written in row blocks and summarised from its file a few perturbations at a time
+    (one per block, a few, all) equals the summary of the whole matrix in memory, array for array;
+    cells shuffled, so perturbations and controls are scattered over the file."""
+    pred = make_counts(43, floor=True)
+    pred = pred[np.random.default_rng(0).permutation(pred.n_obs)].copy()
+    path = tmp_path / "pred.h5ad"
+    totals = write_h5ad_rows(path, pred.obs, pred.var, (pred.X[i:i + 23] for i in range(0, pred.n_obs, 23)))
+    np.testing.assert_array_equal(totals, np.asarray(pred.X.sum(axis=1, dtype=np.float64)).ravel())
+    assert (ad.read_h5ad(path).X != pred.X).nnz == 0
+    expected = summarize_adata(pred, "target_gene", CONTROL, "pred")
+    counts = Rows(OnDisk(path), counts_totals=totals)
+    got = summarize_rows(counts, pred, "target_gene", CONTROL, "pred", block_entries=block_entries)
+    for name in expected.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
+    real = make_counts(44, floor=True)
+    on_disk = evaluate(ad.AnnData(obs=pred.obs, var=pred.var), real.copy(), control=CONTROL, pred_counts=counts)
+    assert on_disk == evaluate(pred, real, control=CONTROL)
 
 
 def test_baseline_vector_matches_cell_eval() -> None:

@@ -1,19 +1,24 @@
-"""Reading and validating Perturb-seq counts and held-out lists; every problem is one NbglmError line."""
+"""Reading and validating Perturb-seq counts and held-out lists (every problem is one NbglmError
+line), and writing an h5ad whose matrix arrives in row blocks."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import sparse_dataset, write_elem
 
 from nbglm.data.rows import OnDisk, Rows
 from nbglm.errors import NbglmError
 
 VAL_COLUMNS = ("target_gene", "n_cells", "median_umi_per_cell")
+_H5_CHUNK = 1 << 18  # values per HDF5 chunk of a matrix written in row blocks (1 MiB of float32)
 
 
 def _examples(items, n: int = 5) -> str:
@@ -209,3 +214,26 @@ def describe(adata: ad.AnnData, pert_col: str, control: str) -> str:
     zeros = 100.0 * (1.0 - nnz / max(1, n_cells * n_genes))
     return (f"{n_cells} cells x {n_genes} genes, {len(pert_labels(adata, pert_col, control))} perturbations "
             f"+ {n_ctrl} control cells, median {np.median(totals):.0f} UMI/cell, {zeros:.1f}% zeros")
+
+
+def write_h5ad_rows(path: str | Path, obs: pd.DataFrame, var: pd.DataFrame,
+                    blocks: Iterable[sp.csr_matrix]) -> np.ndarray:
+    """Write an h5ad file whose X (CSR, float32) arrives as row blocks, appended one at a time, so
+    that a matrix larger than memory never exists whole; returns each row's total (float64).
+    The blocks' rows must add up to `obs`'s."""
+    ad.AnnData(obs=obs, var=var).write_h5ad(path)
+    totals = []
+    with h5py.File(path, "a") as f:
+        x = None
+        for block in blocks:
+            block = sp.csr_matrix(block, dtype=np.float32)
+            totals.append(np.asarray(block.sum(axis=1, dtype=np.float64)).ravel())
+            if x is None:
+                write_elem(f, "X", block, dataset_kwargs={"chunks": (_H5_CHUNK,)})
+                x = sparse_dataset(f["X"])
+            else:
+                x.append(block)
+    out = np.concatenate(totals) if totals else np.zeros(0)
+    if out.size != len(obs):
+        raise ValueError(f"write_h5ad_rows: {out.size} rows written for {len(obs)} cells")
+    return out

@@ -159,16 +159,17 @@ class Rows:
         return out
 
     def take(self, check: Callable[[np.ndarray], None] | None = None,
-             transform: Callable[[sp.csr_matrix], Any] | None = None) -> sp.csr_matrix:
+             transform: Callable[[sp.csr_matrix], Any] | None = None,
+             out: tuple[np.ndarray, np.ndarray] | None = None) -> sp.csr_matrix:
         """The rows as one CSR, written chunk by chunk into arrays allocated once: float32 counts,
         or `transform(chunk)` of each chunk (same stored entries, e.g. normalised values) in the
-        dtype it returns."""
+        dtype it returns; `out`: (values, indices) arrays to write into instead (see `stack_csr`)."""
         blocks = ((pos, block if transform is None else sp.csr_matrix(transform(block)))
                   for pos, block in self.chunks(check))
-        return stack_csr(blocks, self.shape, self.nnz(), np.float32 if transform is None else None)
+        return stack_csr(blocks, self.shape, self.nnz(), np.float32 if transform is None else None, out)
 
-    def nnz(self) -> int:
-        """Stored entries of these rows: from the row pointers where there are some, else by a pass."""
+    def row_nnz(self) -> np.ndarray | None:
+        """Stored entries of each of these rows, from the row pointers; None where there are none."""
         if sp.issparse(self.x):
             per_row = np.diff(sp.csr_matrix(self.x).indptr) if self.x.format == "csr" else None
         elif isinstance(self.x, OnDisk):
@@ -177,19 +178,27 @@ class Rows:
             per_row = np.diff(self.x.group["indptr"][:])
         else:
             per_row = None
-        if per_row is None:
-            return sum(block.nnz for _, block in self.chunks())
-        return int(per_row.sum() if self.rows is None else per_row[self.rows].sum())
+        return per_row if per_row is None or self.rows is None else per_row[self.rows]
+
+    def nnz(self) -> int:
+        """Stored entries of these rows: from the row pointers where there are some, else by a pass."""
+        per_row = self.row_nnz()
+        return sum(block.nnz for _, block in self.chunks()) if per_row is None else int(per_row.sum())
 
 
 def stack_csr(blocks: Iterable[tuple[int, sp.csr_matrix]], shape: tuple[int, int], nnz: int,
-              dtype: np.dtype | type | None) -> sp.csr_matrix:
+              dtype: np.dtype | type | None, out: tuple[np.ndarray, np.ndarray] | None = None) -> sp.csr_matrix:
     """CSR row blocks, (first row, block), written into one CSR whose arrays are allocated once
     (`nnz` entries; values in `dtype`, or the first block's when None): never a second copy of the
-    result, as `sp.vstack` makes while it holds the blocks."""
+    result, as `sp.vstack` makes while it holds the blocks. `out`: (values, indices) arrays of at
+    least `nnz` entries, reused by a caller that stacks many matrices in turn; the result's arrays
+    are views of their first `nnz` entries."""
     n_rows, n_cols = shape
-    data = None if dtype is None else np.empty(nnz, dtype)
-    indices = np.empty(nnz, np.int32 if n_cols < 2**31 else np.int64)
+    if out is not None:
+        data, indices = out[0][:nnz], out[1][:nnz]
+    else:
+        data = None if dtype is None else np.empty(nnz, dtype)
+        indices = np.empty(nnz, np.int32 if n_cols < 2**31 else np.int64)
     indptr = np.zeros(n_rows + 1, np.int32 if nnz < 2**31 else np.int64)
     end = 0
     for pos, block in blocks:
@@ -199,7 +208,13 @@ def stack_csr(blocks: Iterable[tuple[int, sp.csr_matrix]], shape: tuple[int, int
             raise NbglmError("the count matrix changed while it was read; read it again")
         data[begin:end], indices[begin:end] = block.data, block.indices
         indptr[pos + 1:pos + 1 + block.shape[0]] = block.indptr[1:] + begin
-    return sp.csr_matrix((np.empty(0, np.float32) if data is None else data, indices, indptr), shape=shape)
+    if data is None:
+        data = np.empty(0, np.float32)
+    if out is None:
+        return sp.csr_matrix((data, indices, indptr), shape=shape)
+    x = sp.csr_matrix(shape, dtype=data.dtype)  # set, not passed: the constructor copies views
+    x.data, x.indices, x.indptr = data, indices, indptr
+    return x
 
 
 def row_chunks(x: Any) -> Iterator[tuple[int, sp.csr_matrix]]:

@@ -271,7 +271,8 @@ def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, out: tuple[np.ndarra
 
 
 def rank_sum_test(
-    x: Matrix, groups: np.ndarray, n_groups: int, group_weights: np.ndarray | None = None
+    x: Matrix, groups: np.ndarray, n_groups: int, group_weights: np.ndarray | None = None,
+    max_keys: int = _WINDOW_KEYS,
 ) -> RankSum:
     """Mann-Whitney U test of every group against group 0 (control) for every gene.
 
@@ -280,14 +281,14 @@ def rank_sum_test(
     identical cells each row of group g stands for, so a group of identical cells can be one row.
     Returns (n_groups - 1, genes) arrays for groups 1.. in order, equal to
     ``scipy.stats.mannwhitneyu(pert, control, method="asymptotic", use_continuity=True)``
-    (U of the perturbation) as pdex computes it.
+    (U of the perturbation) as pdex computes it. `max_keys`: the most keys packed at once (8 bytes each).
     """
     groups = np.asarray(groups, dtype=np.int64)
     x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
     layout = key_layout(x, groups, n_groups)
-    windows = gene_windows(layout.entries, _WINDOW_KEYS)
+    windows = gene_windows(layout.entries, max_keys)
     if len(windows) > 1 and not x.has_sorted_indices:  # a window is a run of each row's entries
         x = x.sorted_indices()
         layout = key_layout(x, groups, n_groups)

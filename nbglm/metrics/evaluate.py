@@ -20,7 +20,8 @@ from nbglm.metrics.de_cache import META, GroundTruthCache, build_de_cache, load_
 from nbglm.metrics.registry import profiles
 from nbglm.metrics.vcc2026 import PROFILE as PROFILE_2026
 from nbglm.metrics.vcc2026 import Reference, build_reference, evaluate_vcc2026
-from nbglm.metrics.vcc import PROFILE, baseline_summary, check_pair, overall_score, scaled_scores, score, summarize_adata
+from nbglm.metrics.vcc import (PROFILE, baseline_summary, check_pair, overall_score, scaled_scores, score,
+                               summarize_adata, summarize_rows)
 
 
 def evaluate(
@@ -34,6 +35,7 @@ def evaluate(
     profile: str = PROFILE,
     overwrite_pred: bool = False,
     overwrite_real: bool = False,
+    pred_counts: Rows | None = None,
 ) -> dict[str, Any]:
     """The metrics of `profile`; for vcc2026 see :func:`nbglm.metrics.vcc2026.evaluate_vcc2026`
     (its baseline comes from `real`, so `train` is not used). For vcc2025:
@@ -46,9 +48,13 @@ def evaluate(
     The result holds only str, int, float, None, lists and dicts (JSON-able).
     `overwrite_pred` / `overwrite_real`: the caller is done with that AnnData, so the vcc2025 profile
     may normalise its float CSR matrix in place (X's values become log1p) instead of into a copy.
+    `pred_counts`: pred's counts when pred.X is None (a prediction written to disk, `Rows` of its
+    file): vcc2025 reads them a block of perturbations at a time, so the prediction is never in memory.
     """
     _check_profile(profile, cache)
     if profile != PROFILE:
+        if pred_counts is not None:
+            pred = ad.AnnData(X=pred_counts.take(), obs=pred.obs, var=pred.var)
         return evaluate_vcc2026(pred, real, pert_col=pert_col, control=control, cache=cache)
     check_pair(pred, real, pert_col, control)
     if cache is None:  # the baseline is scored with it: real's log1p control cells are at hand there
@@ -56,7 +62,10 @@ def evaluate(
         train = None
     else:
         cache.check(real, pert_col, control)
-    pred_summary = summarize_adata(pred, pert_col, control, "pred", overwrite_pred)
+    if pred_counts is None:
+        pred_summary = summarize_adata(pred, pert_col, control, "pred", overwrite_pred)
+    else:
+        pred_summary = summarize_rows(pred_counts, pred, pert_col, control, "pred")
 
     scores = score(pred_summary, cache.real)
     means = {name: result.mean for name, result in scores.items()}
