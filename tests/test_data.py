@@ -410,6 +410,27 @@ def test_read_counts_reads_the_matrix_in_chunks_into_float32_csr(tmp_path: Path,
             read(path, "target_gene", "ctrl")
 
 
+def test_chunks_hold_at_most_chunk_entries_unless_one_row_has_more(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dense rows make short chunks (their copies stay small); a row with more entries than the bound
+    is a chunk of its own; the chunks still cover every selected row once, in memory and on disk."""
+    from nbglm.data.rows import OnDisk, Rows
+
+    monkeypatch.setattr("nbglm.data.rows.CHUNK_ENTRIES", 40)
+    rng = np.random.default_rng(3)
+    x = sp.csr_matrix(rng.poisson(rng.uniform(0.05, 3, (60, 1)), (60, 80)).astype(np.float32))
+    assert np.diff(x.indptr).max() > 40 and x.nnz > 10 * 40
+    path = tmp_path / "x.h5ad"
+    ad.AnnData(X=x).write_h5ad(path)
+    for matrix in (x, OnDisk(path)):
+        for rows in (Rows(matrix), Rows(matrix).subset(np.arange(60) % 4 != 1)):
+            chunks = list(rows.chunks())
+            assert all(block.nnz <= 40 or block.shape[0] == 1 for _, block in chunks)
+            assert [pos for pos, _ in chunks] == list(np.cumsum([0] + [b.shape[0] for _, b in chunks[:-1]]))
+            expected = x.toarray() if rows.rows is None else x.toarray()[rows.rows]
+            np.testing.assert_array_equal(rows.take().toarray(), expected)
+
+
 def test_chunks_of_an_in_memory_csr_are_views_and_unsorted_rows_are_sorted_copies(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from nbglm.data.rows import Rows

@@ -24,7 +24,9 @@ import scipy.sparse as sp
 
 from nbglm.errors import NbglmError
 
-CHUNK_ROWS = 4096  # rows per chunk: a chunk's float64 and log1p transients stay ~100 MB at 18,080 genes
+CHUNK_ROWS = 4096  # rows per chunk ...
+CHUNK_ENTRIES = 1 << 21  # ... and at most about this many stored entries (8 MiB per float32 array), so that a
+# chunk's copies (read, subset, normalised) stay a few tens of MB however dense the rows
 
 
 class OnDisk:
@@ -56,10 +58,10 @@ class OnDisk:
                 self._indptr = self._x["indptr"][:]
         return self._x
 
-    def row_nnz(self) -> np.ndarray | None:
-        """Stored entries per row (CSR files), without reading the values."""
+    def indptr(self) -> np.ndarray | None:
+        """The row pointers (CSR files), without reading the values."""
         self._open()
-        return None if self._indptr is None else np.diff(self._indptr)
+        return self._indptr
 
     def __getitem__(self, rows: slice) -> sp.csr_matrix | np.ndarray:
         x = self._open()
@@ -115,10 +117,9 @@ class Rows:
     def chunks(self, check: Callable[[np.ndarray], None] | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
         """(position of the chunk's first row among self's rows, the chunk as CSR with sorted
         indices); `check` sees each chunk's stored values as read, before any conversion."""
-        n = self.x.shape[0]
+        starts = self._window_starts()
         done = 0  # rows of self yielded so far
-        for window in range(0, n, CHUNK_ROWS):
-            lo, hi = window, min(window + CHUNK_ROWS, n)
+        for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist()):
             take = None
             if self.rows is not None:  # the selected rows in this window; only their span is read
                 end = done + int(np.searchsorted(self.rows[done:], hi))
@@ -135,6 +136,30 @@ class Rows:
             block.sort_indices()
             yield (lo if take is None else done), block
             done += block.shape[0]
+
+    def _window_starts(self) -> np.ndarray:
+        """Rows of the matrix where its chunks begin, and its row count: chunks of at most `CHUNK_ROWS`
+        rows and, where the row pointers are known, `CHUNK_ENTRIES` stored entries (or one row)."""
+        n, indptr = self.x.shape[0], self._indptr()
+        starts, lo = [], 0
+        while lo < n:
+            starts.append(lo)
+            hi = min(lo + CHUNK_ROWS, n)
+            if indptr is not None:
+                fits = int(np.searchsorted(indptr, np.int64(indptr[lo]) + CHUNK_ENTRIES, side="right")) - 1
+                hi = min(hi, max(lo + 1, fits))
+            lo = hi
+        return np.array([*starts, n], dtype=np.int64)
+
+    def _indptr(self) -> np.ndarray | None:
+        """The whole matrix's row pointers, where it has them (CSR in memory, on disk or anndata-backed)."""
+        if sp.issparse(self.x):
+            return self.x.indptr if self.x.format == "csr" else None
+        if isinstance(self.x, OnDisk):
+            return self.x.indptr()
+        if hasattr(self.x, "group"):  # an anndata-backed CSR
+            return self.x.group["indptr"][:]
+        return None
 
     def _window(self, lo: int, hi: int) -> Any:
         """Rows lo:hi of the matrix; of an in-memory CSR with sorted indices a view of its arrays
@@ -170,15 +195,11 @@ class Rows:
 
     def row_nnz(self) -> np.ndarray | None:
         """Stored entries of each of these rows, from the row pointers; None where there are none."""
-        if sp.issparse(self.x):
-            per_row = np.diff(sp.csr_matrix(self.x).indptr) if self.x.format == "csr" else None
-        elif isinstance(self.x, OnDisk):
-            per_row = self.x.row_nnz()
-        elif hasattr(self.x, "group"):  # an anndata-backed CSR
-            per_row = np.diff(self.x.group["indptr"][:])
-        else:
-            per_row = None
-        return per_row if per_row is None or self.rows is None else per_row[self.rows]
+        indptr = self._indptr()
+        if indptr is None:
+            return None
+        per_row = np.diff(indptr)
+        return per_row if self.rows is None else per_row[self.rows]
 
     def nnz(self) -> int:
         """Stored entries of these rows: from the row pointers where there are some, else by a pass."""
