@@ -260,3 +260,18 @@ def test_order_codes_and_row_stacking_match_their_plain_numpy_forms():
     rows = rng.random(30) < 0.5
     stacked = _stack_rows(top, x, rows)
     np.testing.assert_array_equal(stacked.toarray(), sp.vstack([top, x[rows]]).toarray())
+
+
+def test_a_prediction_on_disk_scores_as_in_memory(tmp_path):
+    """`evaluate(..., pred_counts=Rows of the file)` (how a run scores the pred.h5ad it sampled to
+    disk) gives the vcc2026 numbers of the prediction in memory."""
+    from nbglm.data.io import write_h5ad_rows
+    from nbglm.data.rows import OnDisk, Rows
+    from nbglm.metrics import evaluate
+
+    real, pred = make_pair(1, 2, 5)
+    path = tmp_path / "pred.h5ad"
+    totals = write_h5ad_rows(path, pred.obs, pred.var, (pred.X[i:i + 64] for i in range(0, pred.n_obs, 64)))
+    on_disk = evaluate(ad.AnnData(obs=pred.obs, var=pred.var), real, pert_col="target", control="non-targeting",
+                       profile="vcc2026", pred_counts=Rows(OnDisk(path), counts_totals=totals))
+    assert on_disk == evaluate(pred, real, pert_col="target", control="non-targeting", profile="vcc2026")
