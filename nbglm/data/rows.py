@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from nbglm.errors import NbglmError
 
 CHUNK_ROWS = 4096  # rows per chunk ...
-CHUNK_ENTRIES = 1 << 21  # ... and at most about this many stored entries (8 MiB per float32 array), so that a
+CHUNK_ENTRIES = 1 << 20  # ... and at most about this many stored entries (4 MiB per float32 array), so that a
 # chunk's copies (read, subset, normalised) stay a few tens of MB however dense the rows
 
 

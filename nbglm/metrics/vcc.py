@@ -26,7 +26,7 @@ from nbglm.metrics.de import benjamini_hochberg, gene_windows, log2_fold_change,
 from nbglm.metrics.registry import Metric, metric, profile_metrics, register
 
 FDR_THRESHOLD = 0.05
-BLOCK_ENTRIES = 1 << 24  # stored entries of the perturbations ranked at once by `summarize_rows` (128 MiB) ...
+BLOCK_ENTRIES = 1 << 23  # stored entries of the perturbations ranked at once by `summarize_rows` (64 MiB) ...
 BLOCK_KEYS = 1 << 22  # ... and the DE keys it packs at once (32 MiB)
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
 _FRACTION_EPS = 1e-3  # cell-eval calls data with a fractional part above this "not counts"
