@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import typing
@@ -27,6 +28,18 @@ def _imported(*argv: str) -> set[str]:
                                   ["report", "--help"], ["split", "--help"]])
 def test_help_imports_no_heavy_library(argv: list[str]) -> None:
     assert not _imported(*argv) & set(HEAVY)
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_importing_nbglm_puts_torch_on_huge_pages_unless_the_user_chose(preset: str | None) -> None:
+    """`import nbglm` sets THP_MEM_ALLOC_ENABLE=1 before torch reads it (docs/scaling.md: lower
+    peaks in a unit), and keeps a value the user set."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, nbglm; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == (preset or "1")
 
 
 def test_launch_py_is_nbglm_sweep(capsys: pytest.CaptureFixture[str]) -> None:
