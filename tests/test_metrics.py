@@ -251,6 +251,39 @@ def test_rank_sum_radix_and_numpy_sorts_agree(block_keys: int, monkeypatch: pyte
             assert results[0].u_statistic[g - 1, j] == ref.statistic
 
 
+@pytest.mark.parametrize("radix", [True, False])
+@pytest.mark.parametrize("block_keys", [16, 1 << 15])
+def test_ranking_against_a_control_sorted_once_equals_ranking_them_together(
+        radix: bool, block_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rank_control + rank_sum_against (the control's keys sorted once, read in two passes over its
+    chunks; each block's entries merged into them) give rank_sum_test's statistics of the stacked
+    matrix bit for bit: ties across control and perturbations (few distinct log1p values), genes
+    with no entries, windows of genes, both sorts, blocks with fewer groups than the control allows."""
+    monkeypatch.setattr(nbglm.metrics.de, "radix_is_faster", lambda: radix)
+    monkeypatch.setattr(nbglm.metrics.de, "_BLOCK_KEYS", block_keys)
+    rng = np.random.default_rng(block_keys)
+    n_ctrl, n_genes = 80, 50
+    counts = rng.poisson(rng.gamma(0.5, 2.0, n_genes), (n_ctrl + 120, n_genes)).astype(np.float32)
+    counts[:, 7] = 0.0  # a gene with no entries
+    counts[n_ctrl:, 9] = 0.0  # a gene only the control expresses
+    x = np.log1p(counts * rng.choice([0.5, 1.0, 2.0], (counts.shape[0], 1))).astype(np.float32)
+    ctrl = sp.csr_matrix(x[:n_ctrl])
+    ranked = nbglm.metrics.de.rank_control(lambda: (ctrl[i:i + 13] for i in range(0, n_ctrl, 13)), n_genes, 9)
+    for groups in (np.repeat([1, 2, 3, 4], 30), np.repeat([1, 2], [100, 20])):
+        stacked = rank_sum_test(sp.csr_matrix(x), np.concatenate([np.zeros(n_ctrl, np.int64), groups]), groups.max() + 1)
+        for max_keys in (1 << 25, 40):
+            got = nbglm.metrics.de.rank_sum_against(ranked, sp.csr_matrix(x[n_ctrl:]), groups, groups.max() + 1,
+                                                    max_keys=max_keys)
+            for name in ("u_statistic", "pvalue", "tie_term"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(stacked, name), err_msg=name)
+            np.testing.assert_array_equal(got.group_sums[1:], stacked.group_sums[1:])
+            np.testing.assert_allclose(got.group_sums[0], stacked.group_sums[0], rtol=1e-12)  # another summation order
+    with pytest.raises(ValueError, match="group bits"):
+        nbglm.metrics.de.rank_sum_against(ranked, sp.csr_matrix(x[n_ctrl:]), np.arange(120) % 20 + 1, 21)
+    with pytest.raises(ValueError, match="float32"):
+        nbglm.metrics.de.rank_control(lambda: [ctrl.astype(np.float64)], n_genes, 3)
+
+
 @pytest.mark.parametrize("window_keys", [1, 150, 1000])
 def test_rank_sum_in_windows_of_genes_equals_one_window(window_keys: int) -> None:
     """A matrix ranked a window of genes at a time (one gene per window, windows cut between

@@ -28,6 +28,7 @@ import math
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numba
@@ -36,7 +37,7 @@ import scipy.sparse as sp
 from scipy.special import erfc
 
 from nbglm.metrics.buffers import borrowed
-from nbglm.metrics.radix import radix_is_faster, sort_keys
+from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
 
 _BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
 _MAX_BLOCKS = 256  # ... but at most this many: more write cursors slow the scatter more than
@@ -154,6 +155,41 @@ def _scan(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma:
 
 
 @numba.njit(nogil=True, cache=True)
+def _merge_scan(keys, ctrl_keys, ctrl_start, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover
+    """`_scan` of the sorted union of `keys` (perturbation entries, sorted) and the control's sorted
+    keys, reading the control's without merging them: at a perturbation entry, the control entries
+    of its gene below its value (`lt`) and at most its value (`le`) are two pointers that only move
+    forward. Only the perturbation groups are updated (the control's own count and tie term come
+    from `rank_control`); the sums run in `_scan`'s order, so the results are its, bit for bit."""
+    mask = (np.int64(1) << group_bits) - 1
+    w0 = group_w[0]
+    gene, prev = np.int64(-1), np.int64(-1)
+    base, end, lt, le, run = 0, 0, 0, 0, 0
+    for i in range(keys.size):
+        key = keys[i]
+        if key >> gene_shift != gene:
+            gene = key >> gene_shift
+            base, end = ctrl_start[gene], ctrl_start[gene + 1]
+            lt, le = base, base
+        value = key >> group_bits
+        while lt < end and (ctrl_keys[lt] >> group_bits) < value:
+            lt += 1
+        le = max(le, lt)
+        while le < end and (ctrl_keys[le] >> group_bits) <= value:
+            le += 1
+        run = run + 1 if key == prev else 1
+        g = key & mask
+        w = group_w[g]
+        ctrl, ctrl_block = (le - base) * w0, (lt - base) * w0
+        t1 = run * w + (ctrl - ctrl_block)
+        t0 = t1 - w
+        count[gene, g] += 1
+        below[gene, g] += w * 0.5 * (ctrl + ctrl_block)
+        ties[gene, g] += (t1 * t1 * t1 - t1) - (t0 * t0 * t0 - t0)
+        prev = key
+
+
+@numba.njit(nogil=True, cache=True)
 def _radix_sort_and_scan(keys, edges, scratch, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover
     """Blocks ``keys[edges[i]:edges[i + 1]]`` one after the other: radix sorted, then scanned
     while still in cache."""
@@ -244,30 +280,55 @@ def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tu
     return PackedKeys(keys, np.append(start[0], n_keys), layout.gene_shift, layout.group_bits)
 
 
-def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, out: tuple[np.ndarray, ...]) -> None:
-    """Sort and scan every block on the thread pool, adding to `out`: (genes x groups) nonzero
-    counts, control entries below, and tie terms (see :func:`_scan`)."""
-    keys, edges, shifts = packed.keys, packed.edges, (packed.gene_shift, packed.group_bits)
+def _each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None], None]) -> None:
+    """`work(run, scratch)` on runs of blocks (`run`: the block edges of the run) on the thread pool;
+    `scratch` is the thread's radix-sort buffer, None where numpy's sort is the faster one here."""
+    edges = packed.edges
     workers = n_threads()
     radix = radix_is_faster()
     scratch: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
     for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
-        scratch.put(np.empty(int(np.diff(edges).max()), dtype=np.int64))
+        scratch.put(np.empty(int(np.diff(edges).max(initial=0)), dtype=np.int64))
 
-    def sort_and_scan(run: np.ndarray) -> None:
-        if radix:
-            spare = scratch.get()
-            _radix_sort_and_scan(keys, run, spare, *shifts, group_w, *out)
+    def one(run: np.ndarray) -> None:
+        spare = scratch.get() if radix else None
+        work(run, spare)
+        if spare is not None:
             scratch.put(spare)
-            return
-        for lo, hi in zip(run[:-1], run[1:], strict=True):
-            keys[lo:hi].sort()
-            _scan(keys[lo:hi], *shifts, group_w, *out)
 
     n_blocks = edges.size - 1
     cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(sort_and_scan, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+        list(pool.map(one, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+
+
+def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, out: tuple[np.ndarray, ...],
+                   control: RankedControl | None = None) -> None:
+    """Sort and scan every block, adding to `out`: (genes x groups) nonzero counts, control entries
+    below, and tie terms (see :func:`_scan`); with `control`, each block is scanned against the
+    control's sorted keys instead (:func:`_merge_scan`)."""
+    keys, shifts = packed.keys, (packed.gene_shift, packed.group_bits)
+
+    def work(run: np.ndarray, spare: np.ndarray | None) -> None:
+        if spare is not None and control is None:  # sorted and scanned while in cache, in one call
+            _radix_sort_and_scan(keys, run, spare, *shifts, group_w, *out)
+            return
+        for lo, hi in zip(run[:-1], run[1:], strict=True):
+            _sort(keys[lo:hi], spare)
+            if control is None:
+                _scan(keys[lo:hi], *shifts, group_w, *out)
+            else:
+                _merge_scan(keys[lo:hi], control.keys, control.gene_start, *shifts, group_w, *out)
+
+    _each_run(packed, work)
+
+
+def _sort(keys: np.ndarray, spare: np.ndarray | None) -> None:
+    """Sort `keys` in place: the radix sort with its scratch, or numpy's where that is faster here."""
+    if spare is not None:
+        radix_sort(keys, spare)
+    else:
+        keys.sort()
 
 
 def rank_sum_test(
@@ -299,7 +360,12 @@ def rank_sum_test(
         for genes in windows:
             _sort_and_scan(pack_keys(x, groups, layout, genes, row_start, buffer), group_w, out)
     count, below, ties = (a.T for a in out)
+    return _rank_sums(count, below, ties, n_per_group, group_w, layout.sums)
 
+
+def _rank_sums(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_per_group: np.ndarray,
+               group_w: np.ndarray, sums: np.ndarray) -> RankSum:
+    """U statistics and p-values from the scan's (groups x genes) counts, control entries below and tie terms."""
     w = group_w[1:, None]
     n_ctrl = n_per_group[0]
     ctrl_zeros = n_ctrl - count[0] * group_w[0]
@@ -308,7 +374,117 @@ def rank_sum_test(
     u1 = group_w[0] * below[1:] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
     z_all = zeros + ctrl_zeros
     tie_term = (z_all * z_all * z_all - z_all) + (ties[0] + ties[1:])
-    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), layout.sums, tie_term)
+    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), sums, tie_term)
+
+
+@dataclass(frozen=True)
+class RankedControl:
+    """The control cells' keys, sorted once (`rank_control`), so that many blocks of perturbations
+    are ranked against them (`rank_sum_against`) without sorting the control again: float32
+    values' bit patterns as the value code (so every block shares one layout), group 0."""
+
+    keys: np.ndarray  # gene << gene_shift | value bits << group_bits, sorted
+    gene_start: np.ndarray  # gene g's keys are keys[gene_start[g]:gene_start[g + 1]]
+    count: np.ndarray  # nonzero entries per gene
+    ties: np.ndarray  # the control's own tie term per gene
+    sums: np.ndarray  # column sums
+    n_rows: int
+    gene_shift: int
+    group_bits: int
+
+
+def _float32_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, group_bits: int) -> KeyLayout:
+    """The key layout of float32 `x` with 32 value bits: one layout for the control and every block."""
+    if x.dtype != np.float32:
+        raise ValueError(f"ranking against a sorted control needs float32 values, not {x.dtype}")
+    n_genes = x.shape[1]
+    gene_shift = 32 + group_bits
+    if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
+        raise ValueError(f"too many genes x groups to rank against a sorted control: {x.shape}, {n_groups} groups")
+    codes = x.data.view(np.uint32)
+    chunk_entries, sums, _, _ = _count_entries(x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes,
+                                               n_threads())
+    return KeyLayout(codes, 0, gene_shift, group_bits, chunk_entries, sums)
+
+
+@numba.njit(nogil=True, cache=True)
+def _gene_entries(data, indices, entries, sums):  # pragma: no cover - compiled
+    """Add each gene's nonzero entries and float64 sum over a chunk of rows."""
+    for k in range(data.size):
+        if data[k] != 0:
+            entries[indices[k]] += 1
+            sums[indices[k]] += data[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _place_keys(data, indices, cursor, keys, gene_shift, group_bits):  # pragma: no cover - compiled
+    """Write the group-0 key of each nonzero entry of a chunk at its gene's cursor, and move it on."""
+    codes = data.view(np.uint32)
+    for k in range(data.size):
+        if data[k] != 0:
+            j = indices[k]
+            keys[cursor[j]] = (np.int64(j) << gene_shift) | (np.int64(codes[k]) << group_bits)
+            cursor[j] += 1
+
+
+def rank_control(chunks: Callable[[], Iterable[sp.csr_matrix]], n_genes: int, max_groups: int) -> RankedControl:
+    """Sort the keys of the control cells once. `chunks()` yields them as float32 CSR row chunks and
+    is read twice (count each gene's entries, then place them), so that the keys (8 bytes per
+    stored entry) are the only copy in memory; `max_groups`: the most groups, control included, of
+    any block later ranked against them (`rank_sum_against`)."""
+    group_bits = max(1, int(max_groups - 1).bit_length())
+    gene_shift = 32 + group_bits
+    if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
+        raise ValueError(f"too many genes x groups to rank against a sorted control: {n_genes} genes, {max_groups} groups")
+    entries, sums, n_rows = np.zeros(n_genes, dtype=np.int64), np.zeros(n_genes), 0
+    for chunk in chunks():
+        if chunk.dtype != np.float32:
+            raise ValueError(f"ranking against a sorted control needs float32 values, not {chunk.dtype}")
+        _gene_entries(chunk.data, chunk.indices, entries, sums)
+        n_rows += chunk.shape[0]
+    gene_start = np.concatenate([[0], np.cumsum(entries)])
+    keys = np.empty(int(gene_start[-1]), dtype=np.int64)
+    cursor = gene_start[:-1].copy()
+    for chunk in chunks():
+        _place_keys(chunk.data, chunk.indices, cursor, keys, gene_shift, group_bits)
+    if not np.array_equal(cursor, gene_start[1:]):
+        raise ValueError("the control cells changed between the two passes over them")
+    # runs of whole genes of about _BLOCK_KEYS keys, each sorted in place: the whole array is sorted
+    edges = gene_start[np.array([lo for lo, _ in gene_windows(entries, _BLOCK_KEYS)] + [n_genes], dtype=np.int64)]
+    _each_run(PackedKeys(keys, edges, gene_shift, group_bits),
+              lambda run, spare: [_sort(keys[lo:hi], spare) for lo, hi in zip(run[:-1], run[1:])])
+    count, below, ties = np.zeros((n_genes, 1), np.int64), np.zeros((n_genes, 1)), np.zeros((n_genes, 1))
+    _scan(keys, gene_shift, group_bits, np.ones(1), count, below, ties)
+    return RankedControl(keys, gene_start, count[:, 0], ties[:, 0], sums, n_rows, gene_shift, group_bits)
+
+
+def rank_sum_against(control: RankedControl, x: sp.csr_matrix, groups: np.ndarray, n_groups: int,
+                     max_keys: int = _WINDOW_KEYS) -> RankSum:
+    """`rank_sum_test` of the control cells of `control` stacked above `x` (float32 CSR of
+    perturbed cells, `groups` in 1..n_groups - 1), equal to it bit for bit, with only the keys of
+    `x` sorted: each perturbation entry finds its control entries below and tied by two pointers
+    into the control's sorted keys of its gene."""
+    groups = np.asarray(groups, dtype=np.int64)
+    if n_groups > 1 << control.group_bits:
+        raise ValueError(f"{n_groups} groups do not fit the {control.group_bits} group bits the control was sorted with")
+    layout = _float32_layout(x, groups, n_groups, control.group_bits)
+    windows = gene_windows(layout.entries, max_keys)
+    if len(windows) > 1 and not x.has_sorted_indices:  # a window is a run of each row's entries
+        x = x.sorted_indices()
+        layout = _float32_layout(x, groups, n_groups, control.group_bits)
+    out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
+    most = max((int(layout.entries[lo:hi].sum()) for lo, hi in windows), default=0)
+    row_start = x.indptr[:-1].astype(np.int64)
+    group_w = np.ones(n_groups)
+    with borrowed("de keys", 8 * most) as buffer:
+        for genes in windows:
+            _sort_and_scan(pack_keys(x, groups, layout, genes, row_start, buffer), group_w, out, control)
+    count, below, ties = (a.T for a in out)
+    count[0], ties[0] = control.count, control.ties
+    layout.sums[0] = control.sums
+    n_per_group = np.bincount(groups, minlength=n_groups).astype(np.float64)
+    n_per_group[0] = control.n_rows
+    return _rank_sums(count, below, ties, n_per_group, group_w, layout.sums)
 
 
 def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:

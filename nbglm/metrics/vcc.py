@@ -22,11 +22,12 @@ from nbglm.data.dataset import pseudobulks
 from nbglm.data.rows import Rows, return_freed_memory
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
-from nbglm.metrics.de import benjamini_hochberg, gene_windows, log2_fold_change, rank_sum_test
+from nbglm.metrics.de import (benjamini_hochberg, gene_windows, log2_fold_change, rank_control, rank_sum_against,
+                              rank_sum_test)
 from nbglm.metrics.registry import Metric, metric, profile_metrics, register
 
 FDR_THRESHOLD = 0.05
-BLOCK_ENTRIES = 1 << 23  # stored entries of the perturbations ranked at once by `summarize_rows` (64 MiB) ...
+BLOCK_ENTRIES = 1 << 22  # stored entries of the perturbations ranked at once by `summarize_rows` (32 MiB) ...
 BLOCK_KEYS = 1 << 22  # ... and the DE keys it packs at once (32 MiB)
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
 _FRACTION_EPS = 1e-3  # cell-eval calls data with a fractional part above this "not counts"
@@ -283,10 +284,11 @@ def _file_summary(genes: np.ndarray, perts: np.ndarray, rows: np.ndarray, group_
 def summarize_rows(counts: Rows, adata: ad.AnnData, pert_col: str, control: str, which: str,
                    block_entries: int = BLOCK_ENTRIES) -> FileSummary:
     """`summarize_adata` of a file's counts read as `Rows` (`adata`: its obs and var), holding the
-    control cells and one block of perturbations at a time (blocks of about `block_entries` stored
-    entries), never the whole normalised matrix. The same numbers: a perturbation's test sees its own
-    cells and the control's, and each chunk is normalised to the whole file's target. The control
-    cells are read and normalised once, into the head of the one buffer every block is read after."""
+    control cells' sorted DE keys and one block of perturbations at a time (blocks of about
+    `block_entries` stored entries), never the whole normalised matrix. The same numbers: a
+    perturbation's test sees its own cells and the control's, each chunk is normalised to the whole
+    file's target, and the control cells are sorted once (`rank_control`), each block's entries
+    then ranked against them (`rank_sum_against`)."""
     perts, groups = group_codes(_labels(adata, pert_col, which), control)
     rows = _group_rows(groups, perts.size + 1, perts)
     transform = log1p_transform(counts, which)
@@ -295,20 +297,18 @@ def summarize_rows(counts: Rows, adata: ad.AnnData, pert_col: str, control: str,
         row_nnz = np.concatenate([np.diff(block.indptr) for _, block in counts.chunks()])
     entries = np.bincount(groups, weights=row_nnz, minlength=perts.size + 1).astype(np.int64)
     windows = gene_windows(entries[1:], block_entries)  # consecutive perturbations, not genes
-    n_ctrl = entries[0]
-    most = n_ctrl + max((int(entries[1 + lo:1 + hi].sum()) for lo, hi in windows), default=0)
+    ctrl = counts.subset(groups == 0)
+    ranked = rank_control(lambda: (sp.csr_matrix(transform(chunk)) for _, chunk in ctrl.chunks()), counts.shape[1],
+                          1 + max((hi - lo for lo, hi in windows), default=1))
+    most = max((int(entries[1 + lo:1 + hi].sum()) for lo, hi in windows), default=0)
     values, indices = np.empty(most, np.float32), np.empty(most, np.int32 if most < 2**31 else np.int64)
-    ctrl = counts.subset(groups == 0).take(transform=transform, out=(values, indices))
     sums, pvalue = np.empty((perts.size + 1, counts.shape[1])), np.empty((perts.size, counts.shape[1]))
+    sums[0] = ranked.sums
     for lo, hi in windows:
         keep = (groups > lo) & (groups <= hi)
-        part = counts.subset(keep).take(transform=transform, out=(values[n_ctrl:], indices[n_ctrl:]))
-        both = sp.csr_matrix((ctrl.shape[0] + part.shape[0], counts.shape[1]), dtype=np.float32)
-        both.data, both.indices = values[:n_ctrl + part.nnz], indices[:n_ctrl + part.nnz]  # views, not copies
-        both.indptr = np.concatenate([ctrl.indptr, part.indptr[1:] + n_ctrl]).astype(indices.dtype)
-        test = rank_sum_test(both, np.concatenate([np.zeros(ctrl.shape[0], np.int64), groups[keep] - lo]),
-                             hi - lo + 1, max_keys=BLOCK_KEYS)
-        sums[0], sums[1 + lo:1 + hi], pvalue[lo:hi] = test.group_sums[0], test.group_sums[1:], test.pvalue
+        part = counts.subset(keep).take(transform=transform, out=(values, indices))
+        test = rank_sum_against(ranked, part, groups[keep] - lo, hi - lo + 1, max_keys=BLOCK_KEYS)
+        sums[1 + lo:1 + hi], pvalue[lo:hi] = test.group_sums[1:], test.pvalue
         return_freed_memory()  # a block's chunks and keys: the next block's differ in size, so glibc's heap would grow
     return _file_summary(adata.var_names.to_numpy(str), perts, rows, sums, pvalue)
 
