@@ -17,6 +17,11 @@ rank among the controls. Zeros are never stored or sorted: with non-negative dat
 tie block whose contribution has a closed form. Value codes count from the smallest stored
 value, so that a block's keys span few bits. The sort and the kernels release the GIL.
 
+A prediction too large to hold is ranked a block of perturbations at a time against control cells
+whose keys were sorted once (`rank_control`, `rank_sum_against`): the value code is then the
+float32 bit pattern itself, so that the control and every block share one key layout, and each
+block's sorted keys are merged into the control's rather than sorted with them.
+
 Why sort everything rather than look each perturbation entry up among its gene's sorted control
 values: the lookups hit a table larger than L2 in a data-dependent order; a compiled bucket lookup
 of the rank sums alone measured slower than this whole function, before counting any ties.
