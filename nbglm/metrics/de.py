@@ -32,8 +32,8 @@ from __future__ import annotations
 import math
 import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -456,8 +456,12 @@ def rank_control(chunks: Callable[[], Iterable[sp.csr_matrix]], n_genes: int, ma
         raise ValueError("the control cells changed between the two passes over them")
     # runs of whole genes of about _BLOCK_KEYS keys, each sorted in place: the whole array is sorted
     edges = gene_start[np.array([lo for lo, _ in gene_windows(entries, _BLOCK_KEYS)] + [n_genes], dtype=np.int64)]
-    _each_run(PackedKeys(keys, edges, gene_shift, group_bits),
-              lambda run, spare: [_sort(keys[lo:hi], spare) for lo, hi in zip(run[:-1], run[1:])])
+
+    def sort_run(run: np.ndarray, spare: np.ndarray | None) -> None:
+        for lo, hi in zip(run[:-1], run[1:], strict=True):
+            _sort(keys[lo:hi], spare)
+
+    _each_run(PackedKeys(keys, edges, gene_shift, group_bits), sort_run)
     count, below, ties = np.zeros((n_genes, 1), np.int64), np.zeros((n_genes, 1)), np.zeros((n_genes, 1))
     _scan(keys, gene_shift, group_bits, np.ones(1), count, below, ties)
     return RankedControl(keys, gene_start, count[:, 0], ties[:, 0], sums, n_rows, gene_shift, group_bits)
