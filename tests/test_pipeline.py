@@ -127,3 +127,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path,
         assert code == 2, argv
         assert err.startswith("error: ") and needle in err and "\n" not in err, (argv, err)
         assert not out.exists(), argv
+
+
+def test_a_prediction_kept_on_disk_is_not_sized_against_memory(tmp_path: Path, data: Dataset,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model's prediction is sampled to disk and scored from there (vcc2025), so its size is not
+    refused for memory; a baseline's, or one the vcc2026 profile scores, is held and still is."""
+    from dataclasses import replace
+
+    import nbglm.config
+    from nbglm.errors import NbglmError
+    from nbglm.pipeline import check_sizes
+
+    monkeypatch.setattr(nbglm.config, "available_memory", lambda: 200e6)
+    many = replace(data, heldout=data.heldout.assign(n_cells=1_000_000))  # 5e6 cells x 120 genes: ~4.8 GB as CSR
+    check_sizes(tiny(tmp_path), many)
+    for held in ("model.name=cell_mean", "evaluate.profile=vcc2026"):
+        with pytest.raises(NbglmError, match="the prediction"):
+            check_sizes(tiny(tmp_path, held), many)
