@@ -353,19 +353,29 @@ def rank_sum_test(
     x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
-    layout = key_layout(x, groups, n_groups)
+    layout, (count, below, ties) = _scan_windows(x, groups, n_groups, lambda m: key_layout(m, groups, n_groups),
+                                                 max_keys, group_w)
+    return _rank_sums(count, below, ties, n_per_group, group_w, layout.sums)
+
+
+def _scan_windows(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, layout_of: Callable[[sp.csr_matrix], KeyLayout],
+                  max_keys: int, group_w: np.ndarray,
+                  control: RankedControl | None = None) -> tuple[KeyLayout, tuple[np.ndarray, ...]]:
+    """Pack, sort and scan the keys of `x` a window of genes at a time (at most `max_keys` keys, in a
+    borrowed buffer); returns the layout and the (groups x genes) counts, control entries below and
+    tie terms, scanned against `control`'s sorted keys when given."""
+    layout = layout_of(x)
     windows = gene_windows(layout.entries, max_keys)
     if len(windows) > 1 and not x.has_sorted_indices:  # a window is a run of each row's entries
         x = x.sorted_indices()
-        layout = key_layout(x, groups, n_groups)
+        layout = layout_of(x)
     out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
     most = max((int(layout.entries[lo:hi].sum()) for lo, hi in windows), default=0)
     row_start = x.indptr[:-1].astype(np.int64)
     with borrowed("de keys", 8 * most) as buffer:
         for genes in windows:
-            _sort_and_scan(pack_keys(x, groups, layout, genes, row_start, buffer), group_w, out)
-    count, below, ties = (a.T for a in out)
-    return _rank_sums(count, below, ties, n_per_group, group_w, layout.sums)
+            _sort_and_scan(pack_keys(x, groups, layout, genes, row_start, buffer), group_w, out, control)
+    return layout, tuple(a.T for a in out)
 
 
 def _rank_sums(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_per_group: np.ndarray,
@@ -476,19 +486,9 @@ def rank_sum_against(control: RankedControl, x: sp.csr_matrix, groups: np.ndarra
     groups = np.asarray(groups, dtype=np.int64)
     if n_groups > 1 << control.group_bits:
         raise ValueError(f"{n_groups} groups do not fit the {control.group_bits} group bits the control was sorted with")
-    layout = _float32_layout(x, groups, n_groups, control.group_bits)
-    windows = gene_windows(layout.entries, max_keys)
-    if len(windows) > 1 and not x.has_sorted_indices:  # a window is a run of each row's entries
-        x = x.sorted_indices()
-        layout = _float32_layout(x, groups, n_groups, control.group_bits)
-    out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
-    most = max((int(layout.entries[lo:hi].sum()) for lo, hi in windows), default=0)
-    row_start = x.indptr[:-1].astype(np.int64)
     group_w = np.ones(n_groups)
-    with borrowed("de keys", 8 * most) as buffer:
-        for genes in windows:
-            _sort_and_scan(pack_keys(x, groups, layout, genes, row_start, buffer), group_w, out, control)
-    count, below, ties = (a.T for a in out)
+    layout, (count, below, ties) = _scan_windows(
+        x, groups, n_groups, lambda m: _float32_layout(m, groups, n_groups, control.group_bits), max_keys, group_w, control)
     count[0], ties[0] = control.count, control.ties
     layout.sums[0] = control.sums
     n_per_group = np.bincount(groups, minlength=n_groups).astype(np.float64)

@@ -28,7 +28,7 @@ from nbglm.metrics.registry import Metric, metric, profile_metrics, register
 
 FDR_THRESHOLD = 0.05
 BLOCK_ENTRIES = 1 << 22  # stored entries of the perturbations ranked at once by `summarize_rows` (32 MiB) ...
-BLOCK_KEYS = 1 << 22  # ... and the DE keys it packs at once (32 MiB)
+WINDOW_KEYS = 1 << 22  # ... and the DE keys it packs at once (32 MiB)
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
 _FRACTION_EPS = 1e-3  # cell-eval calls data with a fractional part above this "not counts"
 
@@ -307,7 +307,7 @@ def summarize_rows(counts: Rows, adata: ad.AnnData, pert_col: str, control: str,
     for lo, hi in windows:
         keep = (groups > lo) & (groups <= hi)
         part = counts.subset(keep).take(transform=transform, out=(values, indices))
-        test = rank_sum_against(ranked, part, groups[keep] - lo, hi - lo + 1, max_keys=BLOCK_KEYS)
+        test = rank_sum_against(ranked, part, groups[keep] - lo, hi - lo + 1, max_keys=WINDOW_KEYS)
         sums[1 + lo:1 + hi], pvalue[lo:hi] = test.group_sums[1:], test.pvalue
         return_freed_memory()  # a block's chunks and keys: the next block's differ in size, so glibc's heap would grow
     return _file_summary(adata.var_names.to_numpy(str), perts, rows, sums, pvalue)
