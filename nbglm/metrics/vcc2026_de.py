@@ -69,10 +69,10 @@ def normalise(counts: sp.csr_matrix) -> Normalised:
     return Normalised(divisor, ranked)
 
 
-@numba.njit(cache=True)
+@numba.njit(parallel=True, cache=True)
 def _row_totals(data, indptr):  # pragma: no cover - compiled
     out = np.zeros(indptr.size - 1)
-    for row in range(indptr.size - 1):
+    for row in numba.prange(indptr.size - 1):
         for k in range(indptr[row], indptr[row + 1]):
             out[row] += data[k]
     return out
@@ -81,31 +81,60 @@ def _row_totals(data, indptr):  # pragma: no cover - compiled
 _SLOT_TABLE = 4096  # counts below this share a slot per row; larger or fractional values get their own
 
 
-@numba.njit(cache=True)
-def _count_slots(data, indptr, divisor, slot):  # pragma: no cover - compiled
+def _count_slots(data: np.ndarray, indptr: np.ndarray, divisor: np.ndarray, slot: np.ndarray) -> np.ndarray:
     """Each stored entry's slot (written to `slot`) and each slot's CPM, float64(count) /
     divisor[row] (IEEE division: numpy's result, bit for bit). Equal counts of a row share a slot;
     a value that is not a small non-negative integer gets a slot of its own (equal values still
-    rank together: the ranking is by value)."""
+    rank together: the ranking is by value). Chunks of rows are slotted on the thread pool."""
+    n_rows = indptr.size - 1
+    bounds = np.linspace(0, n_rows, min(n_rows, 4 * numba.get_num_threads()) + 1).astype(np.int64)
     values = np.empty(data.size)
-    owner = np.full(_SLOT_TABLE, -1, dtype=np.int64)  # the row whose slot table[c] holds
-    table = np.empty(_SLOT_TABLE, dtype=np.int64)
-    n_slots = 0
-    for row in range(indptr.size - 1):
-        for k in range(indptr[row], indptr[row + 1]):
-            v = np.float64(data[k])
-            c = int(v) if v >= 0.0 and v < _SLOT_TABLE else -1
-            if c >= 0 and c != v:
-                c = -1
-            if c >= 0 and owner[c] == row:
-                slot[k] = table[c]
-                continue
-            values[n_slots] = v / divisor[row]
-            if c >= 0:
-                owner[c], table[c] = row, n_slots
-            slot[k] = n_slots
-            n_slots += 1
-    return values[:n_slots]
+    used = _slot_chunks(data, indptr, divisor, slot, values, bounds)
+    offset = np.zeros(used.size, dtype=np.int64)
+    np.cumsum(used[:-1], out=offset[1:])
+    return _compact_slots(values, slot, indptr, bounds, used, offset)
+
+
+@numba.njit(parallel=True, cache=True)
+def _slot_chunks(data, indptr, divisor, slot, values, bounds):  # pragma: no cover - compiled
+    """Slot each chunk of rows `bounds[c]:bounds[c + 1]` on its own: its slots are numbered from its
+    first entry's position, so that they fit in `values` beside the other chunks'; returns the
+    slots each chunk used."""
+    n_chunks = bounds.size - 1
+    used = np.zeros(n_chunks, dtype=np.int64)
+    for c in numba.prange(n_chunks):
+        owner = np.full(_SLOT_TABLE, -1, dtype=np.int64)  # the row whose slot table[count] holds
+        table = np.empty(_SLOT_TABLE, dtype=np.int64)
+        first = indptr[bounds[c]]
+        n_slots = first
+        for row in range(bounds[c], bounds[c + 1]):
+            for k in range(indptr[row], indptr[row + 1]):
+                v = np.float64(data[k])
+                count = int(v) if v >= 0.0 and v < _SLOT_TABLE else -1
+                if count >= 0 and count != v:
+                    count = -1
+                if count >= 0 and owner[count] == row:
+                    slot[k] = table[count]
+                    continue
+                values[n_slots] = v / divisor[row]
+                if count >= 0:
+                    owner[count], table[count] = row, n_slots
+                slot[k] = n_slots
+                n_slots += 1
+        used[c] = n_slots - first
+    return used
+
+
+@numba.njit(parallel=True, cache=True)
+def _compact_slots(values, slot, indptr, bounds, used, offset):  # pragma: no cover - compiled
+    """Close the gaps between the chunks' slots: chunk c's move to `offset[c]` on."""
+    out = np.empty(used.sum())
+    for c in numba.prange(bounds.size - 1):
+        first, shift = indptr[bounds[c]], indptr[bounds[c]] - offset[c]
+        out[offset[c]:offset[c] + used[c]] = values[first:first + used[c]]
+        for k in range(indptr[bounds[c]], indptr[bounds[c + 1]]):
+            slot[k] -= shift
+    return out
 
 
 @numba.njit(cache=True)
@@ -116,18 +145,18 @@ def _gather(values, index, out):  # pragma: no cover - compiled
     return out
 
 
-@numba.njit(cache=True)
-def _cpm_group_means(data, indices, indptr, divisor, codes, n_groups, n_genes):  # pragma: no cover - compiled
-    """Mean CPM of each group's rows (dense, float64), dividing each count as it is summed."""
+@numba.njit(parallel=True, cache=True)
+def _cpm_group_means(data, indices, indptr, divisor, order, bounds, n_genes):  # pragma: no cover - compiled
+    """Mean CPM of each group's rows (rows `order[bounds[g]:bounds[g+1]]`; dense, float64), dividing
+    each count as it is summed; the groups are summed on the thread pool."""
+    n_groups = bounds.size - 1
     sums = np.zeros((n_groups, n_genes))
-    rows = np.zeros(n_groups)
-    for row in range(indptr.size - 1):
-        g = codes[row]
-        rows[g] += 1.0
-        for k in range(indptr[row], indptr[row + 1]):
-            sums[g, indices[k]] += np.float64(data[k]) / divisor[row]
-    for g in range(n_groups):
-        sums[g] /= max(rows[g], 1.0)
+    for g in numba.prange(n_groups):
+        for c in range(bounds[g], bounds[g + 1]):
+            row = order[c]
+            for k in range(indptr[row], indptr[row + 1]):
+                sums[g, indices[k]] += np.float64(data[k]) / divisor[row]
+        sums[g] /= max(bounds[g + 1] - bounds[g], 1)
     return sums
 
 
@@ -135,8 +164,9 @@ def de_table(counts: sp.csr_matrix, cells: Normalised, codes: np.ndarray, labels
     """DE of groups 1.. (`labels`) against group 0 (the control) on raw `counts` (`cells` is their
     normalisation), cell i in group `codes[i]`."""
     n_groups = labels.size + 1
-    means = _cpm_group_means(counts.data, counts.indices, counts.indptr, cells.divisor, codes, n_groups,
-                             counts.shape[1])
+    order = np.argsort(codes, kind="stable")  # each group's rows in file order, as a one-pass sum would add them
+    means = _cpm_group_means(counts.data, counts.indices, counts.indptr, cells.divisor, order,
+                             np.searchsorted(codes[order], np.arange(n_groups + 1)), counts.shape[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         lfc = np.log2((means[1:] + EPSILON) / (means[0] + EPSILON))
     ranks = rank_sum_test(cells.ranked, codes, n_groups)
