@@ -238,6 +238,8 @@ def key_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int) -> KeyLayout
     group_bits = max(1, int(n_groups - 1).bit_length())
     if x.dtype == np.float32:  # the bit patterns of non-negative float32 values sort like the values
         codes = x.data.view(np.uint32)
+    elif x.dtype.kind in "iu" and x.dtype.itemsize <= 4:  # small integers sort as themselves
+        codes = x.data
     else:  # ranks among the distinct values
         codes = np.unique(x.data, return_inverse=True)[1]
     chunk_entries, sums, code_lo, code_hi = _count_entries(
