@@ -15,6 +15,8 @@ import scipy.sparse as sp
 from scipy.stats import false_discovery_control, mannwhitneyu
 
 import nbglm.metrics.de
+import nbglm.metrics.de_control
+import nbglm.metrics.de_parts
 from nbglm.errors import NbglmError
 from nbglm.metrics import (
     benjamini_hochberg,
@@ -163,7 +165,7 @@ def cell_eval_overall(user_agg, base_agg) -> float:
 @pytest.mark.parametrize("seed", range(6))
 def test_rank_sum_equals_scipy_on_tie_heavy_data(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     if seed >= 3:  # many small gene blocks, each sorted and scanned on its own
-        monkeypatch.setattr(nbglm.metrics.de, "_BLOCK_KEYS", 16)
+        monkeypatch.setattr(nbglm.metrics.de, "BLOCK_KEYS", 16)
     rng = np.random.default_rng(seed)
     n_groups, n_genes = 4, 25
     groups = np.repeat(np.arange(n_groups), rng.integers(3, 25, n_groups))
@@ -193,6 +195,39 @@ def test_rank_sum_of_integer_values_equals_their_float_values(dtype) -> None:
     got = rank_sum_test(sp.csr_matrix(x.astype(dtype)), groups, 5)
     for field in ("u_statistic", "pvalue", "tie_term", "group_sums"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+@pytest.mark.parametrize(("dtype", "block_keys", "window_keys", "fallback"), [
+    (np.int32, 1 << 15, 1 << 25, False), (np.float32, 16, 1 << 25, False), (np.float64, 16, 300, False),
+    (np.int32, 1 << 15, 1 << 25, True)])
+def test_ranking_partitions_from_one_sort_equals_ranking_each_part(dtype, block_keys: int, window_keys: int,
+                                                                    fallback: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """rank_sum_parts (keys sorted once with the cell below the value, one scan per partition) gives
+    each part's rank_sum_test bit for bit: tie-heavy values, parts that leave rows out, groups in
+    shuffled rows, small blocks, windows of genes, and its one-test-per-part fallback."""
+    from nbglm.metrics.de_parts import rank_sum_parts
+
+    monkeypatch.setattr(nbglm.metrics.de, "BLOCK_KEYS", block_keys)
+    if fallback:
+        def too_wide(*args, **kwargs):
+            raise ValueError("too many bits")
+        monkeypatch.setattr(nbglm.metrics.de_parts, "key_layout", too_wide)
+    rng = np.random.default_rng(9)
+    groups = rng.permutation(np.repeat(np.arange(6), [40, 11, 25, 8, 30, 16]))
+    x = rng.poisson(rng.uniform(0, 2.5, 30), (groups.size, 30)) * rng.choice([1, 3], (groups.size, 1))
+    x[:, 0] = 0  # a gene with no entries
+    x = sp.csr_matrix(x.astype(dtype))
+    parts = rng.integers(-1, 3, (4, groups.size))  # 4 partitions of up to 3 parts, some rows in none
+    parts[3] = 0  # one partition holds every row
+    got = rank_sum_parts(x, groups, 6, parts, max_keys=window_keys)
+    for p in range(4):
+        for q in range(3):
+            rows = parts[p] == q
+            want = rank_sum_test(x[rows], groups[rows], 6)
+            for field in ("u_statistic", "pvalue", "tie_term"):
+                np.testing.assert_array_equal(getattr(got[p][q], field), getattr(want, field))
+        assert len(got[p]) == 3
 
 
 def _adversarial_keys(case: str) -> np.ndarray:
@@ -247,7 +282,7 @@ def test_radix_sort_refuses_negative_keys() -> None:
 def test_rank_sum_radix_and_numpy_sorts_agree(block_keys: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both sorts, with one block, many small blocks, and blocks left empty by all-zero genes."""
     assert isinstance(radix_is_faster(), bool)
-    monkeypatch.setattr(nbglm.metrics.de, "_BLOCK_KEYS", block_keys)
+    monkeypatch.setattr(nbglm.metrics.de, "BLOCK_KEYS", block_keys)
     rng = np.random.default_rng(block_keys)
     groups = np.repeat(np.arange(5), [60, 30, 25, 40, 1])
     x = rng.poisson(rng.uniform(0, 3, 40), (groups.size, 40)).astype(np.float32)
@@ -274,7 +309,7 @@ def test_ranking_against_a_control_sorted_once_equals_ranking_them_together(
     matrix bit for bit: ties across control and perturbations (few distinct log1p values), genes
     with no entries, windows of genes, both sorts, blocks with fewer groups than the control allows."""
     monkeypatch.setattr(nbglm.metrics.de, "radix_is_faster", lambda: radix)
-    monkeypatch.setattr(nbglm.metrics.de, "_BLOCK_KEYS", block_keys)
+    monkeypatch.setattr(nbglm.metrics.de, "BLOCK_KEYS", block_keys)
     rng = np.random.default_rng(block_keys)
     n_ctrl, n_genes = 80, 50
     counts = rng.poisson(rng.gamma(0.5, 2.0, n_genes), (n_ctrl + 120, n_genes)).astype(np.float32)
@@ -282,20 +317,20 @@ def test_ranking_against_a_control_sorted_once_equals_ranking_them_together(
     counts[n_ctrl:, 9] = 0.0  # a gene only the control expresses
     x = np.log1p(counts * rng.choice([0.5, 1.0, 2.0], (counts.shape[0], 1))).astype(np.float32)
     ctrl = sp.csr_matrix(x[:n_ctrl])
-    ranked = nbglm.metrics.de.rank_control(lambda: (ctrl[i:i + 13] for i in range(0, n_ctrl, 13)), n_genes, 9)
+    ranked = nbglm.metrics.de_control.rank_control(lambda: (ctrl[i:i + 13] for i in range(0, n_ctrl, 13)), n_genes, 9)
     for groups in (np.repeat([1, 2, 3, 4], 30), np.repeat([1, 2], [100, 20])):
         stacked = rank_sum_test(sp.csr_matrix(x), np.concatenate([np.zeros(n_ctrl, np.int64), groups]), groups.max() + 1)
         for max_keys in (1 << 25, 40):
-            got = nbglm.metrics.de.rank_sum_against(ranked, sp.csr_matrix(x[n_ctrl:]), groups, groups.max() + 1,
+            got = nbglm.metrics.de_control.rank_sum_against(ranked, sp.csr_matrix(x[n_ctrl:]), groups, groups.max() + 1,
                                                     max_keys=max_keys)
             for name in ("u_statistic", "pvalue", "tie_term"):
                 np.testing.assert_array_equal(getattr(got, name), getattr(stacked, name), err_msg=name)
             np.testing.assert_array_equal(got.group_sums[1:], stacked.group_sums[1:])
             np.testing.assert_allclose(got.group_sums[0], stacked.group_sums[0], rtol=1e-12)  # another summation order
     with pytest.raises(ValueError, match="group bits"):
-        nbglm.metrics.de.rank_sum_against(ranked, sp.csr_matrix(x[n_ctrl:]), np.arange(120) % 20 + 1, 21)
+        nbglm.metrics.de_control.rank_sum_against(ranked, sp.csr_matrix(x[n_ctrl:]), np.arange(120) % 20 + 1, 21)
     with pytest.raises(ValueError, match="float32"):
-        nbglm.metrics.de.rank_control(lambda: [ctrl.astype(np.float64)], n_genes, 3)
+        nbglm.metrics.de_control.rank_control(lambda: [ctrl.astype(np.float64)], n_genes, 3)
 
 
 @pytest.mark.parametrize("window_keys", [1, 150, 1000])

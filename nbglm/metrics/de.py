@@ -10,17 +10,16 @@ blocks of consecutive genes with about equal numbers of keys (a counting sort; i
 also sums each group's values). A pool of threads then sorts each block with a radix sort (see
 :mod:`nbglm.metrics.radix`; numpy's sort where a probe finds it faster on this CPU) and runs one
 compiled scan over it that gives every group's rank sum against control (a matrix with more
-entries than `_WINDOW_KEYS` is ranked a window of consecutive genes at a time, so that its keys
+entries than `WINDOW_KEYS` is ranked a window of consecutive genes at a time, so that its keys
 never take more than 256 MiB):
 control sorts first within a tie block, so a running count of control entries is each entry's
 rank among the controls. Zeros are never stored or sorted: with non-negative data they form one
 tie block whose contribution has a closed form. Value codes count from the smallest stored
 value, so that a block's keys span few bits. The sort and the kernels release the GIL.
 
-A prediction too large to hold is ranked a block of perturbations at a time against control cells
-whose keys were sorted once (`rank_control`, `rank_sum_against`): the value code is then the
-float32 bit pattern itself, so that the control and every block share one key layout, and each
-block's sorted keys are merged into the control's rather than sorted with them.
+Two variants share the packing, sorting and windows: `nbglm.metrics.de_control` ranks blocks of a
+prediction against control cells sorted once, `nbglm.metrics.de_parts` ranks many partitions of one
+matrix's cells from one sort.
 
 Why sort everything rather than look each perturbation entry up among its gene's sorted control
 values: the lookups hit a table larger than L2 in a data-dependent order; a compiled bucket lookup
@@ -32,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import queue
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,10 +43,10 @@ from scipy.special import erfc
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
 
-_BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
+BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
 _MAX_BLOCKS = 256  # ... but at most this many: more write cursors slow the scatter more than
 # the sort gains (a larger block is split in cache, see nbglm.metrics.radix)
-_WINDOW_KEYS = 1 << 25  # keys packed at once (256 MiB): a larger matrix is ranked a window of genes at a time
+WINDOW_KEYS = 1 << 25  # keys packed at once (256 MiB): a larger matrix is ranked a window of genes at a time
 _TASKS_PER_THREAD = 8  # runs of blocks per thread, so that uneven blocks even out
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
@@ -58,13 +57,13 @@ class RankSum:
     """Mann-Whitney U of each perturbation's cells (rows) against control, per gene (columns).
 
     `group_sums` (groups x genes, control first) are the column sums over each group's rows;
-    divided by the row counts they are the pseudobulks. `tie_term` is sum(t^3 - t) over the
+    divided by the row counts they are the pseudobulks (None where they are not summed). `tie_term` is sum(t^3 - t) over the
     tie blocks of each perturbation-plus-control column, for tests with another p-value formula.
     """
 
     u_statistic: np.ndarray
     pvalue: np.ndarray
-    group_sums: np.ndarray
+    group_sums: np.ndarray | None
     tie_term: np.ndarray | None = None
 
 
@@ -76,7 +75,7 @@ def n_threads() -> int:
 
 
 @numba.njit(parallel=True, cache=True)
-def _count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
+def count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
     """Per chunk of rows: nonzero entries per gene; float64 column sums per group; and the
     smallest and largest value code of a nonzero entry."""
     n_rows = indptr.size - 1
@@ -127,7 +126,7 @@ def _scatter_keys(data, codes, code_lo, indices, indptr, row_start, gene_end, gr
 
 
 @numba.njit(nogil=True, cache=True)
-def _scan(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover - compiled
+def scan_keys(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover - compiled
     """Per (gene, group) from sorted keys: nonzero entries, the (weighted) control entries below
     them, a tied one counting one half, and the tie term of the nonzero values.
 
@@ -160,48 +159,13 @@ def _scan(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma:
 
 
 @numba.njit(nogil=True, cache=True)
-def _merge_scan(keys, ctrl_keys, ctrl_start, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover
-    """`_scan` of the sorted union of `keys` (perturbation entries, sorted) and the control's sorted
-    keys, reading the control's without merging them: at a perturbation entry, the control entries
-    of its gene below its value (`lt`) and at most its value (`le`) are two pointers that only move
-    forward. Only the perturbation groups are updated (the control's own count and tie term come
-    from `rank_control`); the sums run in `_scan`'s order, so the results are its, bit for bit."""
-    mask = (np.int64(1) << group_bits) - 1
-    w0 = group_w[0]
-    gene, prev = np.int64(-1), np.int64(-1)
-    base, end, lt, le, run = 0, 0, 0, 0, 0
-    for i in range(keys.size):
-        key = keys[i]
-        if key >> gene_shift != gene:
-            gene = key >> gene_shift
-            base, end = ctrl_start[gene], ctrl_start[gene + 1]
-            lt, le = base, base
-        value = key >> group_bits
-        while lt < end and (ctrl_keys[lt] >> group_bits) < value:
-            lt += 1
-        le = max(le, lt)
-        while le < end and (ctrl_keys[le] >> group_bits) <= value:
-            le += 1
-        run = run + 1 if key == prev else 1
-        g = key & mask
-        w = group_w[g]
-        ctrl, ctrl_block = (le - base) * w0, (lt - base) * w0
-        t1 = run * w + (ctrl - ctrl_block)
-        t0 = t1 - w
-        count[gene, g] += 1
-        below[gene, g] += w * 0.5 * (ctrl + ctrl_block)
-        ties[gene, g] += (t1 * t1 * t1 - t1) - (t0 * t0 * t0 - t0)
-        prev = key
-
-
-@numba.njit(nogil=True, cache=True)
 def _radix_sort_and_scan(keys, edges, scratch, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover
     """Blocks ``keys[edges[i]:edges[i + 1]]`` one after the other: radix sorted, then scanned
     while still in cache."""
     for b in range(edges.size - 1):
         block = keys[edges[b] : edges[b + 1]]
         in_scratch = sort_keys(block, scratch)
-        _scan(scratch[: block.size] if in_scratch else block, gene_shift, group_bits, group_w, count, below, ties)
+        scan_keys(scratch[: block.size] if in_scratch else block, gene_shift, group_bits, group_w, count, below, ties)
 
 
 @dataclass(frozen=True)
@@ -232,17 +196,18 @@ class PackedKeys:
     group_bits: int
 
 
-def key_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int) -> KeyLayout:
-    """Count the entries of CSR `x` (int64 `groups` per row) per gene, and the bits a key needs."""
+def key_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, low_bits: int | None = None) -> KeyLayout:
+    """Count the entries of CSR `x` (int64 `groups` per row) per gene, and the bits a key needs
+    (`low_bits`: the bits below the value, when they hold more than the group, e.g. a cell)."""
     n_genes = x.shape[1]
-    group_bits = max(1, int(n_groups - 1).bit_length())
+    group_bits = max(1, int(n_groups - 1).bit_length()) if low_bits is None else low_bits
     if x.dtype == np.float32:  # the bit patterns of non-negative float32 values sort like the values
         codes = x.data.view(np.uint32)
     elif x.dtype.kind in "iu" and x.dtype.itemsize <= 4:  # small integers sort as themselves
         codes = x.data
     else:  # ranks among the distinct values
         codes = np.unique(x.data, return_inverse=True)[1]
-    chunk_entries, sums, code_lo, code_hi = _count_entries(
+    chunk_entries, sums, code_lo, code_hi = count_entries(
         x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes, n_threads()
     )
     value_bits = max(1, int(max(0, code_hi - code_lo)).bit_length())  # only the bits the values use
@@ -274,7 +239,7 @@ def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tu
     counts_by_chunk = layout.chunk_entries[:, lo:hi]
     entries = counts_by_chunk.sum(axis=0)
     n_keys = int(entries.sum())
-    n_blocks = int(np.clip(n_keys // _BLOCK_KEYS, 1, _MAX_BLOCKS))
+    n_blocks = int(np.clip(n_keys // BLOCK_KEYS, 1, _MAX_BLOCKS))
     gene_block = np.full(x.shape[1], -1, dtype=np.int64)
     # blocks of about equal keys; genes with no entries after the last key join the last block
     gene_block[lo:hi] = np.minimum((np.cumsum(entries) - entries) * n_blocks // max(1, n_keys), n_blocks - 1)
@@ -287,7 +252,7 @@ def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tu
     return PackedKeys(keys, np.append(start[0], n_keys), layout.gene_shift, layout.group_bits)
 
 
-def _each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None], None]) -> None:
+def each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None], None]) -> None:
     """`work(run, scratch)` on runs of blocks (`run`: the block edges of the run) on the thread pool;
     `scratch` is the thread's radix-sort buffer, None where numpy's sort is the faster one here."""
     edges = packed.edges
@@ -309,28 +274,39 @@ def _each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None]
         list(pool.map(one, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
 
 
-def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, out: tuple[np.ndarray, ...],
-                   control: RankedControl | None = None) -> None:
-    """Sort and scan every block, adding to `out`: (genes x groups) nonzero counts, control entries
-    below, and tie terms (see :func:`_scan`); with `control`, each block is scanned against the
-    control's sorted keys instead (:func:`_merge_scan`)."""
+def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, out: tuple[np.ndarray, ...]) -> None:
+    """Sort and scan every block, adding to `out` (see `scan_arrays` and :func:`scan_keys`)."""
     keys, shifts = packed.keys, (packed.gene_shift, packed.group_bits)
 
     def work(run: np.ndarray, spare: np.ndarray | None) -> None:
-        if spare is not None and control is None:  # sorted and scanned while in cache, in one call
+        if spare is not None:  # sorted and scanned while in cache, in one call
             _radix_sort_and_scan(keys, run, spare, *shifts, group_w, *out)
             return
         for lo, hi in zip(run[:-1], run[1:], strict=True):
-            _sort(keys[lo:hi], spare)
-            if control is None:
-                _scan(keys[lo:hi], *shifts, group_w, *out)
-            else:
-                _merge_scan(keys[lo:hi], control.keys, control.gene_start, *shifts, group_w, *out)
+            keys[lo:hi].sort()
+            scan_keys(keys[lo:hi], *shifts, group_w, *out)
 
-    _each_run(packed, work)
+    each_run(packed, work)
 
 
-def _sort(keys: np.ndarray, spare: np.ndarray | None) -> None:
+def sort_blocks(packed: PackedKeys, scan: Callable[[np.ndarray], None]) -> None:
+    """Sort every block of `packed` on the thread pool and hand it, sorted, to `scan` on that thread
+    (the keys may be in the thread's scratch: wherever the sort left them)."""
+    keys = packed.keys
+
+    def work(run: np.ndarray, spare: np.ndarray | None) -> None:
+        for lo, hi in zip(run[:-1], run[1:], strict=True):
+            block = keys[lo:hi]
+            if spare is None:
+                block.sort()
+            elif sort_keys(block, spare):
+                block = spare[: block.size]
+            scan(block)
+
+    each_run(packed, work)
+
+
+def sort_in_place(keys: np.ndarray, spare: np.ndarray | None) -> None:
     """Sort `keys` in place: the radix sort with its scratch, or numpy's where that is faster here."""
     if spare is not None:
         radix_sort(keys, spare)
@@ -340,7 +316,7 @@ def _sort(keys: np.ndarray, spare: np.ndarray | None) -> None:
 
 def rank_sum_test(
     x: Matrix, groups: np.ndarray, n_groups: int, group_weights: np.ndarray | None = None,
-    max_keys: int = _WINDOW_KEYS,
+    max_keys: int = WINDOW_KEYS,
 ) -> RankSum:
     """Mann-Whitney U test of every group against group 0 (control) for every gene.
 
@@ -355,34 +331,38 @@ def rank_sum_test(
     x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
-    layout, (count, below, ties) = _scan_windows(x, groups, n_groups, lambda m: key_layout(m, groups, n_groups),
-                                                 max_keys, group_w)
-    return _rank_sums(count, below, ties, n_per_group, group_w, layout.sums)
+    out = scan_arrays(x.shape[1], n_groups)
+    layout = scan_windows(x, groups, lambda m: key_layout(m, groups, n_groups), max_keys,
+                          lambda packed: _sort_and_scan(packed, group_w, out))
+    return rank_sum_result(*(a.T for a in out), n_per_group, group_w, layout.sums)
 
 
-def _scan_windows(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, layout_of: Callable[[sp.csr_matrix], KeyLayout],
-                  max_keys: int, group_w: np.ndarray,
-                  control: RankedControl | None = None) -> tuple[KeyLayout, tuple[np.ndarray, ...]]:
-    """Pack, sort and scan the keys of `x` a window of genes at a time (at most `max_keys` keys, in a
-    borrowed buffer); returns the layout and the (groups x genes) counts, control entries below and
-    tie terms, scanned against `control`'s sorted keys when given."""
+def scan_arrays(n_genes: int, n_groups: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What scans add to, (genes x groups): nonzero entries, control entries below, tie terms."""
+    return tuple(np.zeros((n_genes, n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
+
+
+def scan_windows(x: sp.csr_matrix, row_bits: np.ndarray, layout_of: Callable[[sp.csr_matrix], KeyLayout],
+                 max_keys: int, on_window: Callable[[PackedKeys], None]) -> KeyLayout:
+    """Pack the keys of `x` a window of genes at a time (at most `max_keys` keys, in a borrowed
+    buffer; `row_bits[row]`: the low bits of the row's keys, its group) and hand each window's keys
+    to `on_window`; returns the layout."""
     layout = layout_of(x)
     windows = gene_windows(layout.entries, max_keys)
     if len(windows) > 1 and not x.has_sorted_indices:  # a window is a run of each row's entries
         x = x.sorted_indices()
         layout = layout_of(x)
-    out = tuple(np.zeros((x.shape[1], n_groups), dtype=dtype) for dtype in (np.int64, np.float64, np.float64))
     most = max((int(layout.entries[lo:hi].sum()) for lo, hi in windows), default=0)
     row_start = x.indptr[:-1].astype(np.int64)
     with borrowed("de keys", 8 * most) as buffer:
         for genes in windows:
-            _sort_and_scan(pack_keys(x, groups, layout, genes, row_start, buffer), group_w, out, control)
-    return layout, tuple(a.T for a in out)
+            on_window(pack_keys(x, row_bits, layout, genes, row_start, buffer))
+    return layout
 
 
-def _rank_sums(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_per_group: np.ndarray,
-               group_w: np.ndarray, sums: np.ndarray) -> RankSum:
-    """U statistics and p-values from the scan's (groups x genes) counts, control entries below and tie terms."""
+def rank_sum_result(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_per_group: np.ndarray,
+                    group_w: np.ndarray, sums: np.ndarray | None) -> RankSum:
+    """U statistics and p-values from the scans' (groups x genes) counts, control entries below and tie terms."""
     w = group_w[1:, None]
     n_ctrl = n_per_group[0]
     ctrl_zeros = n_ctrl - count[0] * group_w[0]
@@ -394,148 +374,17 @@ def _rank_sums(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_per_gro
     return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), sums, tie_term)
 
 
-@dataclass(frozen=True)
-class RankedControl:
-    """The control cells' keys, sorted once (`rank_control`), so that many blocks of perturbations
-    are ranked against them (`rank_sum_against`) without sorting the control again: float32
-    values' bit patterns as the value code (so every block shares one layout), group 0."""
-
-    keys: np.ndarray  # gene << gene_shift | value bits << group_bits, sorted
-    gene_start: np.ndarray  # gene g's keys are keys[gene_start[g]:gene_start[g + 1]]
-    count: np.ndarray  # nonzero entries per gene
-    ties: np.ndarray  # the control's own tie term per gene
-    sums: np.ndarray  # column sums
-    n_rows: int
-    gene_shift: int
-    group_bits: int
-
-
-def _float32_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, group_bits: int) -> KeyLayout:
-    """The key layout of float32 `x` with 32 value bits: one layout for the control and every block."""
-    if x.dtype != np.float32:
-        raise ValueError(f"ranking against a sorted control needs float32 values, not {x.dtype}")
-    n_genes = x.shape[1]
-    gene_shift = 32 + group_bits
-    if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
-        raise ValueError(f"too many genes x groups to rank against a sorted control: {x.shape}, {n_groups} groups")
-    codes = x.data.view(np.uint32)
-    chunk_entries, sums, _, _ = _count_entries(x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes,
-                                               n_threads())
-    return KeyLayout(codes, 0, gene_shift, group_bits, chunk_entries, sums)
-
-
-@numba.njit(nogil=True, cache=True)
-def _gene_entries(data, indices, entries, sums):  # pragma: no cover - compiled
-    """Add each gene's nonzero entries and float64 sum over a chunk of rows."""
-    for k in range(data.size):
-        if data[k] != 0:
-            entries[indices[k]] += 1
-            sums[indices[k]] += data[k]
-
-
-@numba.njit(nogil=True, cache=True)
-def _place_keys(data, indices, cursor, keys, gene_shift, group_bits):  # pragma: no cover - compiled
-    """Write the group-0 key of each nonzero entry of a chunk at its gene's cursor, and move it on."""
-    codes = data.view(np.uint32)
-    for k in range(data.size):
-        if data[k] != 0:
-            j = indices[k]
-            keys[cursor[j]] = (np.int64(j) << gene_shift) | (np.int64(codes[k]) << group_bits)
-            cursor[j] += 1
-
-
-def rank_control(chunks: Callable[[], Iterable[sp.csr_matrix]], n_genes: int, max_groups: int) -> RankedControl:
-    """Sort the keys of the control cells once. `chunks()` yields them as float32 CSR row chunks and
-    is read twice (count each gene's entries, then place them), so that the keys (8 bytes per
-    stored entry) are the only copy in memory; `max_groups`: the most groups, control included, of
-    any block later ranked against them (`rank_sum_against`)."""
-    group_bits = max(1, int(max_groups - 1).bit_length())
-    gene_shift = 32 + group_bits
-    if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
-        raise ValueError(f"too many genes x groups to rank against a sorted control: {n_genes} genes, {max_groups} groups")
-    entries, sums, n_rows = np.zeros(n_genes, dtype=np.int64), np.zeros(n_genes), 0
-    for chunk in chunks():
-        if chunk.dtype != np.float32:
-            raise ValueError(f"ranking against a sorted control needs float32 values, not {chunk.dtype}")
-        _gene_entries(chunk.data, chunk.indices, entries, sums)
-        n_rows += chunk.shape[0]
-    gene_start = np.concatenate([[0], np.cumsum(entries)])
-    keys = np.empty(int(gene_start[-1]), dtype=np.int64)
-    cursor = gene_start[:-1].copy()
-    for chunk in chunks():
-        _place_keys(chunk.data, chunk.indices, cursor, keys, gene_shift, group_bits)
-    if not np.array_equal(cursor, gene_start[1:]):
-        raise ValueError("the control cells changed between the two passes over them")
-    # runs of whole genes of about _BLOCK_KEYS keys, each sorted in place: the whole array is sorted
-    edges = gene_start[np.array([lo for lo, _ in gene_windows(entries, _BLOCK_KEYS)] + [n_genes], dtype=np.int64)]
-
-    def sort_run(run: np.ndarray, spare: np.ndarray | None) -> None:
-        for lo, hi in zip(run[:-1], run[1:], strict=True):
-            _sort(keys[lo:hi], spare)
-
-    _each_run(PackedKeys(keys, edges, gene_shift, group_bits), sort_run)
-    count, below, ties = np.zeros((n_genes, 1), np.int64), np.zeros((n_genes, 1)), np.zeros((n_genes, 1))
-    _scan(keys, gene_shift, group_bits, np.ones(1), count, below, ties)
-    return RankedControl(keys, gene_start, count[:, 0], ties[:, 0], sums, n_rows, gene_shift, group_bits)
-
-
-def rank_sum_against(control: RankedControl, x: sp.csr_matrix, groups: np.ndarray, n_groups: int,
-                     max_keys: int = _WINDOW_KEYS) -> RankSum:
-    """`rank_sum_test` of the control cells of `control` stacked above `x` (float32 CSR of
-    perturbed cells, `groups` in 1..n_groups - 1), equal to it bit for bit, with only the keys of
-    `x` sorted: each perturbation entry finds its control entries below and tied by two pointers
-    into the control's sorted keys of its gene."""
-    groups = np.asarray(groups, dtype=np.int64)
-    if n_groups > 1 << control.group_bits:
-        raise ValueError(f"{n_groups} groups do not fit the {control.group_bits} group bits the control was sorted with")
-    group_w = np.ones(n_groups)
-    layout, (count, below, ties) = _scan_windows(
-        x, groups, n_groups, lambda m: _float32_layout(m, groups, n_groups, control.group_bits), max_keys, group_w, control)
-    count[0], ties[0] = control.count, control.ties
-    layout.sums[0] = control.sums
-    n_per_group = np.bincount(groups, minlength=n_groups).astype(np.float64)
-    n_per_group[0] = control.n_rows
-    return _rank_sums(count, below, ties, n_per_group, group_w, layout.sums)
-
-
 def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:
     """Two-sided asymptotic p-value, in numba_mwu's order of floating-point operations."""
     n = n1 + n2
     u = np.maximum(u1, n1 * n2 - u1)
     mu = n1 * n2 / 2.0
-    var_inner = (n + 1.0) - tie_term / (n * (n - 1.0))
-    s_sq = n1 * n2 / 12.0 * var_inner
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # a gene of one cell: no variance, p = 1 below
+        var_inner = (n + 1.0) - tie_term / (n * (n - 1.0))
+        s_sq = n1 * n2 / 12.0 * var_inner
         z = (u - mu - 0.5) / np.sqrt(s_sq)
         p = 0.5 * erfc(z / math.sqrt(2.0)) * 2.0
     return np.where(s_sq <= 0.0, 1.0, np.clip(p, 0.0, 1.0))
-
-
-def benjamini_hochberg(pvalue: np.ndarray) -> np.ndarray:
-    """BH-adjusted p-values along the last axis (genes): scipy's ``false_discovery_control``
-    arithmetic, as pdex uses it, without its input checks (p-values here are always valid).
-    Runs of rows go to the thread pool: numpy's argsort, most of the cost, releases the GIL."""
-    rows = pvalue.reshape(-1, pvalue.shape[-1])
-    out = np.empty_like(rows)
-    cuts = np.linspace(0, rows.shape[0], min(n_threads(), rows.shape[0]) + 1).astype(np.int64)
-
-    def adjust(lo: int, hi: int) -> None:
-        out[lo:hi] = _bh_rows(rows[lo:hi])
-
-    with ThreadPoolExecutor(max(1, cuts.size - 1)) as pool:
-        list(pool.map(adjust, cuts[:-1], cuts[1:]))
-    return out.reshape(pvalue.shape)
-
-
-def _bh_rows(pvalue: np.ndarray) -> np.ndarray:
-    m = pvalue.shape[-1]
-    order = np.argsort(pvalue, axis=-1)
-    adjusted = np.take_along_axis(pvalue, order, axis=-1)
-    adjusted *= m / np.arange(1, m + 1, dtype=adjusted.dtype)
-    np.minimum.accumulate(adjusted[..., ::-1], out=adjusted[..., ::-1], axis=-1)
-    out = np.empty_like(adjusted)
-    np.put_along_axis(out, order, adjusted, axis=-1)
-    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def log2_fold_change(mean_log1p: np.ndarray, ctrl_mean_log1p: np.ndarray) -> np.ndarray:

@@ -22,8 +22,9 @@ from nbglm.data.dataset import pseudobulks
 from nbglm.data.rows import Rows, return_freed_memory
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
-from nbglm.metrics.de import (benjamini_hochberg, gene_windows, log2_fold_change, rank_control, rank_sum_against,
-                              rank_sum_test)
+from nbglm.metrics.de import gene_windows, log2_fold_change, rank_sum_test
+from nbglm.metrics.de_control import rank_control, rank_sum_against
+from nbglm.metrics.fdr import benjamini_hochberg
 from nbglm.metrics.registry import Metric, metric, profile_metrics, register
 
 FDR_THRESHOLD = 0.05

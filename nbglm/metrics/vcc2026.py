@@ -19,7 +19,9 @@ import scipy.sparse as sp
 
 from nbglm import atomic
 from nbglm.errors import NbglmError
+from nbglm.metrics.de import RankSum
 from nbglm.metrics.de_cache import DataIdentity, read_meta, write_meta
+from nbglm.metrics.de_parts import rank_sum_parts
 from nbglm.metrics.registry import Metric, register
 from nbglm.metrics.vcc2026_de import DETable, Normalised, de_metrics, de_table, lfc_nmae_split, normalise
 from nbglm.metrics.vcc2026_expr import (Profiles, exclusion_columns, expr_terms, pds_cosine, profiles,
@@ -137,16 +139,18 @@ def _copy_rows(data, indices, indptr, picked, out_data, out_indices, out_start):
 
 
 def summarize(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str,
-              ref_control: sp.csr_matrix | None = None, cells: Normalised | None = None) -> Side:
+              ref_control: sp.csr_matrix | None = None, cells: Normalised | None = None,
+              ranks: RankSum | None = None) -> Side:
     """Summary of one file; with `ref_control` the DE compares against those control cells instead.
     `cells`, when the caller holds it: the normalisation of the DE's rows, `counts` or, with
-    `ref_control`, `ref_control` above the perturbed rows of `counts`."""
+    `ref_control`, `ref_control` above the perturbed rows of `counts`; `ranks`: their rank-sum test
+    when the caller ran it (see `de_table`)."""
     labels = np.array(sorted(set(cell_labels.tolist()) - {control}), dtype=object)
     codes = _codes(cell_labels, control, labels)
     ctrl = counts[codes == 0]
     prof = profiles(counts, codes, labels)
     if ref_control is None:
-        de = de_table(counts, cells if cells is not None else normalise(counts), codes, labels)
+        de = de_table(counts, cells if cells is not None else normalise(counts), codes, labels, ranks)
     else:
         pert = codes > 0
         both = _stack_rows(ref_control, counts, pert)
@@ -240,14 +244,19 @@ def replicate_anchor(counts: sp.csr_matrix, obs: pd.DataFrame, pert_col: str, co
     """Mean over 5 split-halves (seeds from SeedSequence(0)) of half B scored against half A, each
     half with its own control; `de_wilcoxon_lfc_nmae` takes its gate from the full reference."""
     cell_labels = obs[pert_col].astype(str).to_numpy()
+    codes = _codes(cell_labels, control, full.labels)
+    if (np.bincount(codes, minlength=full.labels.size + 1)[1:] < 2).any():  # a half would lack the perturbation
+        raise NbglmError("vcc2026: a perturbation has fewer than 2 cells; the replicate anchor needs 2 or more per group")
     seeds = [int(s) for s in np.random.SeedSequence(BASE_SEED).generate_state(N_SPLITS)]
+    halves = [_halves(obs, pert_col, seed) for seed in seeds]
+    parts = np.full((N_SPLITS, codes.size), -1, dtype=np.int64)
+    for split, (ia, ib) in zip(parts, halves, strict=True):
+        split[ia], split[ib] = 0, 1
+    ranks = rank_sum_parts(cells.ranked, codes, full.labels.size + 1, parts)  # the cells' keys sorted once
     runs = []
-    for seed in seeds:
-        ia, ib = _halves(obs, pert_col, seed)
-        half_a = summarize(counts[ia], cell_labels[ia], control, cells=cells.rows(ia))
-        half_b = summarize(counts[ib], cell_labels[ib], control, cells=cells.rows(ib))
-        if not (np.array_equal(half_a.labels, full.labels) and np.array_equal(half_b.labels, full.labels)):
-            raise NbglmError("vcc2026: a perturbation has fewer than 2 cells; the replicate anchor needs 2 or more per group")
+    for (ia, ib), (ranks_a, ranks_b) in zip(halves, ranks, strict=True):
+        half_a = summarize(counts[ia], cell_labels[ia], control, cells=cells.rows(ia), ranks=ranks_a)
+        half_b = summarize(counts[ib], cell_labels[ib], control, cells=cells.rows(ib), ranks=ranks_b)
         means = compare(half_b, half_a, genes, own_control=True)["means"]
         means["de_wilcoxon_lfc_nmae"] = _nanmean(lfc_nmae_split(full.de, half_a.de, half_b.de, genes))
         runs.append(means)

@@ -17,7 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import ndtr
 
-from nbglm.metrics.de import benjamini_hochberg, rank_sum_test
+from nbglm.metrics.de import RankSum, rank_sum_test
+from nbglm.metrics.fdr import benjamini_hochberg
 
 CPM_TARGET = 1e6
 MIN_CTRL_CPM = 5.0
@@ -160,16 +161,18 @@ def _cpm_group_means(data, indices, indptr, divisor, order, bounds, n_genes):  #
     return sums
 
 
-def de_table(counts: sp.csr_matrix, cells: Normalised, codes: np.ndarray, labels: np.ndarray) -> DETable:
+def de_table(counts: sp.csr_matrix, cells: Normalised, codes: np.ndarray, labels: np.ndarray,
+             ranks: RankSum | None = None) -> DETable:
     """DE of groups 1.. (`labels`) against group 0 (the control) on raw `counts` (`cells` is their
-    normalisation), cell i in group `codes[i]`."""
+    normalisation), cell i in group `codes[i]`; `ranks`: ``rank_sum_test(cells.ranked, codes, ...)``
+    when the caller has it."""
     n_groups = labels.size + 1
     order = np.argsort(codes, kind="stable")  # each group's rows in file order, as a one-pass sum would add them
     means = _cpm_group_means(counts.data, counts.indices, counts.indptr, cells.divisor, order,
                              np.searchsorted(codes[order], np.arange(n_groups + 1)), counts.shape[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         lfc = np.log2((means[1:] + EPSILON) / (means[0] + EPSILON))
-    ranks = rank_sum_test(cells.ranked, codes, n_groups)
+    ranks = rank_sum_test(cells.ranked, codes, n_groups) if ranks is None else ranks
     n1 = np.bincount(codes, minlength=n_groups)[1:, None].astype(np.float64)
     n2 = float(np.count_nonzero(codes == 0))
     big_n = n1 + n2
