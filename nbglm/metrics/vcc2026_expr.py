@@ -100,32 +100,62 @@ def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib):  #
             _zeros_by_series(s1[g], s2[g], order[lo:hi], sums[g], total, lib, terms)
         else:
             _zeros_directly(s1[g], s2[g], order[lo:hi], sums[g], total, lib, b)
-        q = BULK_TARGET * sums[g] / total
-        w = q / (1.0 + q)
+        scaled = BULK_TARGET * sums[g]
+        w = (scaled / total) / (1.0 + scaled / total)
         coef = np.zeros(terms + 1)
         for m in range(1, terms + 1):
             coef[m] = (1.0 if m % 2 == 1 else -1.0) / m
+        most = 0
+        for c in range(lo, hi):
+            most = max(most, indptr[order[c] + 1] - indptr[order[c]])
+        wd, zero, arg = np.empty(most), np.empty(most), np.empty(most)
         for c in range(lo, hi):
             cell = order[c]
             r = total - lib[cell]
             if r <= 0:
                 continue
             d = lib[cell] / r
-            for k in range(indptr[cell], indptr[cell + 1]):
-                j = indices[k]
-                wd = w[j] * d
-                if terms > 0:
-                    zero = 0.0
-                    for m in range(terms, 0, -1):  # log1p(wd) by the same series (Horner)
-                        zero = zero * wd + coef[m]
-                    zero *= wd
-                else:
-                    zero = np.log1p(wd)
-                # v - zero = log1p(5e4 (p - x) / r) - log1p(5e4 p / r), as one logarithm
-                step = np.log1p(-BULK_TARGET * data[k] / (r + BULK_TARGET * sums[g, j]))
+            k0, n = indptr[cell], indptr[cell + 1] - indptr[cell]
+            for i in range(n):
+                j = indices[k0 + i]
+                wd[i] = w[j] * d
+                # v - zero = log1p(5e4 (p - x) / r) - log1p(5e4 p / r), as one logarithm (of arg)
+                arg[i] = -BULK_TARGET * data[k0 + i] / (r + scaled[j])
+            if terms == 0:
+                for i in range(n):
+                    zero[i] = np.log1p(wd[i])
+            else:  # each entry's zero-count term as the series summed it (Horner, entries innermost: SIMD)
+                for i in range(n):
+                    zero[i] = coef[terms]
+                for m in range(terms - 1, 0, -1):
+                    c_m = coef[m]  # a local: a load from coef in the loop could alias zero and keep it scalar
+                    for i in range(n):
+                        zero[i] = zero[i] * wd[i] + c_m
+                for i in range(n):
+                    zero[i] *= wd[i]
+            for i in range(n):
+                j = indices[k0 + i]
+                step = np.log1p(arg[i])
                 s1[g, j] += step
-                s2[g, j] += step * (2.0 * zero + step)
+                s2[g, j] += step * (2.0 * zero[i] + step)
     return s1, s2
+
+
+@numba.njit(cache=True)
+def _log1p_by_series(x, coef, out):  # pragma: no cover - compiled
+    """out = log1p(x) by the series with coefficients `coef` (Horner), or by log1p itself when
+    there are none; the loop over entries is innermost, so it runs in SIMD lanes."""
+    terms = coef.size - 1
+    if terms == 0:
+        for i in range(x.size):
+            out[i] = np.log1p(x[i])
+        return
+    out[:] = coef[terms]
+    for m in range(terms - 1, 0, -1):
+        for i in range(x.size):
+            out[i] = out[i] * x[i] + coef[m]
+    for i in range(x.size):
+        out[i] *= x[i]
 
 
 @numba.njit(cache=True)
