@@ -23,7 +23,8 @@ from nbglm.metrics.de import RankSum
 from nbglm.metrics.de_cache import DataIdentity, read_meta, write_meta
 from nbglm.metrics.de_parts import rank_sum_parts
 from nbglm.metrics.registry import Metric, register
-from nbglm.metrics.vcc2026_de import DETable, Normalised, de_metrics, de_table, lfc_nmae_split, normalise
+from nbglm.metrics.vcc2026_de import (DETable, Normalised, de_metrics, de_table, lfc_nmae_split, normalise,
+                                      row_totals)
 from nbglm.metrics.vcc2026_expr import (Profiles, exclusion_columns, expr_terms, pds_cosine, profiles,
                                         ratio_of_sums)
 
@@ -52,7 +53,8 @@ MEMBERS = tuple(register(Metric(name, PROFILE, direction, best, title, descripti
 
 @dataclass(frozen=True)
 class Side:
-    """One file's summary: sorted non-control labels, profiles, DE table, raw control cells."""
+    """One file's summary: sorted non-control labels, profiles, DE table, raw control cells (none
+    kept for a side scored against another's control)."""
 
     labels: np.ndarray
     profiles: Profiles
@@ -140,23 +142,24 @@ def _copy_rows(data, indices, indptr, picked, out_data, out_indices, out_start):
 
 def summarize(counts: sp.csr_matrix, cell_labels: np.ndarray, control: str,
               ref_control: sp.csr_matrix | None = None, cells: Normalised | None = None,
-              ranks: RankSum | None = None) -> Side:
-    """Summary of one file; with `ref_control` the DE compares against those control cells instead.
-    `cells`, when the caller holds it: the normalisation of the DE's rows, `counts` or, with
-    `ref_control`, `ref_control` above the perturbed rows of `counts`; `ranks`: their rank-sum test
-    when the caller ran it (see `de_table`)."""
+              ranks: RankSum | None = None, totals: np.ndarray | None = None) -> Side:
+    """Summary of one file; with `ref_control` the DE compares against those control cells instead,
+    and the file's own control cells are not summarised beyond their profile (a submission's are
+    not scored). `cells`, when the caller holds it: the normalisation of the DE's rows, `counts` or,
+    with `ref_control`, `ref_control` above the perturbed rows of `counts`; `ranks`: their rank-sum
+    test when the caller ran it (see `de_table`); `totals`: the row totals of `counts` if known."""
     labels = np.array(sorted(set(cell_labels.tolist()) - {control}), dtype=object)
     codes = _codes(cell_labels, control, labels)
-    ctrl = counts[codes == 0]
-    prof = profiles(counts, codes, labels)
+    prof = profiles(counts, codes, labels, control_jackknife=ref_control is None)
     if ref_control is None:
-        de = de_table(counts, cells if cells is not None else normalise(counts), codes, labels, ranks)
-    else:
-        pert = codes > 0
-        both = _stack_rows(ref_control, counts, pert)
-        de = de_table(both, cells if cells is not None else normalise(both),
-                      np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]), labels)
-    return Side(labels, prof, de, sp.csr_matrix(ctrl))
+        de = de_table(counts, cells if cells is not None else normalise(counts, totals), codes, labels, ranks)
+        return Side(labels, prof, de, sp.csr_matrix(counts[codes == 0]))
+    pert = codes > 0
+    both = _stack_rows(ref_control, counts, pert)
+    if cells is None:
+        cells = normalise(both, None if totals is None else np.concatenate([row_totals(ref_control), totals[pert]]))
+    de = de_table(both, cells, np.concatenate([np.zeros(ref_control.shape[0], np.int64), codes[pert]]), labels)
+    return Side(labels, prof, de, sp.csr_matrix((0, counts.shape[1]), dtype=counts.dtype))
 
 
 def compare(pred: Side, real: Side, genes: np.ndarray, *, own_control: bool = False) -> dict:
@@ -295,9 +298,10 @@ def scaled(user: dict[str, float], ref: Reference) -> dict[str, float]:
     return out
 
 
-def check_submission(pred, ref: Reference, *, pert_col: str) -> None:
+def check_submission(pred, ref: Reference, *, pert_col: str) -> np.ndarray:
     """The 2026 rules: raw counts (non-negative, integral, cell totals <= 1e6), the reference's
-    gene axis and perturbation labels exactly (control included)."""
+    gene axis and perturbation labels exactly (control included). Returns the cell totals (float64,
+    exact for the integral counts it let through), found by the same pass."""
     genes = np.asarray(pred.var_names, dtype=object)
     if genes.size != ref.genes.size or not np.array_equal(genes, ref.genes):
         raise NbglmError("vcc2026: the prediction's genes differ from the reference's (names or order); "
@@ -311,18 +315,19 @@ def check_submission(pred, ref: Reference, *, pert_col: str) -> None:
         raise NbglmError(f"vcc2026: the prediction's perturbation labels differ from the reference's "
                          f"(missing {missing}, unexpected {extra}); predict exactly the reference's labels, control included")
     x = _counts(pred)
-    invalid, fractional, max_total = _value_checks(x.data, x.indptr)
+    invalid, fractional, totals = _value_checks(x.data, x.indptr)
     if invalid:
         raise NbglmError("vcc2026: the prediction has negative or non-finite values; submit raw non-negative counts")
     if fractional:
         raise NbglmError("vcc2026: the prediction has fractional values; submit integral raw counts, not normalised data")
-    if max_total > MAX_CELL_TOTAL:
+    if totals.size and totals.max() > MAX_CELL_TOTAL:
         raise NbglmError("vcc2026: a predicted cell totals more than 1e6 counts; downscale cells to at most 1e6 counts each")
+    return totals
 
 
 @numba.njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _value_checks(data, indptr):  # pragma: no cover - compiled
-    """One pass over the stored values: any negative or non-finite, any fractional, the largest cell total
+    """One pass over the stored values: any negative or non-finite, any fractional, each cell's total
     (reassociated sums: exact for integral counts, and a fractional file is refused whatever its totals)."""
     n_rows = indptr.size - 1
     invalid = np.zeros(n_rows, dtype=np.bool_)
@@ -336,7 +341,7 @@ def _value_checks(data, indptr):  # pragma: no cover - compiled
             frac |= v != np.floor(v)
             total += v
         invalid[row], fractional[row], totals[row] = bad, frac, total
-    return invalid.any(), fractional.any(), totals.max() if n_rows else 0.0
+    return invalid.any(), fractional.any(), totals
 
 
 def evaluate_vcc2026(pred, real, *, pert_col: str, control: str, cache: Reference | None = None) -> dict:
@@ -346,9 +351,9 @@ def evaluate_vcc2026(pred, real, *, pert_col: str, control: str, cache: Referenc
     else:
         ref = cache
         ref.check(real, pert_col, control)
-    check_submission(pred, ref, pert_col=pert_col)
+    totals = check_submission(pred, ref, pert_col=pert_col)
     side = summarize(_counts(pred), pred.obs[pert_col].astype(str).to_numpy(), control,
-                     ref_control=ref.real.control_counts)
+                     ref_control=ref.real.control_counts, totals=totals)
     result = compare(side, ref.real, ref.genes)
     sc = scaled(result["means"], ref)
     values = result["per_perturbation"]

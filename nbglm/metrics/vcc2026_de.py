@@ -57,17 +57,29 @@ class Normalised:
         return Normalised(self.divisor[index], self.ranked[index])
 
 
-def normalise(counts: sp.csr_matrix) -> Normalised:
+def normalise(counts: sp.csr_matrix, totals: np.ndarray | None = None) -> Normalised:
     """A count's log1p(CPM) depends on its row and its value only, and a row holds few distinct
-    counts: the logarithms and the ranking run over (row, distinct count) slots, not every entry."""
-    divisor = _row_totals(counts.data, counts.indptr) / CPM_TARGET
+    counts: the logarithms and the ranking run over (row, distinct count) slots, not every entry.
+    `totals`: the row totals (float64) when the caller has them. Chunks of rows are slotted on the
+    thread pool, each numbering its slots from its first entry's position."""
+    divisor = (_row_totals(counts.data, counts.indptr) if totals is None else totals) / CPM_TARGET
     divisor[divisor == 0] = 1.0
+    n_rows = counts.shape[0]
+    bounds = np.linspace(0, n_rows, min(n_rows, 4 * numba.get_num_threads()) + 1).astype(np.int64)
     slot = np.empty(counts.nnz, dtype=np.int32 if counts.nnz < 2**31 else np.int64)
-    cpm = _count_slots(counts.data, counts.indptr, divisor, slot)
+    spaced = np.empty(counts.nnz)  # each chunk's slot values from its first entry's position on
+    used = _slot_chunks(counts.data, counts.indptr, divisor, slot, spaced, bounds)
+    first = counts.indptr[bounds[:-1]]
+    shift = first - (np.cumsum(used) - used)  # a chunk's slot numbers -> the slots of the whole matrix
+    cpm = np.concatenate([np.empty(0)] + [spaced[a:a + n] for a, n in zip(first, used, strict=True)])
     codes = order_codes(np.log1p(cpm, out=cpm))  # numpy's log1p, as cell-eval2's (numba's differs in the last bit)
-    ranked = sp.csr_matrix((_gather(codes, slot, np.empty(slot.size, codes.dtype)), counts.indices, counts.indptr),
-                           shape=counts.shape)
-    return Normalised(divisor, ranked)
+    ranked = _gather(codes, slot, counts.indptr, bounds, shift, np.empty(slot.size, codes.dtype))
+    return Normalised(divisor, sp.csr_matrix((ranked, counts.indices, counts.indptr), shape=counts.shape))
+
+
+def row_totals(x: sp.csr_matrix) -> np.ndarray:
+    """Each row's total, float64, summed in order."""
+    return _row_totals(x.data, x.indptr)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -82,25 +94,14 @@ def _row_totals(data, indptr):  # pragma: no cover - compiled
 _SLOT_TABLE = 4096  # counts below this share a slot per row; larger or fractional values get their own
 
 
-def _count_slots(data: np.ndarray, indptr: np.ndarray, divisor: np.ndarray, slot: np.ndarray) -> np.ndarray:
-    """Each stored entry's slot (written to `slot`) and each slot's CPM, float64(count) /
-    divisor[row] (IEEE division: numpy's result, bit for bit). Equal counts of a row share a slot;
-    a value that is not a small non-negative integer gets a slot of its own (equal values still
-    rank together: the ranking is by value). Chunks of rows are slotted on the thread pool."""
-    n_rows = indptr.size - 1
-    bounds = np.linspace(0, n_rows, min(n_rows, 4 * numba.get_num_threads()) + 1).astype(np.int64)
-    values = np.empty(data.size)
-    used = _slot_chunks(data, indptr, divisor, slot, values, bounds)
-    offset = np.zeros(used.size, dtype=np.int64)
-    np.cumsum(used[:-1], out=offset[1:])
-    return _compact_slots(values, slot, indptr, bounds, used, offset)
-
-
 @numba.njit(parallel=True, cache=True)
 def _slot_chunks(data, indptr, divisor, slot, values, bounds):  # pragma: no cover - compiled
-    """Slot each chunk of rows `bounds[c]:bounds[c + 1]` on its own: its slots are numbered from its
-    first entry's position, so that they fit in `values` beside the other chunks'; returns the
-    slots each chunk used."""
+    """Each stored entry's slot (written to `slot`) and each slot's CPM, float64(count) /
+    divisor[row] (IEEE division: numpy's result, bit for bit), per chunk of rows
+    ``bounds[c]:bounds[c + 1]``; a chunk numbers its slots (and writes their values) from its first
+    entry's position on. Equal counts of a row share a slot; a value that is not a small
+    non-negative integer gets a slot of its own (equal values still rank together: the ranking is
+    by value). Returns the slots each chunk used."""
     n_chunks = bounds.size - 1
     used = np.zeros(n_chunks, dtype=np.int64)
     for c in numba.prange(n_chunks):
@@ -127,22 +128,11 @@ def _slot_chunks(data, indptr, divisor, slot, values, bounds):  # pragma: no cov
 
 
 @numba.njit(parallel=True, cache=True)
-def _compact_slots(values, slot, indptr, bounds, used, offset):  # pragma: no cover - compiled
-    """Close the gaps between the chunks' slots: chunk c's move to `offset[c]` on."""
-    out = np.empty(used.sum())
+def _gather(codes, slot, indptr, bounds, shift, out):  # pragma: no cover - compiled
+    """out[k] = codes[slot[k] - shift[c]] for the entries k of chunk c (see `_slot_chunks`)."""
     for c in numba.prange(bounds.size - 1):
-        first, shift = indptr[bounds[c]], indptr[bounds[c]] - offset[c]
-        out[offset[c]:offset[c] + used[c]] = values[first:first + used[c]]
         for k in range(indptr[bounds[c]], indptr[bounds[c + 1]]):
-            slot[k] -= shift
-    return out
-
-
-@numba.njit(cache=True)
-def _gather(values, index, out):  # pragma: no cover - compiled
-    """out[k] = values[index[k]] (np.take would first widen int32 indices to a new int64 array)."""
-    for k in range(index.size):
-        out[k] = values[index[k]]
+            out[k] = codes[slot[k] - shift[c]]
     return out
 
 

@@ -6,15 +6,30 @@ expression error subtracts each group's delete-one jackknife sampling correction
 
 from __future__ import annotations
 
+import functools
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import ThreadpoolController
 
 from nbglm.errors import NbglmError
 
 BULK_TARGET = 5e4
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def one_blas_thread() -> ContextManager:
+    """Run a small matrix product on one BLAS thread. Why: OpenBLAS's threads spin for a while
+    after each call, on the cores the next compiled kernels need; right after a multi-threaded
+    product the DE and jackknife kernels measured about twice as slow."""
+    return _blas().limit(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)
@@ -26,8 +41,9 @@ class Profiles:
     jackknife: np.ndarray
 
 
-def profiles(counts: sp.csr_matrix, codes: np.ndarray, labels: np.ndarray) -> Profiles:
-    """Profiles and jackknife corrections of group 0 (control) and groups 1.. (`labels`)."""
+def profiles(counts: sp.csr_matrix, codes: np.ndarray, labels: np.ndarray, control_jackknife: bool = True) -> Profiles:
+    """Profiles and jackknife corrections of group 0 (control) and groups 1.. (`labels`); without
+    `control_jackknife` the control's correction is left 0 (a side scored against another's control)."""
     counts = sp.csr_matrix(counts)
     n_groups = labels.size + 1
     order = np.argsort(codes, kind="stable")
@@ -37,7 +53,8 @@ def profiles(counts: sp.csr_matrix, codes: np.ndarray, labels: np.ndarray) -> Pr
     scale = np.zeros_like(totals)
     scale[totals > 0] = BULK_TARGET / totals[totals > 0]
     bulk = np.log1p(sums * scale[:, None])
-    s1, s2 = _jackknife_sums(counts.data, counts.indices, counts.indptr, order, bounds, sums, totals, lib)
+    s1, s2 = _jackknife_sums(counts.data, counts.indices, counts.indptr, order, bounds, sums, totals, lib,
+                             0 if control_jackknife else 1)
     n = np.diff(bounds).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         jk = (n - 1) / n * (s2 - s1**2 / n[:, None]).sum(axis=1)
@@ -70,12 +87,12 @@ _SERIES_MAX_TERMS = 64
 
 
 @numba.njit(parallel=True, cache=True)
-def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib):  # pragma: no cover - compiled
+def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib, first):  # pragma: no cover - compiled
     """Per group and gene, the sums of v and v^2 over the group's cells, v = the delete-one profile
     minus the group's profile: log1p(5e4 (p - x_i) / (T - lib_i)) - log1p(5e4 p / T), 0 - the
     profile where the cell holds everything. Every gene of every cell counts (deleting a cell
     moves the profile of the genes it has no count of too); stored entries replace their
-    zero-count term.
+    zero-count term. Groups from `first` on (1: the control's sums are left 0).
 
     Why a series: for a zero count, v = log1p(w d) exactly, with w = q / (1 + q) of the gene's
     profile q = 5e4 p / T and d = lib / (T - lib) of the cell. Expanding log1p and log1p^2 in
@@ -86,7 +103,7 @@ def _jackknife_sums(data, indices, indptr, order, bounds, sums, totals, lib):  #
     n_groups, n_genes = sums.shape
     s1 = np.zeros((n_groups, n_genes))
     s2 = np.zeros((n_groups, n_genes))
-    for g in numba.prange(n_groups):
+    for g in numba.prange(first, n_groups):
         lo, hi, total = bounds[g], bounds[g + 1], totals[g]
         if hi - lo < 2 or total <= 0:
             continue
@@ -233,7 +250,8 @@ def pds_cosine(pred_eff: np.ndarray, real_eff: np.ndarray, panel_cols: np.ndarra
     if not keep.any():
         raise NbglmError("vcc2026: every gene is some perturbation's target; pds_cosine has no genes left to rank")
     a, b = pred_eff[:, keep], real_eff[:, keep]
-    sim = a @ b.T
+    with one_blas_thread():
+        sim = a @ b.T
     denom = np.sqrt(np.einsum("ig,ig->i", a, a))[:, None] * np.sqrt(np.einsum("jg,jg->j", b, b))[None, :]
     cos = np.zeros_like(sim)
     nz = denom != 0
