@@ -214,7 +214,8 @@ def sort_figures(pred_path: str, repeats: int) -> None:
     except ImportError as error:  # a tree from before the radix sort: numpy's sort only
         print(f"DE keys' sort: not timed ({error})", flush=True)
         return
-    from nbglm.metrics.vcc import group_codes, to_log1p
+    from nbglm.metrics.normalise import to_log1p
+    from nbglm.metrics.vcc import group_codes
 
     pred = read_counts_for_eval(pred_path, "target_gene", "pred")
     perts, groups = group_codes(pred.obs["target_gene"].to_numpy(str), CONTROL)

@@ -11,6 +11,7 @@ from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache, load_de_cac
 from nbglm.metrics.evaluate import build_cache, cache_profile, evaluate, load_cache
 from nbglm.metrics.fdr import benjamini_hochberg
 from nbglm.metrics.io import read_counts_for_eval
+from nbglm.metrics.normalise import to_log1p
 from nbglm.metrics.registry import METRICS, Metric, get, names, profile_metrics, profiles, values
 from nbglm.metrics.vcc import (
     FileSummary,
@@ -23,7 +24,6 @@ from nbglm.metrics.vcc import (
     scaled_scores,
     score,
     summarize_adata,
-    to_log1p,
 )
 from nbglm.metrics.vcc2026 import MEMBERS as VCC2026_MEMBERS
 from nbglm.metrics.vcc2026 import Reference, build_reference, check_submission, evaluate_vcc2026

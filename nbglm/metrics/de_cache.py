@@ -19,7 +19,8 @@ import numpy as np
 from nbglm import atomic
 from nbglm.errors import NbglmError
 from nbglm.data.rows import Rows
-from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, group_codes, log1p_of, log1p_transform, score,
+from nbglm.metrics.normalise import log1p_of, log1p_transform
+from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, group_codes, score,
                                summarize_log1p)
 
 CACHE_VERSION = 1

@@ -1,0 +1,156 @@
+"""Inputs normalised as cell-eval 0.8 sees them (scanpy's ``normalize_total`` then ``log1p``, in
+the file's float dtype, bit for bit), whole, a chunk of rows at a time, or in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import anndata as ad
+import numba
+import numpy as np
+import scipy.sparse as sp
+
+from nbglm.data.rows import Rows
+from nbglm.errors import NbglmError
+from nbglm.metrics.buffers import borrowed
+
+_LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
+_FRACTION_EPS = 1e-3  # cell-eval calls data with a fractional part above this "not counts"
+
+Matrix = np.ndarray | sp.csr_matrix
+
+
+def to_log1p(adata: ad.AnnData, which: str, out: np.ndarray | None = None) -> Matrix:
+    """X in log1p space as cell-eval sees it: counts are normalised, log1p data is kept.
+
+    Integer counts are scaled per cell to the median total count of the file and log1p'd, with
+    scanpy's ``normalize_total`` arithmetic (float32 stays float32, integers become float32; the
+    median is over all cells for sparse X and over cells with counts for dense X, as scanpy
+    does). Fractional data with min >= 0 and max < 15 is taken as log1p already. Anything else
+    is an error. Normalised sparse values are written to `out` (bytes, enough for the stored
+    entries in the result's dtype) when given.
+    """
+    x = adata.X
+    if x is None:
+        raise NbglmError(f"{which} has no expression matrix (X is empty)")
+    x = _as_float(sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x))
+    if not x.size or (sp.issparse(x) and not x.nnz):
+        return x
+    data, indptr = (x.data, x.indptr) if sp.issparse(x) else (x.ravel(), np.arange(0, x.size + 1, x.shape[1]))
+    totals = _target(*_row_stats(data, indptr, x.dtype.type(_FRACTION_EPS)), which, sp.issparse(x), x.dtype)
+    if totals is None:
+        return x
+    return _normalize_log1p(x, *totals, out)
+
+
+def _as_float(x: Matrix) -> Matrix:
+    """cell-eval's dtypes: float32 and float64 stay, anything else becomes float32."""
+    return x.astype(np.float32) if x.dtype == np.float16 or not np.issubdtype(x.dtype, np.floating) else x
+
+
+def _target(totals: np.ndarray, low: np.ndarray, high: np.ndarray, fractional: np.ndarray, which: str,
+            sparse: bool, dtype: np.dtype) -> tuple[np.ndarray, np.floating] | None:
+    """to_log1p's decision for a whole file from its row statistics: None for log1p data, else the
+    row totals and the normalisation target (their median, over all cells for sparse X and over
+    cells with counts for dense X, as scanpy); anything else is an error."""
+    if not totals.size:
+        return None
+    low, high = low.min(), high.max()
+    if not np.isfinite(totals).all():  # a NaN or infinity makes its row's total one
+        raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
+    if low < 0:
+        raise NbglmError(
+            f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data"
+        )
+    if fractional.any():
+        if high >= _LOG1P_MAX:
+            raise NbglmError(
+                f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} "
+                f"(log1p data stays below {_LOG1P_MAX:g})"
+            )
+        return None
+    totals = totals.astype(dtype)
+    return totals, np.median(totals if sparse else totals[totals > 0])
+
+
+def log1p_transform(x: Matrix | Rows, which: str) -> Callable[[Matrix], Matrix]:
+    """`to_log1p` as a transform of row chunks of `x` (a matrix, or `Rows` of one in memory or on
+    disk): one pass now decides for the whole file and finds its target (no pass for `Rows` of
+    checked counts: their totals are known); each chunk is then normalised on its own, equal to
+    the rows of `to_log1p` of the whole file."""
+    rows = x if isinstance(x, Rows) else Rows(x)
+    if not rows.shape[0]:
+        return _as_float
+    dtype = _as_float(np.empty(0, getattr(rows.x, "dtype", np.float32))).dtype
+    if rows.counts_totals is not None:  # non-negative integers: counts, never log1p data
+        totals = rows.totals().astype(dtype)
+        plan = (totals, np.median(totals if rows.sparse else totals[totals > 0]))
+    else:
+        stats = [_row_stats(c.data, c.indptr, dtype.type(_FRACTION_EPS)) for _, c in rows.chunks()
+                 for c in [_as_float(c)]]
+        plan = _target(*(np.concatenate(s) for s in zip(*stats)), which, rows.sparse, dtype)
+    if plan is None:
+        return _as_float
+    target = plan[1]
+
+    def transform(chunk: Matrix) -> Matrix:
+        chunk = sp.csr_matrix(_as_float(chunk))
+        totals = _row_stats(chunk.data, chunk.indptr, chunk.dtype.type(_FRACTION_EPS))[0].astype(chunk.dtype)
+        return _normalize_log1p(chunk, totals, target, None)
+
+    return transform
+
+
+@numba.njit(parallel=True, cache=True)
+def _row_stats(data, indptr, eps):  # pragma: no cover - compiled
+    """Per row in one pass: the float64 total (exact for counts, so order is free), min, max, and
+    whether a value's fraction exceeds `eps` (cell-eval's test for data that is not counts)."""
+    n_rows = indptr.size - 1
+    totals, low, high = np.zeros(n_rows), np.full(n_rows, np.inf), np.full(n_rows, -np.inf)
+    fractional = np.zeros(n_rows, dtype=np.bool_)
+    for row in numba.prange(n_rows):
+        total, lo, hi, frac = 0.0, np.inf, -np.inf, False
+        for k in range(indptr[row], indptr[row + 1]):
+            v = data[k]
+            total += v
+            lo, hi = min(lo, v), max(hi, v)
+            frac |= v - np.trunc(v) > eps
+        totals[row], low[row], high[row], fractional[row] = total, lo, hi, frac
+    return totals, low, high, fractional
+
+
+@numba.njit(parallel=True, cache=True)
+def _divide_rows(data, indptr, scale, out):  # pragma: no cover - compiled
+    """out = data / scale[row] per stored entry (IEEE division: numpy's result, bit for bit)."""
+    for row in numba.prange(indptr.size - 1):
+        for k in range(indptr[row], indptr[row + 1]):
+            out[k] = data[k] / scale[row]
+
+
+def _normalize_log1p(x: Matrix, totals: np.ndarray, target: np.floating, out: np.ndarray | None) -> Matrix:
+    """scanpy ``normalize_total`` (to `target`) then ``log1p``, same dtype; sparse values go to
+    `out` (bytes) when it is given and large enough."""
+    scale = totals / target
+    scale += scale == 0
+    if sp.issparse(x):
+        nbytes = x.data.nbytes
+        data = np.empty_like(x.data) if out is None or out.size < nbytes else out[:nbytes].view(x.dtype)
+        _divide_rows(x.data, x.indptr, scale, data)
+        return sp.csr_matrix((np.log1p(data, out=data), x.indices, x.indptr), shape=x.shape)
+    out = np.divide(x, scale[:, None])
+    return np.log1p(out, out=out)
+
+
+@contextmanager
+def log1p_of(adata: ad.AnnData, which: str, overwrite: bool = False) -> Iterator[Matrix]:
+    """`to_log1p(adata)`, its sparse values in a buffer lent for the block (`nbglm.metrics.buffers`),
+    or with `overwrite` in X's own values array (float CSR X only; X then holds log1p values)."""
+    x = adata.X
+    if overwrite and sp.issparse(x) and x.format == "csr" and x.dtype in (np.float32, np.float64):
+        yield to_log1p(adata, which, x.data.view(np.uint8))
+        return
+    stored = adata.X.nnz if sp.issparse(adata.X) else 0
+    itemsize = 8 if adata.X is not None and adata.X.dtype == np.float64 else 4
+    with borrowed("log1p values", itemsize * stored) as out:
+        yield to_log1p(adata, which, out)
