@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -635,10 +636,40 @@ def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
     assert _cli(["build-de-cache", "--real", real_file, "--train", train_file, "--output", cache]) == 0
     assert _cli(["eval", *common, "--de-cache", cache, "--output", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads((tmp_path / "c.json").read_text())
+    # the command reads train, real and pred into one pair of arrays; its numbers are evaluate's
+    want = evaluate(pred, real, train=train, control=CONTROL)
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(want))
     assert "overall score" in capsys.readouterr().out
     assert _cli(["eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(tmp_path / "real.h5ad")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pred file not found") and err.count("\n") == 1
+
+
+def test_files_read_one_after_another_share_their_arrays(tmp_path: Path) -> None:
+    """ReadBuffers: each file's X (smaller, larger, CSC) equals anndata's read of it, and the CSR
+    ones land in the same memory, sized once for the largest file."""
+    from nbglm.metrics.io import ReadBuffers
+
+    files = {"small": make_counts(74, n_cells=10), "large": make_counts(75, n_cells=50), "csc": make_counts(76)}
+    files["csc"].X = sp.csc_matrix(files["csc"].X)
+    for name, adata in files.items():
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+    buffers = ReadBuffers([tmp_path / f"{name}.h5ad" for name in files])
+    got = {}
+    for name, adata in files.items():  # each checked before the next file is read over it
+        got[name] = read_counts_for_eval(tmp_path / f"{name}.h5ad", "target_gene", name, buffers)
+        assert (sp.csr_matrix(got[name].X) != sp.csr_matrix(adata.X)).nnz == 0
+    assert np.shares_memory(got["small"].X.data, got["large"].X.data)
+    assert np.shares_memory(got["small"].X.indices, got["large"].X.indices)
+    assert not np.shares_memory(got["csc"].X.data, got["large"].X.data)  # not CSR: read as anndata reads it
+    assert read_counts_for_eval(tmp_path / "small.h5ad", "target_gene", "small", values=False).X is None
+    with h5py.File(tmp_path / "small.h5ad", "r+") as f:  # a row pointer short: refused in one line, not read past
+        indptr = f["X/indptr"][:-1]
+        del f["X/indptr"]
+        f["X/indptr"] = indptr
+    with pytest.raises(NbglmError, match="cannot read pred file .* not a well-formed CSR matrix") as err:
+        read_counts_for_eval(tmp_path / "small.h5ad", "target_gene", "pred", buffers)
+    assert "\n" not in str(err.value)
 
 
 def test_read_counts_for_eval_reads_what_the_metrics_use(tmp_path: Path) -> None:

@@ -177,6 +177,9 @@ def test_cli_builds_the_reference_once_and_scores_with_it(tmp_path, capsys):
     assert set(got) >= {"vcc2026", "vcc2026_scaled", "vcc2026_score", "per_perturbation"}
     assert got["vcc2026_scaled"] == pytest.approx(want["vcc2026_scaled"], abs=1e-12)
     assert "VCC 2026 score" in capsys.readouterr().out
+    # without a cache: the reference is built from real, and pred read into real's arrays after it
+    assert main(["eval", "--profile", "vcc2026", *files, "--output", str(tmp_path / "n.json")]) == 0
+    assert json.loads((tmp_path / "n.json").read_text()) == got
     capsys.readouterr()
     assert main(["eval", *files, "--de-cache", str(tmp_path / "ref")]) == 2  # a vcc2025 eval of a vcc2026 cache
     assert "is a vcc2026 cache, not a vcc2025 one" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from nbglm import atomic
 from nbglm.errors import NbglmError
 from nbglm.data.rows import Rows
 from nbglm.metrics.normalise import log1p_of, log1p_transform
-from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, group_codes, score,
+from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, baseline_vector, group_codes, score,
                                summarize_log1p)
 
 CACHE_VERSION = 1
@@ -113,25 +113,30 @@ def build_de_cache(
     train_counts: Rows | None = None,
     real_counts: Rows | None = None,
     overwrite: bool = False,
+    baseline: np.ndarray | None = None,
 ) -> GroundTruthCache:
-    """Summarise `real` and, with `train`, score the cell-mean baseline against it.
+    """Summarise `real` and, with `train` (or `baseline`), score the cell-mean baseline against it.
 
     `train_counts` / `real_counts`: the counts when train.X / real.X is None (a sweep fold's parts,
     or files on disk), read a chunk at a time; only real's log1p matrix is then held in memory.
-    `overwrite`: real.X's values may become their log1p (the caller is done with them)."""
+    `overwrite`: real.X's values may become their log1p (the caller is done with them).
+    `baseline`: the baseline's profile instead of `train` (`baseline_vector(train, real)`, found
+    before real was read, so that train's matrix was freed first)."""
     identity = DataIdentity.of(real, pert_col, control)
     is_ctrl = real.obs[pert_col].to_numpy(str) == control
     if real_counts is None:
         with log1p_of(real, "real", overwrite) as x:
             summary = summarize_log1p(x, real, pert_col, control, "real")
-            ctrl = None if train is None else x[np.flatnonzero(is_ctrl)]
+            ctrl = None if train is None and baseline is None else x[np.flatnonzero(is_ctrl)]
     else:  # normalised a chunk at a time; the control cells again once the whole matrix is freed
         transform = log1p_transform(real_counts, "real")
         summary = summarize_log1p(real_counts.take(transform=transform), real, pert_col, control, "real")
-        ctrl = None if train is None else real_counts.subset(is_ctrl).take(transform=transform)
-    if train is None:
+        ctrl = None if train is None and baseline is None else real_counts.subset(is_ctrl).take(transform=transform)
+    if train is not None:
+        baseline = baseline_vector(train, real, pert_col, train_counts)
+    if baseline is None:
         return GroundTruthCache(identity, summary, None)
-    base = baseline_summary(train, real, pert_col, control, ctrl, train_counts)
+    base = baseline_summary(baseline, real, pert_col, control, ctrl)
     return GroundTruthCache(identity, summary, {name: result.mean for name, result in score(base, summary).items()})
 
 

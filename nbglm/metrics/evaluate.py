@@ -20,7 +20,7 @@ from nbglm.metrics.de_cache import META, GroundTruthCache, build_de_cache, load_
 from nbglm.metrics.registry import profiles
 from nbglm.metrics.vcc2026 import PROFILE as PROFILE_2026
 from nbglm.metrics.vcc2026 import Reference, build_reference, evaluate_vcc2026
-from nbglm.metrics.vcc import (PROFILE, baseline_summary, check_pair, overall_score, scaled_scores, score,
+from nbglm.metrics.vcc import (PROFILE, baseline_summary, baseline_vector, check_pair, overall_score, scaled_scores, score,
                                summarize_adata, summarize_rows)
 
 
@@ -71,7 +71,8 @@ def evaluate(
     means = {name: result.mean for name, result in scores.items()}
     baseline = cache.baseline
     if train is not None:
-        baseline_scores = score(baseline_summary(train, real, pert_col, control), cache.real)
+        baseline_scores = score(baseline_summary(baseline_vector(train, real, pert_col), real, pert_col, control),
+                                cache.real)
         baseline = {name: result.mean for name, result in baseline_scores.items()}
     if baseline is not None and set(baseline) != set(means):
         raise NbglmError(f"the baseline scores name {sorted(baseline)}, expected {sorted(means)}; rebuild the DE cache")

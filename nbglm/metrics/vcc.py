@@ -269,10 +269,11 @@ def overall_score(scores: Mapping[str, float], baseline: Mapping[str, float]) ->
     return float(np.mean(list(scaled_scores(scores, baseline).values())))
 
 
-def _baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str, train_counts: Rows | None) -> np.ndarray:
-    """Mean over the training groups' log1p pseudobulks, control included as cell-eval does; the
-    training cells are normalised a chunk at a time (`train_counts`: their counts when train.X is
-    None, e.g. a sweep fold's training part)."""
+def baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str, train_counts: Rows | None = None) -> np.ndarray:
+    """The cell-mean baseline's profile: the mean over the training groups' log1p pseudobulks,
+    control included as cell-eval does (`real`: only its genes are read). The training cells are
+    normalised a chunk at a time (`train_counts`: their counts when train.X is None, e.g. a sweep
+    fold's training part)."""
     if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
         raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
     x = train.X if train_counts is None else train_counts
@@ -293,7 +294,7 @@ def cell_mean_baseline(
     labels = _labels(real, pert_col, "real")
     if control not in labels:
         raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
-    vector = _baseline_vector(train, real, pert_col, None)
+    vector = baseline_vector(train, real, pert_col)
     x = to_log1p(real, "real")
     is_ctrl = labels == control
     ctrl = x[np.flatnonzero(is_ctrl)]
@@ -309,13 +310,13 @@ def cell_mean_baseline(
     )
 
 
-def baseline_summary(train: ad.AnnData, real: ad.AnnData, pert_col: str, control: str,
-                     control_log1p: Matrix | None = None, train_counts: Rows | None = None) -> FileSummary:
-    """Summary of :func:`cell_mean_baseline` without building it: one row per perturbation
-    (`control_log1p`: real's control cells' rows of `to_log1p(real)`, when the caller has them)."""
+def baseline_summary(vector: np.ndarray, real: ad.AnnData, pert_col: str, control: str,
+                     control_log1p: Matrix | None = None) -> FileSummary:
+    """Summary of :func:`cell_mean_baseline` (profile `vector`, see `baseline_vector`) without
+    building it: one row per perturbation (`control_log1p`: real's control cells' rows of
+    `to_log1p(real)`, when the caller has them)."""
     perts, groups = group_codes(_labels(real, pert_col, "real"), control)
     ctrl = to_log1p(real, "real")[np.flatnonzero(groups == 0)] if control_log1p is None else control_log1p
-    vector = _baseline_vector(train, real, pert_col, train_counts)
     rows = np.broadcast_to(vector, (perts.size, vector.size))
     compact = sp.vstack([sp.csr_matrix(ctrl), sp.csr_matrix(rows)], format="csr")
     compact_groups = np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, perts.size + 1)])
