@@ -34,13 +34,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from nbglm.batches import Cells, Pseudobulk, WholeBatches
 from nbglm.config import Config, ModelConfig
 from nbglm.data import PHASES, Dataset
 from nbglm.data.dataset import GroupSums
 from nbglm.data.summary import group_sums, phase_codes
 from nbglm.errors import NbglmError
-from nbglm.losses import LOSSES, nb_nll_sum
-from nbglm.model import CONTROL_IDX, LowRankNBGLM, group_perts
+from nbglm.losses import LOSSES
+from nbglm.model import CONTROL_IDX, LowRankNBGLM
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,6 @@ def build_model(cfg: Config, data: Dataset, mu_ctrl: np.ndarray, theta: np.ndarr
     )
 
 
-@dataclass
-class _Cells:
-    """Training cells in CPU numpy form, before they move to the device (fit_mode whole)."""
-
-    x: sp.csr_matrix  # counts, cells x genes
-    pert: np.ndarray  # index into the model's P, CONTROL_IDX for control cells
-    sf: np.ndarray  # size factors (1 when size_factor.use_sf is off)
-    phase: np.ndarray | None  # 0/1/2, with model.use_cycle only
-
-
 def _sums(data: Dataset, which: str) -> GroupSums | None:
     """The group sums of `data.train` or `data.test`: the summarised dataset's, or made from its cells."""
     if data.sums is not None:
@@ -175,7 +166,7 @@ def _fit_rows(cfg: Config, data: Dataset, sums: GroupSums, model: LowRankNBGLM) 
 
 
 def _validation_bulk(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float,
-                     device: torch.device) -> _Pseudobulk | None:
+                     device: torch.device) -> Pseudobulk | None:
     """Pseudobulks of the `data.test` perturbations the model knows and the fit never saw (a sweep
     unit's validation perturbations), sized like the training cells; None when there are none."""
     sums = _sums(data, "test")
@@ -187,10 +178,10 @@ def _validation_bulk(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float
     if not rows.size:
         return None
     pert = np.array([pos[label] for label in sums.labels[rows]], dtype=np.int64)
-    return _Pseudobulk(sums, rows, pert, _phases(sums, data, cfg.model.use_cycle), ref, cfg.size_factor.use_sf, device)
+    return Pseudobulk(sums, rows, pert, _phases(sums, data, cfg.model.use_cycle), ref, cfg.size_factor.use_sf, device)
 
 
-def _whole_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) -> _Cells:
+def _whole_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) -> Cells:
     """The training cells of fit_mode whole (the cells of `_fit_rows`' groups)."""
     if data.train is None:
         raise NbglmError("train.fit_mode=whole fits cells, but this dataset holds only their sums: "
@@ -207,7 +198,7 @@ def _whole_cells(cfg: Config, data: Dataset, model: LowRankNBGLM, ref: float) ->
     pert = np.full(len(labels), CONTROL_IDX, dtype=np.int64)
     pos = {name: i for i, name in enumerate(model.pert_names)}
     pert[keep & ~is_ctrl] = [pos[p] for p in labels[keep & ~is_ctrl]]
-    return _Cells(x=x[keep], pert=pert[keep], sf=sf[keep], phase=None if phase is None else phase[keep])
+    return Cells(x=x[keep], pert=pert[keep], sf=sf[keep], phase=None if phase is None else phase[keep])
 
 
 def _lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
@@ -235,91 +226,6 @@ def _optimizer(model: LowRankNBGLM, cfg: Config) -> torch.optim.AdamW:
         (decay if p.dim() >= 2 and name != "cycle" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True if model.b.is_cuda else None)
-
-
-class _WholeBatches:
-    """Cells on the device, dense when that is smaller than CSR (density >= 1/3: 4 bytes per element
-    versus 12 per non-zero), else as CSR arrays whose batches are densified by index arithmetic."""
-
-    def __init__(self, cells: _Cells, device: torch.device, batch_size: int, seed: int):
-        x = cells.x
-        self.n, self.n_genes, self.batch_size, self.device = x.shape[0], x.shape[1], batch_size, device
-        if 3 * x.nnz >= self.n * self.n_genes:
-            self.x = torch.as_tensor(x.toarray(), device=device)
-        else:
-            self.x = None
-            self.crow = torch.as_tensor(x.indptr.astype(np.int64), device=device)
-            self.col = torch.as_tensor(x.indices.astype(np.int64), device=device)
-            self.val = torch.as_tensor(x.data, device=device)
-        self.pert = torch.as_tensor(cells.pert, device=device)
-        self.log_sf = torch.as_tensor(np.log(cells.sf), dtype=torch.float32, device=device)
-        self.phase = None if cells.phase is None else torch.as_tensor(cells.phase, device=device)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.x is not None:
-            return self.x[idx]
-        start = self.crow[idx]
-        counts = self.crow[idx + 1] - start
-        rows = torch.repeat_interleave(torch.arange(len(idx), device=self.device), counts)
-        offsets = torch.cumsum(counts, 0) - counts
-        nnz_pos = torch.arange(rows.numel(), device=self.device) - offsets[rows] + start[rows]
-        out = torch.zeros(len(idx), self.n_genes, device=self.device)
-        out[rows, self.col[nnz_pos]] = self.val[nnz_pos]
-        return out
-
-    def epoch(self):
-        perm = torch.randperm(self.n, generator=self.gen).to(self.device)
-        for idx in perm.split(self.batch_size):
-            phase = None if self.phase is None else self.phase[idx]
-            yield self.pert[idx], self.log_sf[idx], phase, self._rows(idx)
-
-
-class _Pseudobulk:
-    """Per perturbation (x phase) sums: Y (groups x genes), S, Q = sum s^2, n; on the device.
-
-    Built from group sums (`rows` of `sums`, their model index `pert`), merged by (perturbation,
-    phase) with `phase`, by perturbation without."""
-
-    def __init__(self, sums: GroupSums, rows: np.ndarray, pert: np.ndarray, phase: np.ndarray | None, ref: float,
-                 use_sf: bool, device: torch.device):
-        key = (pert + 1) * len(PHASES) + (0 if phase is None else phase[rows])
-        uniq, inv = np.unique(key, return_inverse=True)
-        merge = sp.csr_matrix((np.ones(rows.size), (inv, np.arange(rows.size))), shape=(uniq.size, rows.size))
-        n = sums.n[rows].astype(np.float64)
-        s, q = (sums.t1[rows] / ref, sums.t2[rows] / ref**2) if use_sf else (n, n)
-        as_t = dict(dtype=torch.float32, device=device)
-        self.y = torch.as_tensor(merge @ sums.y[rows], **as_t)
-        self.s = torch.as_tensor(merge @ s, **as_t)
-        self.q = torch.as_tensor(merge @ q, **as_t)
-        self.n = torch.as_tensor(merge @ n, **as_t)
-        self.pert = torch.as_tensor(uniq // len(PHASES) - 1, device=device)
-        self.groups = group_perts(self.pert)
-        self.phase = torch.as_tensor(uniq % len(PHASES), device=device) if phase is not None else None
-        self.n_elements = float(n.sum()) * sums.y.shape[1]
-
-    @torch.no_grad()
-    def nb_nll(self, model: LowRankNBGLM) -> float:
-        """NB negative log-likelihood per cell-gene element of the pseudobulks, the model in eval mode:
-        the validation signal of early stopping (no sampling, one forward pass)."""
-        was_training = model.training
-        model.eval()
-        value = float(self.loss(model, "nb_nll"))
-        model.train(was_training)
-        return value
-
-    def loss(self, model: LowRankNBGLM, name: str) -> torch.Tensor:
-        fn = LOSSES[name]
-        if name == "mse_log1p":
-            log_mu = model(self.pert, (self.s / self.n).log(), self.phase, self.groups)
-            return (self.n[:, None] * fn(log_mu, self.y / self.n[:, None])).sum() / self.n_elements
-        log_mu = model(self.pert, self.s.log(), self.phase, self.groups)
-        theta = model.theta * (self.s.square() / self.q)[:, None]
-        total = nb_nll_sum(log_mu, self.y, theta) if name == "nb_nll" else fn(log_mu, self.y, theta).sum()
-        return total / self.n_elements
 
 
 def _progress_bar(enabled: bool | None, total: int):
@@ -366,12 +272,12 @@ def fit(cfg: Config, data: Dataset, on_epoch_end: EpochCallback | None = None,
     loss_name, tcfg = cfg.model.losses.primary, cfg.train
 
     if tcfg.fit_mode == "whole":
-        batches = _WholeBatches(_whole_cells(cfg, data, model, ref), device, tcfg.batch_size, cfg.experiment.seed)
+        batches = WholeBatches(_whole_cells(cfg, data, model, ref), device, tcfg.batch_size, cfg.experiment.seed)
         steps_per_epoch = len(batches)
         fn = LOSSES[loss_name]
     else:
         rows, pert = _fit_rows(cfg, data, sums, model)
-        bulk = _Pseudobulk(sums, rows, pert, phase, ref, cfg.size_factor.use_sf, device)
+        bulk = Pseudobulk(sums, rows, pert, phase, ref, cfg.size_factor.use_sf, device)
         steps_per_epoch = tcfg.steps_per_epoch
     del sums
 

@@ -13,7 +13,8 @@ from nbglm.errors import NbglmError
 from nbglm.losses import LOSSES, nb_nll
 from nbglm.model import CONTROL_IDX, LowRankNBGLM
 from nbglm.checkpoint import load_checkpoint, save_checkpoint
-from nbglm.train import _Cells, _fit_rows, _prepare, _Pseudobulk, _whole_cells, _WholeBatches, control_stats, fit, resolve_device
+from nbglm.batches import Cells, Pseudobulk, WholeBatches
+from nbglm.train import _fit_rows, _prepare, _whole_cells, control_stats, fit, resolve_device
 
 from small import small_cfg
 
@@ -98,7 +99,7 @@ def test_concise_poisson_gradient_equals_full_pass_over_cells(data: Dataset, los
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     rows, pert = _fit_rows(cfg, data, sums, model)
-    bulk = _Pseudobulk(sums, rows, pert, phase, ref, True, torch.device("cpu"))
+    bulk = Pseudobulk(sums, rows, pert, phase, ref, True, torch.device("cpu"))
     cells = _whole_cells(cfg, data, model, ref)
     grad_bulk = torch.autograd.grad(bulk.loss(model, loss), model.V)[0]
     y = torch.as_tensor(cells.x.toarray())
@@ -111,8 +112,8 @@ def test_concise_poisson_gradient_equals_full_pass_over_cells(data: Dataset, los
 @pytest.mark.parametrize("density", [0.05, 0.6])
 def test_whole_batches_hold_the_cells_dense_or_sparse(density: float) -> None:
     x = sp.random(300, 50, density=density, format="csr", dtype=np.float32, random_state=0)
-    cells = _Cells(x=x, pert=np.arange(300), sf=np.ones(300), phase=None)  # pert = row, to check rows
-    batches = _WholeBatches(cells, torch.device("cpu"), batch_size=64, seed=0)
+    cells = Cells(x=x, pert=np.arange(300), sf=np.ones(300), phase=None)  # pert = row, to check rows
+    batches = WholeBatches(cells, torch.device("cpu"), batch_size=64, seed=0)
     assert (batches.x is None) == (density < 1 / 3)
     order = []
     for pert, _, _, y in batches.epoch():
@@ -203,7 +204,7 @@ def test_zero_count_cells_and_perts_without_embedding_are_left_out(data: Dataset
     assert cells.x.shape[0] == expected
     assert (cells.pert != CONTROL_IDX).all() and np.isfinite(np.log(cells.sf)).all()
     rows, pert = _fit_rows(cfg, fewer, sums, model)
-    bulk = _Pseudobulk(sums, rows, pert, phase, ref, True, torch.device("cpu"))
+    bulk = Pseudobulk(sums, rows, pert, phase, ref, True, torch.device("cpu"))
     assert float(bulk.n.sum()) == expected and (bulk.pert != CONTROL_IDX).all()
 
 
