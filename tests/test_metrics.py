@@ -212,7 +212,7 @@ def test_ranking_partitions_from_one_sort_equals_ranking_each_part(dtype, block_
     monkeypatch.setattr(nbglm.metrics.de, "BLOCK_KEYS", block_keys)
     if fallback:
         def too_wide(*args, **kwargs):
-            raise ValueError("too many bits")
+            raise nbglm.metrics.de.KeysTooWide("too many bits")
         monkeypatch.setattr(nbglm.metrics.de_parts, "key_layout", too_wide)
     rng = np.random.default_rng(9)
     groups = rng.permutation(np.repeat(np.arange(6), [40, 11, 25, 8, 30, 16]))

@@ -52,6 +52,10 @@ _TASKS_PER_THREAD = 8  # runs of blocks per thread, so that uneven blocks even o
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
 
 
+class KeysTooWide(ValueError):
+    """A gene, a value and a group (or cell) do not fit in one 63-bit key."""
+
+
 @dataclass(frozen=True)
 class RankSum:
     """Mann-Whitney U of each perturbation's cells (rows) against control, per gene (columns).
@@ -213,7 +217,7 @@ def key_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, low_bits: in
     value_bits = max(1, int(max(0, code_hi - code_lo)).bit_length())  # only the bits the values use
     gene_shift = value_bits + group_bits
     if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
-        raise ValueError(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
+        raise KeysTooWide(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
     return KeyLayout(codes, int(code_lo), gene_shift, group_bits, chunk_entries, sums)
 
 

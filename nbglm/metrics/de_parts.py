@@ -15,8 +15,8 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from nbglm.metrics.de import (WINDOW_KEYS, PackedKeys, RankSum, key_layout, rank_sum_result, rank_sum_test,
-                              scan_keys, scan_windows, sort_blocks)
+from nbglm.metrics.de import (WINDOW_KEYS, KeysTooWide, PackedKeys, RankSum, key_layout, rank_sum_result,
+                              rank_sum_test, scan_keys, scan_windows, sort_blocks)
 
 
 def rank_sum_parts(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, parts: np.ndarray,
@@ -43,7 +43,7 @@ def rank_sum_parts(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, parts: n
 
     try:
         scan_windows(x, cell, lambda m: key_layout(m, groups, n_groups, cell_bits), max_keys, on_window)
-    except ValueError:  # keys too wide for a cell's bits: one test per part
+    except KeysTooWide:  # no room for a cell's bits: one test per part
         return [[rank_sum_test(x[row_of == q], groups[row_of == q], n_groups, max_keys=max_keys)
                  for q in range(n_parts)] for row_of in parts]
     ones = np.ones(n_groups)
