@@ -645,6 +645,20 @@ def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
     assert err.startswith("error: pred file not found") and err.count("\n") == 1
 
 
+def test_cli_eval_refuses_a_prediction_before_any_work_on_real(tmp_path: Path, monkeypatch, capsys) -> None:
+    real = make_counts(70)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    real[:, ::-1].copy().write_h5ad(tmp_path / "pred.h5ad")  # the genes in another order
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the real side was built before the prediction was checked")
+
+    monkeypatch.setattr("nbglm.metrics.de_cache.build_de_cache", no_work)
+    assert _cli(["eval", "--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "same genes as real but in another order" in err and err.count("\n") == 1
+
+
 def test_files_read_one_after_another_share_their_arrays(tmp_path: Path) -> None:
     """ReadBuffers: each file's X (smaller, larger, CSC) equals anndata's read of it, and the CSR
     ones land in the same memory, sized once for the largest file."""

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from nbglm.metrics import baseline_vector, build_cache, evaluate, load_cache, read_counts_for_eval
     from nbglm.metrics.de_cache import build_de_cache
     from nbglm.metrics.io import ReadBuffers
+    from nbglm.metrics.vcc import check_pair
 
     if args.train and args.profile != "vcc2025":
         raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
@@ -41,21 +42,25 @@ def run(args: argparse.Namespace) -> int:
         atomic.check_new_file(args.output)
     atomic.refuse_failed(args.pred)
     opts = {"pert_col": args.pert_col, "control": args.control}
+    # labels and genes first, so that a prediction that cannot be scored is refused before any work
+    real_meta = read_counts_for_eval(args.real, args.pert_col, "real", values=False)
+    pred_meta = read_counts_for_eval(args.pred, args.pert_col, "pred", values=False)
+    if args.profile == "vcc2025":
+        check_pair(pred_meta, real_meta, args.pert_col, args.control)
     # train, then real, then pred, each read into the memory the one before used (and then dropped)
     buffers = ReadBuffers([path for path in (args.train, args.real, args.pred) if path])
     cache = load_cache(args.de_cache) if args.de_cache else None
+    real = real_meta
     if cache is None:
         baseline = None
         if args.train:  # only the baseline's profile is kept
-            genes = read_counts_for_eval(args.real, args.pert_col, "real", values=False)
-            baseline = baseline_vector(read_counts_for_eval(args.train, args.pert_col, "train", buffers), genes,
-                                       args.pert_col)
+            train = read_counts_for_eval(args.train, args.pert_col, "train", buffers)
+            baseline = baseline_vector(train, real_meta, args.pert_col)
+            del train
         real = read_counts_for_eval(args.real, args.pert_col, "real", buffers)
         cache = build_de_cache(real, **opts, overwrite=True, baseline=baseline) if args.profile == "vcc2025" \
             else build_cache(real, **opts, profile=args.profile)
         real.X = None  # its memory is pred's next
-    else:
-        real = read_counts_for_eval(args.real, args.pert_col, "real", values=False)
     pred = read_counts_for_eval(args.pred, args.pert_col, "pred", buffers)
     result = evaluate(pred, real, **opts, cache=cache, profile=args.profile, overwrite_pred=True)
     Console().print(_table(result) if args.profile == "vcc2025" else _table_2026(result))
