@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import ndtr
 
-from nbglm.metrics.de import RankSum, rank_sum_test
+from nbglm.metrics.de import RankSum, n_threads, rank_sum_test
 from nbglm.metrics.fdr import benjamini_hochberg
 
 CPM_TARGET = 1e6
@@ -65,7 +65,7 @@ def normalise(counts: sp.csr_matrix, totals: np.ndarray | None = None) -> Normal
     divisor = (_row_totals(counts.data, counts.indptr) if totals is None else totals) / CPM_TARGET
     divisor[divisor == 0] = 1.0
     n_rows = counts.shape[0]
-    bounds = np.linspace(0, n_rows, min(n_rows, 4 * numba.get_num_threads()) + 1).astype(np.int64)
+    bounds = np.linspace(0, n_rows, min(n_rows, 4 * n_threads()) + 1).astype(np.int64)
     slot = np.empty(counts.nnz, dtype=np.int32 if counts.nnz < 2**31 else np.int64)
     spaced = np.empty(counts.nnz)  # each chunk's slot values from its first entry's position on
     used = _slot_chunks(counts.data, counts.indptr, divisor, slot, spaced, bounds)

@@ -25,7 +25,7 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def one_blas_thread() -> ContextManager:
+def _one_blas_thread() -> ContextManager:
     """Run a small matrix product on one BLAS thread. Why: OpenBLAS's threads spin for a while
     after each call, on the cores the next compiled kernels need; right after a multi-threaded
     product the DE and jackknife kernels measured about twice as slow."""
@@ -250,7 +250,7 @@ def pds_cosine(pred_eff: np.ndarray, real_eff: np.ndarray, panel_cols: np.ndarra
     if not keep.any():
         raise NbglmError("vcc2026: every gene is some perturbation's target; pds_cosine has no genes left to rank")
     a, b = pred_eff[:, keep], real_eff[:, keep]
-    with one_blas_thread():
+    with _one_blas_thread():
         sim = a @ b.T
     denom = np.sqrt(np.einsum("ig,ig->i", a, a))[:, None] * np.sqrt(np.einsum("jg,jg->j", b, b))[None, :]
     cos = np.zeros_like(sim)
