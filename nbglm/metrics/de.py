@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import erfc
 
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
@@ -367,28 +366,34 @@ def scan_windows(x: sp.csr_matrix, row_bits: np.ndarray, layout_of: Callable[[sp
 def rank_sum_result(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_per_group: np.ndarray,
                     group_w: np.ndarray, sums: np.ndarray | None) -> RankSum:
     """U statistics and p-values from the scans' (groups x genes) counts, control entries below and tie terms."""
-    w = group_w[1:, None]
-    n_ctrl = n_per_group[0]
-    ctrl_zeros = n_ctrl - count[0] * group_w[0]
-    pert_nnz = count[1:] * w
-    zeros = n_per_group[1:, None] - pert_nnz
-    u1 = group_w[0] * below[1:] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
-    z_all = zeros + ctrl_zeros
-    tie_term = (z_all * z_all * z_all - z_all) + (ties[0] + ties[1:])
-    return RankSum(u1, _mwu_pvalue(u1, n_per_group[1:, None], n_ctrl, tie_term), sums, tie_term)
+    shape = (count.shape[0] - 1, count.shape[1])
+    u1, pvalue, tie_term = np.empty(shape), np.empty(shape), np.empty(shape)
+    _u_and_pvalue(count, below, ties, np.asarray(n_per_group, dtype=np.float64), group_w, u1, pvalue, tie_term)
+    return RankSum(u1, pvalue, sums, tie_term)
 
 
-def _mwu_pvalue(u1: np.ndarray, n1: np.ndarray, n2: float, tie_term: np.ndarray) -> np.ndarray:
-    """Two-sided asymptotic p-value, in numba_mwu's order of floating-point operations."""
-    n = n1 + n2
-    u = np.maximum(u1, n1 * n2 - u1)
-    mu = n1 * n2 / 2.0
-    with np.errstate(divide="ignore", invalid="ignore"):  # a gene of one cell: no variance, p = 1 below
-        var_inner = (n + 1.0) - tie_term / (n * (n - 1.0))
-        s_sq = n1 * n2 / 12.0 * var_inner
-        z = (u - mu - 0.5) / np.sqrt(s_sq)
-        p = 0.5 * erfc(z / math.sqrt(2.0)) * 2.0
-    return np.where(s_sq <= 0.0, 1.0, np.clip(p, 0.0, 1.0))
+@numba.njit(parallel=True, cache=True)
+def _u_and_pvalue(count, below, ties, n_per_group, group_w, u1, pvalue, tie_term):  # pragma: no cover - compiled
+    """Per perturbation and gene: U of the perturbation (its zeros tie with the control's), the tie
+    term with the zeros' block, and the two-sided asymptotic p-value with continuity correction, in
+    numba_mwu's order of floating-point operations and with its erfc (pdex's p-values bit for bit)."""
+    n2 = n_per_group[0]
+    for gene in numba.prange(count.shape[1]):
+        ctrl_zeros = n2 - count[0, gene] * group_w[0]
+        for g in range(1, count.shape[0]):
+            pert_nnz = count[g, gene] * group_w[g]
+            zeros = n_per_group[g] - pert_nnz
+            u = group_w[0] * below[g, gene] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
+            z_all = zeros + ctrl_zeros
+            tie = (z_all * z_all * z_all - z_all) + (ties[0, gene] + ties[g, gene])
+            n1 = n_per_group[g]
+            n = n1 + n2
+            s_sq = n1 * n2 / 12.0 * ((n + 1.0) - tie / (n * (n - 1.0)))
+            p = 1.0
+            if s_sq > 0.0:  # else a gene of one value: no variance
+                z = (max(u, n1 * n2 - u) - n1 * n2 / 2.0 - 0.5) / math.sqrt(s_sq)
+                p = min(1.0, max(0.0, 0.5 * math.erfc(z / math.sqrt(2.0)) * 2.0))
+            u1[g - 1, gene], pvalue[g - 1, gene], tie_term[g - 1, gene] = u, p, tie
 
 
 def log2_fold_change(mean_log1p: np.ndarray, ctrl_mean_log1p: np.ndarray) -> np.ndarray:
