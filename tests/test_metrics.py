@@ -16,11 +16,13 @@ import scipy.sparse as sp
 from numba_mwu import mannwhitneyu_columns  # pdex 0.3's test engine (cell-eval's dependency)
 from scipy.stats import false_discovery_control, mannwhitneyu
 
+import nbglm.data.rows
 import nbglm.metrics.de
 import nbglm.metrics.de_control
 import nbglm.metrics.de_parts
 from nbglm.errors import NbglmError
 from nbglm.metrics import (
+    baseline_vector,
     benjamini_hochberg,
     build_de_cache,
     cell_mean_baseline,
@@ -509,6 +511,21 @@ def test_baseline_vector_matches_cell_eval() -> None:
     their_x = theirs.X.toarray() if sp.issparse(theirs.X) else np.asarray(theirs.X)
     np.testing.assert_allclose(ours.X[pert_rows][0], their_x[their_rows][0], atol=1e-6)
     assert ours.obs["target_gene"].value_counts().to_dict() == real.obs["target_gene"].value_counts().to_dict()
+
+
+def test_baseline_vector_whole_chunked_and_in_place_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.X normalised whole and summed in one pass (in its own values with `overwrite`), or
+    counts read a chunk of rows at a time: the same profile, bit for bit."""
+    real, train = make_counts(40), make_counts(41, n_perts=12)
+    train.X = sp.csr_matrix(train.X, dtype=np.float32)
+    whole = baseline_vector(train, real, "target_gene")
+    monkeypatch.setattr(nbglm.data.rows, "CHUNK_ROWS", 7)
+    chunked = baseline_vector(train, real, "target_gene", train_counts=Rows(train.X.copy()))
+    counts = train.X.data.copy()
+    in_place = baseline_vector(train, real, "target_gene", overwrite=True)
+    np.testing.assert_array_equal(whole, chunked)
+    np.testing.assert_array_equal(whole, in_place)
+    assert not np.array_equal(train.X.data, counts)  # X now holds its log1p values
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,9 @@ def pseudobulks(x: sp.spmatrix | np.ndarray | Rows, labels: np.ndarray,
     chunk of rows, so a transformed copy of the whole matrix never exists)."""
     names, codes = np.unique(labels, return_inverse=True)
     sums = np.zeros((names.size, x.shape[1]))
+    if transform is None and sp.issparse(x) and x.format == "csr":  # in memory already: one pass
+        add_rows(x, codes, sums)
+        return names, sums / np.bincount(codes, minlength=names.size)[:, None]
     for start, rows in row_chunks(x):
         add_rows(sp.csr_matrix(rows if transform is None else transform(rows)), codes[start:start + rows.shape[0]], sums)
     return names, sums / np.bincount(codes, minlength=names.size)[:, None]

@@ -248,19 +248,23 @@ def row_totals(x: Any) -> np.ndarray:
     return (x if isinstance(x, Rows) else Rows(x)).totals()
 
 
-@numba.njit(nogil=True, cache=True)
-def _add_rows(data, indices, indptr, group, out):  # pragma: no cover - compiled
-    for row in range(indptr.size - 1):
-        g = group[row]
-        if g >= 0:
+@numba.njit(parallel=True, cache=True)
+def _add_rows(data, indices, indptr, order, starts, out):  # pragma: no cover - compiled
+    for g in numba.prange(starts.size - 1):
+        for row in order[starts[g]:starts[g + 1]]:
             for k in range(indptr[row], indptr[row + 1]):
                 out[g, indices[k]] += data[k]
 
 
 def add_rows(x: sp.csr_matrix, group: np.ndarray, out: np.ndarray) -> None:
     """out[group[i]] += row i of CSR `x`, for every row with group[i] >= 0 (`out`: float64 groups
-    x columns). One compiled pass over the stored entries: no indicator matrix, no float64 copy."""
-    _add_rows(x.data, x.indices, x.indptr, np.asarray(group, dtype=np.int64), out)
+    x columns). One compiled pass over the stored entries: no indicator matrix, no float64 copy;
+    groups on the thread pool, each group's rows in order (the sums' bits do not depend on the
+    thread count)."""
+    group = np.asarray(group, dtype=np.int64)
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(out.shape[0] + 1))
+    _add_rows(x.data, x.indices, x.indptr, order, starts, out)
 
 
 def return_freed_memory() -> None:

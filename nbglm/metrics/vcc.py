@@ -269,17 +269,23 @@ def overall_score(scores: Mapping[str, float], baseline: Mapping[str, float]) ->
     return float(np.mean(list(scaled_scores(scores, baseline).values())))
 
 
-def baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str, train_counts: Rows | None = None) -> np.ndarray:
+def baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str, train_counts: Rows | None = None,
+                    overwrite: bool = False) -> np.ndarray:
     """The cell-mean baseline's profile: the mean over the training groups' log1p pseudobulks,
-    control included as cell-eval does (`real`: only its genes are read). The training cells are
-    normalised a chunk at a time (`train_counts`: their counts when train.X is None, e.g. a sweep
-    fold's training part)."""
+    control included as cell-eval does (`real`: only its genes are read). A matrix in train.X is
+    normalised whole (`overwrite`: in its own values, see `log1p_of`) and summed in one pass;
+    `train_counts` (the counts when train.X is None, e.g. a sweep fold's training part) are
+    normalised a chunk at a time."""
     if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
         raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
     x = train.X if train_counts is None else train_counts
     if x is None:
         raise NbglmError("train has no expression matrix (X is empty)")
-    _, bulks = pseudobulks(x, _labels(train, pert_col, "train"), log1p_transform(x, "train"))
+    labels = _labels(train, pert_col, "train")
+    if train_counts is not None:
+        return pseudobulks(x, labels, log1p_transform(x, "train"))[1].mean(axis=0).astype(np.float32)
+    with log1p_of(train, "train", overwrite) as logged:
+        _, bulks = pseudobulks(logged, labels)
     return bulks.mean(axis=0).astype(np.float32)
 
 
