@@ -201,6 +201,16 @@ def test_reference_refuses_other_data(small_ref):
         evaluate_vcc2026(fewer, fewer, pert_col="target", control="non-targeting", cache=ref)
 
 
+def test_a_reference_that_gives_a_member_no_scale_is_refused():
+    """With two perturbations the baseline and the replicate both rank each one first (pds_cosine
+    1 and 1): (u - b) / (r - b) has no scale, which cell-eval2 refuses too."""
+    real, _ = make_pair(1, 2, 4)
+    two = real[real.obs["target"].isin(["non-targeting", "G0", "G1"])].copy()
+    with pytest.raises(NbglmError, match="pds_cosine no scale") as err:
+        build_reference(two, pert_col="target", control="non-targeting")
+    assert "\n" not in str(err.value)
+
+
 def test_a_baseline_model_refuses_the_vcc2026_profile():
     from nbglm.config import load_config
     from nbglm.pipeline import check_mode_inputs

@@ -280,6 +280,10 @@ def build_reference(real, *, pert_col: str, control: str) -> Reference:
                        cells=base.normalised_under(side.control_counts))
     baseline = compare(b_side, side, genes)["means"]
     replicate = replicate_anchor(counts, real.obs, pert_col, control, genes, side, cells)
+    for m in MEMBERS:  # cell-eval2 refuses a scale it cannot define, rather than score against it
+        if not math.isfinite(replicate[m] - baseline[m]) or replicate[m] == baseline[m]:
+            raise NbglmError(f"vcc2026: the real data gives {m} no scale (baseline {baseline[m]:.4g}, replicate "
+                             f"{replicate[m]:.4g}); it needs more cells, or perturbations with a measurable effect")
     return Reference(DataIdentity.of(real, pert_col, control), genes, control, side, baseline, replicate)
 
 
