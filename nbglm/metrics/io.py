@@ -22,9 +22,9 @@ from nbglm.errors import NbglmError
 
 class ReadBuffers:
     """Arrays that the X of several files, read one after the other, are read into (each file's X
-    is dropped before the next is read). Why: a fresh array pays its page faults as it is filled,
-    0.2-1 s for the 0.5 GB of a VCC-size file here (more when the kernel compacts memory for huge
-    pages); a second and third file then land in memory the first one touched."""
+    is dropped before the next is read), so that a second and third file land in memory the first
+    one touched. Each array is touched (filled) before HDF5 reads into it: a read into fresh
+    memory took 0.11-0.59 s for 280 MB here, a fill 0.03 s and the read then 0.1 s."""
 
     def __init__(self, paths: list[Path | str]) -> None:
         self._arrays: dict[str, np.ndarray] = {}
@@ -36,6 +36,7 @@ class ReadBuffers:
         kept = self._arrays.get(key)
         if kept is None or kept.size < size:
             kept = self._arrays[key] = np.empty(max(size, self._entries), dtype=dtype)
+            kept.fill(0)
         return kept[:size]
 
 
