@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -663,6 +665,28 @@ def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:
     assert _cli(["eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", str(tmp_path / "real.h5ad")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pred file not found") and err.count("\n") == 1
+
+
+def test_the_nbglm_process_leaves_its_output_whole(tmp_path: Path) -> None:
+    """eval and build-de-cache exit without Python's teardown: what they print and write is all there."""
+    real, train, pred = make_counts(70), make_counts(71, n_perts=12), make_counts(72)
+    for name, adata in (("real", real), ("train", train), ("pred", pred)):
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+    files = {name: str(tmp_path / f"{name}.h5ad") for name in ("real", "train", "pred")}
+
+    def nbglm(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nbglm", *argv], capture_output=True, text=True, timeout=120)
+
+    cache = nbglm("build-de-cache", "--real", files["real"], "--train", files["train"], "--output", str(tmp_path / "c"))
+    assert cache.returncode == 0, cache.stderr
+    done = nbglm("eval", "--pred", files["pred"], "--real", files["real"], "--de-cache", str(tmp_path / "c"),
+                 "--output", str(tmp_path / "m.json"))
+    assert done.returncode == 0 and "overall score" in done.stdout and done.stdout.rstrip().endswith("┘")
+    want = evaluate(pred, real, train=train, control=CONTROL)
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(want))
+    refused = nbglm("eval", "--pred", str(tmp_path / "missing.h5ad"), "--real", files["real"])
+    assert refused.returncode == 2 and refused.stderr.startswith("error: pred file not found")
+    assert refused.stderr.count("\n") == 1
 
 
 def test_cli_eval_refuses_a_prediction_before_any_work_on_real(tmp_path: Path, monkeypatch, capsys) -> None:

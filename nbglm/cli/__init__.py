@@ -3,12 +3,13 @@
 Parsing imports nothing heavy (no torch, Ray, anndata, numpy...): every subcommand imports what it
 needs inside `run`, so `nbglm --help` answers at once. A known bad input is one line on stderr and
 exit 2 (a full disk too); any other failure is one line naming the exception and exit 1 (`--debug`
-shows the traceback).
+shows the traceback). `main` is for callers in Python; `process` is the `nbglm` process itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = command.add_parser(sub)
         p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
-        p.set_defaults(run=command.run)
+        p.set_defaults(run=command.run, leave_at_once=getattr(command, "LEAVE_AT_ONCE", False))
     return parser
 
 
@@ -42,7 +43,24 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def process() -> typing.NoReturn:
+    """The `nbglm` process (its console script and ``python -m nbglm``). A subcommand whose work
+    ends in its files and printed output (``LEAVE_AT_ONCE``: eval, build-de-cache) exits without
+    Python's teardown, which frees every module and array one by one: 0.4 s of a 4.6 s
+    `nbglm eval` at 50 x 18,080 x 300 here. The others (Ray, TensorBoard) keep their exit handlers."""
+    args = build_parser().parse_args()
+    code = _dispatch(args)
+    if args.leave_at_once:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args.run(args) or 0)
     except NbglmError as exc:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from nbglm.cli._args import add_real_data
 
+LEAVE_AT_ONCE = True  # its work ends in files and printed output: see `nbglm.cli.process`
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("build-de-cache", help="precompute the real data's side of the metrics (DE, baseline, ...)",

@@ -11,6 +11,8 @@ from typing import Any
 
 from nbglm.cli._args import add_real_data
 
+LEAVE_AT_ONCE = True  # its work ends in files and printed output: see `nbglm.cli.process`
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="score pred.h5ad against real.h5ad (VCC 2025 or 2026 metrics)",
