@@ -6,11 +6,12 @@ Imports no torch, model, training, pipeline or sweep code: metrics score files, 
 Every metric is registered once in :mod:`nbglm.metrics.registry`.
 """
 
-from nbglm.metrics.de import RankSum, log2_fold_change, rank_sum_test
+from nbglm.metrics.de import log2_fold_change, rank_sum_test
 from nbglm.metrics.de_cache import GroundTruthCache, build_de_cache, load_de_cache
 from nbglm.metrics.evaluate import build_cache, cache_profile, evaluate, load_cache
 from nbglm.metrics.fdr import benjamini_hochberg
 from nbglm.metrics.io import read_counts_for_eval
+from nbglm.metrics.mwu import RankSum
 from nbglm.metrics.normalise import to_log1p
 from nbglm.metrics.registry import METRICS, Metric, get, names, profile_metrics, profiles, values
 from nbglm.metrics.vcc import (

@@ -9,7 +9,8 @@ matrix is packed into one integer key ``gene | value | group``, and the keys are
 blocks of consecutive genes with about equal numbers of keys (a counting sort; its counting pass
 also sums each group's values). A pool of threads then sorts each block with a radix sort (see
 :mod:`nbglm.metrics.radix`; numpy's sort where a probe finds it faster on this CPU) and runs one
-compiled scan over it that gives every group's rank sum against control (a matrix with more
+compiled scan over it that gives every group's rank sum against control (U and p-values from the
+scans' sums: :mod:`nbglm.metrics.mwu`; a matrix with more
 entries than `WINDOW_KEYS` is ranked a window of consecutive genes at a time, so that its keys
 never take more than 256 MiB):
 control sorts first within a tie block, so a running count of control entries is each entry's
@@ -28,7 +29,6 @@ of the rank sums alone measured slower than this whole function, before counting
 
 from __future__ import annotations
 
-import math
 import os
 import queue
 from collections.abc import Callable
@@ -40,6 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from nbglm.metrics.buffers import borrowed
+from nbglm.metrics.mwu import RankSum, rank_sum_result
 from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
 
 BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
@@ -53,21 +54,6 @@ Matrix = np.ndarray | sp.spmatrix | sp.sparray
 
 class KeysTooWide(ValueError):
     """A gene, a value and a group (or cell) do not fit in one 63-bit key."""
-
-
-@dataclass(frozen=True)
-class RankSum:
-    """Mann-Whitney U of each perturbation's cells (rows) against control, per gene (columns).
-
-    `group_sums` (groups x genes, control first) are the column sums over each group's rows;
-    divided by the row counts they are the pseudobulks (None where they are not summed). `tie_term` is sum(t^3 - t) over the
-    tie blocks of each perturbation-plus-control column, for tests with another p-value formula.
-    """
-
-    u_statistic: np.ndarray
-    pvalue: np.ndarray
-    group_sums: np.ndarray | None
-    tie_term: np.ndarray | None = None
 
 
 def n_threads() -> int:
@@ -361,39 +347,6 @@ def scan_windows(x: sp.csr_matrix, row_bits: np.ndarray, layout_of: Callable[[sp
         for genes in windows:
             on_window(pack_keys(x, row_bits, layout, genes, row_start, buffer))
     return layout
-
-
-def rank_sum_result(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_per_group: np.ndarray,
-                    group_w: np.ndarray, sums: np.ndarray | None) -> RankSum:
-    """U statistics and p-values from the scans' (groups x genes) counts, control entries below and tie terms."""
-    shape = (count.shape[0] - 1, count.shape[1])
-    u1, pvalue, tie_term = np.empty(shape), np.empty(shape), np.empty(shape)
-    _u_and_pvalue(count, below, ties, np.asarray(n_per_group, dtype=np.float64), group_w, u1, pvalue, tie_term)
-    return RankSum(u1, pvalue, sums, tie_term)
-
-
-@numba.njit(parallel=True, cache=True)
-def _u_and_pvalue(count, below, ties, n_per_group, group_w, u1, pvalue, tie_term):  # pragma: no cover - compiled
-    """Per perturbation and gene: U of the perturbation (its zeros tie with the control's), the tie
-    term with the zeros' block, and the two-sided asymptotic p-value with continuity correction, in
-    numba_mwu's order of floating-point operations and with its erfc (pdex's p-values bit for bit)."""
-    n2 = n_per_group[0]
-    for gene in numba.prange(count.shape[1]):
-        ctrl_zeros = n2 - count[0, gene] * group_w[0]
-        for g in range(1, count.shape[0]):
-            pert_nnz = count[g, gene] * group_w[g]
-            zeros = n_per_group[g] - pert_nnz
-            u = group_w[0] * below[g, gene] + pert_nnz * ctrl_zeros + 0.5 * zeros * ctrl_zeros
-            z_all = zeros + ctrl_zeros
-            tie = (z_all * z_all * z_all - z_all) + (ties[0, gene] + ties[g, gene])
-            n1 = n_per_group[g]
-            n = n1 + n2
-            s_sq = n1 * n2 / 12.0 * ((n + 1.0) - tie / (n * (n - 1.0)))
-            p = 1.0
-            if s_sq > 0.0:  # else a gene of one value: no variance
-                z = (max(u, n1 * n2 - u) - n1 * n2 / 2.0 - 0.5) / math.sqrt(s_sq)
-                p = min(1.0, max(0.0, 0.5 * math.erfc(z / math.sqrt(2.0)) * 2.0))
-            u1[g - 1, gene], pvalue[g - 1, gene], tie_term[g - 1, gene] = u, p, tie
 
 
 def log2_fold_change(mean_log1p: np.ndarray, ctrl_mean_log1p: np.ndarray) -> np.ndarray:

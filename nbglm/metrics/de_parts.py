@@ -15,8 +15,9 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from nbglm.metrics.de import (WINDOW_KEYS, KeysTooWide, PackedKeys, RankSum, key_layout, rank_sum_result,
-                              rank_sum_test, scan_keys, scan_windows, sort_blocks)
+from nbglm.metrics.de import (WINDOW_KEYS, KeysTooWide, PackedKeys, key_layout, rank_sum_test, scan_keys, scan_windows,
+                              sort_blocks)
+from nbglm.metrics.mwu import RankSum, rank_sum_result
 
 
 def rank_sum_parts(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, parts: np.ndarray,

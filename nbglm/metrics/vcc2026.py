@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from nbglm import atomic
 from nbglm.errors import NbglmError
-from nbglm.metrics.de import RankSum
+from nbglm.metrics.mwu import RankSum
 from nbglm.metrics.de_cache import DataIdentity, read_meta, write_meta
 from nbglm.metrics.de_parts import rank_sum_parts
 from nbglm.metrics.registry import Metric, register

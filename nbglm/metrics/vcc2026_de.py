@@ -17,7 +17,8 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import ndtr
 
-from nbglm.metrics.de import RankSum, n_threads, rank_sum_test
+from nbglm.metrics.de import n_threads, rank_sum_test
+from nbglm.metrics.mwu import RankSum
 from nbglm.metrics.fdr import benjamini_hochberg
 
 CPM_TARGET = 1e6
