@@ -259,6 +259,12 @@ def _adversarial_keys(case: str) -> np.ndarray:
         "sorted": np.arange(big, dtype=np.int64) * 3,
         "reversed": np.arange(big, dtype=np.int64)[::-1].copy(),
         "gene blocks": (np.repeat(np.arange(40), 2000) << 37) | rng.integers(0, 1 << 37, 80_000),
+        # two passes on the high bits leave runs of equal high bits in reverse: short runs are finished
+        # by insertion, runs a key would cross more than 64 places of take every pass
+        "short runs reversed below the high bits": (np.repeat(rng.integers(0, 1 << 20, 3000), 8) << 12)
+        | np.tile(np.arange(8)[::-1] * 500, 3000),
+        "long runs reversed below the high bits": (np.repeat(np.arange(200) * 80_000, 512) << 13)
+        | np.tile(np.arange(512)[::-1] * 7, 200),
     }[case]
 
 
@@ -267,7 +273,8 @@ def _adversarial_keys(case: str) -> np.ndarray:
     [
         "empty", "one", "two equal", "all equal", "all equal at max", "tiny", "one block", "full 63 bits",
         "full 63 bits, large", "only the top bit varies", "only the lowest bit varies", "few distinct",
-        "one outlier, large", "sorted", "reversed", "gene blocks",
+        "one outlier, large", "sorted", "reversed", "gene blocks", "short runs reversed below the high bits",
+        "long runs reversed below the high bits",
     ],
 )
 def test_radix_sort_equals_numpy_sort(case: str) -> None:

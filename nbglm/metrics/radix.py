@@ -9,7 +9,11 @@ Why it is short: the DE keys of one block share their high bits (the block's gen
 ``key - min`` is sorted, over just the bits that vary, in as few passes of at most
 `_MAX_DIGIT_BITS` bits as cover them; a pass whose digit is the same for every key is skipped. A
 block larger than `_BUCKET_KEYS` is first split on its top bits (one counting pass) into buckets
-that fit in L2, and each bucket is then sorted in cache from its own minimum.
+that fit in L2, and each bucket is then sorted in cache from its own minimum. Keys that would need
+a third pass are sorted in two on their high bits and finished by insertion: what is left out of
+order is a few neighbours with the same value and gene (the low bits hold the group and the
+value's last bits); a key that would move further than `_INSERTION_REACH` places makes the keys
+take every pass instead.
 
 :func:`radix_is_faster` times both sorts once per process, so a CPU whose numpy sort is faster
 keeps it.
@@ -26,6 +30,8 @@ import numpy as np
 _MAX_DIGIT_BITS = 13  # 8,192 counters per pass (64 KiB) stay in L2: three passes cover a block
 _BUCKET_KEYS = 1 << 15  # keys sorted in cache at once: 256 KiB plus as much scratch, in L2
 _INSERTION_KEYS = 32  # below this, counting passes cost more than they save
+_INSERTION_BITS = 13  # low bits that may be left to a final insertion pass ...
+_INSERTION_REACH = 64  # ... as long as no key has to move further than this
 _PROBE_KEYS = 1 << 16  # a typical block's size
 _PROBE_BITS = 40  # a typical block's key range
 
@@ -58,21 +64,22 @@ def _insertion_sort(keys):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _lsd(keys, scratch, lo, bits):  # pragma: no cover - compiled
-    """Sort `keys` (all in [lo, lo + 2**bits)) by stable passes over equal digits of key - lo,
-    with `scratch` (same size) as the other buffer; returns True when the result is in `scratch`."""
+def _lsd(keys, scratch, lo, bits, skip):  # pragma: no cover - compiled
+    """Sort `keys` (all in [lo, lo + 2**bits)) on bits `skip` and up of key - lo by stable passes
+    over equal digits, with `scratch` (same size) as the other buffer; returns True when the
+    result is in `scratch`."""
     n = keys.size
-    passes = (bits + _MAX_DIGIT_BITS - 1) // _MAX_DIGIT_BITS
-    digit = (bits + passes - 1) // passes
+    passes = (bits - skip + _MAX_DIGIT_BITS - 1) // _MAX_DIGIT_BITS
+    digit = (bits - skip + passes - 1) // passes
     mask = (1 << digit) - 1
     counts = np.zeros((passes, 1 << digit), dtype=np.intp)
     for i in range(n):  # all passes' counts in one read
-        k = keys[i] - lo
+        k = (keys[i] - lo) >> skip
         for p in range(passes):
             counts[p, (k >> (p * digit)) & mask] += 1
     src, dst, swapped = keys, scratch, False
     for p in range(passes):
-        shift, pos = p * digit, counts[p]
+        shift, pos = skip + p * digit, counts[p]
         if pos[((src[0] - lo) >> shift) & mask] == n:  # one digit value: the pass would not move a key
             continue
         total = 0
@@ -85,6 +92,38 @@ def _lsd(keys, scratch, lo, bits):  # pragma: no cover - compiled
             pos[d] += 1
         src, dst, swapped = dst, src, not swapped
     return swapped
+
+
+@numba.njit(nogil=True, cache=True)
+def _finish_by_insertion(keys):  # pragma: no cover - compiled
+    """Insertion-sort nearly sorted `keys`; False (keys still a permutation) as soon as one would
+    move more than `_INSERTION_REACH` places."""
+    for i in range(1, keys.size):
+        k = keys[i]
+        j = i - 1
+        if keys[j] <= k:
+            continue
+        while j >= 0 and keys[j] > k and j >= i - _INSERTION_REACH:
+            keys[j + 1] = keys[j]
+            j -= 1
+        keys[j + 1] = k
+        if j >= 0 and keys[j] > k:
+            return False
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _sort_in_cache(keys, scratch, lo, bits):  # pragma: no cover - compiled
+    """Sort `keys` (all in [lo, lo + 2**bits)) with `scratch`; True when the result is in `scratch`.
+    Two passes on the high bits and insertion where three passes would be needed."""
+    skip = bits - 2 * _MAX_DIGIT_BITS
+    if skip <= 0 or skip > _INSERTION_BITS:
+        return _lsd(keys, scratch, lo, bits, 0)
+    swapped = _lsd(keys, scratch, lo, bits, skip)
+    src, dst = (scratch, keys) if swapped else (keys, scratch)
+    if _finish_by_insertion(src):
+        return swapped
+    return _lsd(src, dst, lo, bits, 0) != swapped
 
 
 @numba.njit(nogil=True, cache=True)
@@ -111,7 +150,7 @@ def sort_keys(keys, scratch):  # pragma: no cover - compiled
         return False
     bits = _bit_length(hi - lo)
     if n <= 2 * _BUCKET_KEYS:
-        return _lsd(keys, scratch, lo, bits)
+        return _sort_in_cache(keys, scratch, lo, bits)
     top = min(bits, _bit_length((n - 1) // _BUCKET_KEYS))
     shift = bits - top
     edges = np.zeros((1 << top) + 1, dtype=np.intp)
@@ -132,7 +171,7 @@ def sort_keys(keys, scratch):  # pragma: no cover - compiled
             other[:] = bucket
             continue
         b_lo, b_hi = _min_max(bucket)
-        if b_hi == b_lo or not _lsd(bucket, other, b_lo, _bit_length(b_hi - b_lo)):
+        if b_hi == b_lo or not _sort_in_cache(bucket, other, b_lo, _bit_length(b_hi - b_lo)):
             other[:] = bucket
     return False
 
