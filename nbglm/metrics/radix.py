@@ -27,7 +27,7 @@ import time
 import numba
 import numpy as np
 
-_MAX_DIGIT_BITS = 13  # 8,192 counters per pass (64 KiB) stay in L2: three passes cover a block
+_MAX_DIGIT_BITS = 13  # 8,192 counters per pass (64 KiB) stay in L2: two or three passes cover a block
 _BUCKET_KEYS = 1 << 15  # keys sorted in cache at once: 256 KiB plus as much scratch, in L2
 _INSERTION_KEYS = 32  # below this, counting passes cost more than they save
 _INSERTION_BITS = 13  # low bits that may be left to a final insertion pass ...
