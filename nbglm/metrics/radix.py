@@ -54,13 +54,21 @@ def _min_max(keys):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _insertion_sort(keys):  # pragma: no cover - compiled
+def _insertion_sort(keys, reach):  # pragma: no cover - compiled
+    """Insertion-sort `keys`; False (keys still a permutation) as soon as one would move more than
+    `reach` places, so nearly sorted keys are finished cheaply and others are left to the passes."""
     for i in range(1, keys.size):
-        key, j = keys[i], i - 1
-        while j >= 0 and keys[j] > key:
+        k = keys[i]
+        j = i - 1
+        if keys[j] <= k:
+            continue
+        while j >= 0 and keys[j] > k and j >= i - reach:
             keys[j + 1] = keys[j]
             j -= 1
-        keys[j + 1] = key
+        keys[j + 1] = k
+        if j >= 0 and keys[j] > k:
+            return False
+    return True
 
 
 @numba.njit(nogil=True, cache=True)
@@ -95,24 +103,6 @@ def _lsd(keys, scratch, lo, bits, skip):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _finish_by_insertion(keys):  # pragma: no cover - compiled
-    """Insertion-sort nearly sorted `keys`; False (keys still a permutation) as soon as one would
-    move more than `_INSERTION_REACH` places."""
-    for i in range(1, keys.size):
-        k = keys[i]
-        j = i - 1
-        if keys[j] <= k:
-            continue
-        while j >= 0 and keys[j] > k and j >= i - _INSERTION_REACH:
-            keys[j + 1] = keys[j]
-            j -= 1
-        keys[j + 1] = k
-        if j >= 0 and keys[j] > k:
-            return False
-    return True
-
-
-@numba.njit(nogil=True, cache=True)
 def _sort_in_cache(keys, scratch, lo, bits):  # pragma: no cover - compiled
     """Sort `keys` (all in [lo, lo + 2**bits)) with `scratch`; True when the result is in `scratch`.
     Two passes on the high bits and insertion where three passes would be needed."""
@@ -121,7 +111,7 @@ def _sort_in_cache(keys, scratch, lo, bits):  # pragma: no cover - compiled
         return _lsd(keys, scratch, lo, bits, 0)
     swapped = _lsd(keys, scratch, lo, bits, skip)
     src, dst = (scratch, keys) if swapped else (keys, scratch)
-    if _finish_by_insertion(src):
+    if _insertion_sort(src, _INSERTION_REACH):
         return swapped
     return _lsd(src, dst, lo, bits, 0) != swapped
 
@@ -146,7 +136,7 @@ def sort_keys(keys, scratch):  # pragma: no cover - compiled
     if hi == lo:
         return False
     if n <= _INSERTION_KEYS:
-        _insertion_sort(keys)
+        _insertion_sort(keys, n)
         return False
     bits = _bit_length(hi - lo)
     if n <= 2 * _BUCKET_KEYS:
@@ -167,7 +157,7 @@ def sort_keys(keys, scratch):  # pragma: no cover - compiled
     for d in range(1 << top):  # each bucket sorts from scratch, with keys[bucket] as its scratch
         bucket, other = scratch[edges[d] : edges[d + 1]], keys[edges[d] : edges[d + 1]]
         if bucket.size <= _INSERTION_KEYS:
-            _insertion_sort(bucket)
+            _insertion_sort(bucket, bucket.size)
             other[:] = bucket
             continue
         b_lo, b_hi = _min_max(bucket)
