@@ -218,7 +218,7 @@ def sort_figures(pred_path: str, repeats: int) -> None:
     from nbglm.metrics.vcc import group_codes
 
     pred = read_counts_for_eval(pred_path, "target_gene", "pred")
-    perts, groups = group_codes(pred.obs["target_gene"].to_numpy(str), CONTROL)
+    perts, groups = group_codes(pred.labels, CONTROL)
     x, groups = to_log1p(pred, "pred"), groups.astype(np.int64)
     packed = pack_keys(x, groups, key_layout(x, groups, perts.size + 1), (0, x.shape[1]), x.indptr[:-1].astype(np.int64))
     edges, n_keys = packed.edges, packed.keys.size

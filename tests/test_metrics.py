@@ -394,6 +394,23 @@ def test_benjamini_hochberg_equals_scipy() -> None:
     np.testing.assert_array_equal(benjamini_hochberg(p), np.stack([false_discovery_control(row) for row in p]))
 
 
+def test_l1_distances_equal_scipy_cdist_bit_for_bit() -> None:
+    """PDS ranks by these distances, so a last-bit difference could flip a tie: the compiled sums
+    must be scipy's cityblock cdist exactly, also where the order of additions shows (values of
+    very different magnitudes, cancelling)."""
+    from scipy.spatial.distance import cdist
+
+    from nbglm.metrics.vcc import _l1_distances
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(23, 1_001)), rng.normal(size=(17, 1_001))
+    a[:, ::7] *= 1e12
+    b[:, 3::11] *= 1e-9
+    b[4] = a[2]  # a distance of exactly zero
+    for x, y in ((a, b), (a[:, ::3], b[:, ::3]), (a[:1], a[:1])):
+        assert np.array_equal(_l1_distances(x, y), cdist(x, y, metric="cityblock"))
+
+
 def test_normalisation_is_scanpys_bit_for_bit() -> None:
     import scanpy as sc
     rng = np.random.default_rng(5)
@@ -738,6 +755,9 @@ def test_files_read_one_after_another_share_their_arrays(tmp_path: Path) -> None
 
 
 def test_read_counts_for_eval_reads_what_the_metrics_use(tmp_path: Path) -> None:
+    """X, the labels and the genes as anndata reads them, whatever the column's encoding: a
+    categorical of strings, a string array, a categorical with a missing value and numbers (the
+    last two through anndata's reader), and X dense or CSR."""
     real = make_counts(73)
     real.obs["other"] = np.arange(real.n_obs)
     real.obsm["pca"] = np.zeros((real.n_obs, 2))
@@ -745,12 +765,53 @@ def test_read_counts_for_eval_reads_what_the_metrics_use(tmp_path: Path) -> None
     ours = read_counts_for_eval(tmp_path / "real.h5ad", "target_gene", "real")
     assert sp.issparse(ours.X) and ours.X.dtype == real.X.dtype and ours.X.format == "csr"
     assert (ours.X != real.X).nnz == 0
-    np.testing.assert_array_equal(ours.var_names, real.var_names)
-    np.testing.assert_array_equal(ours.obs["target_gene"].to_numpy(str), real.obs["target_gene"].to_numpy(str))
-    assert list(ours.obs.columns) == ["target_gene"] and not ours.obsm
+    np.testing.assert_array_equal(ours.genes, real.var_names.to_numpy(str))
+    np.testing.assert_array_equal(ours.labels, real.obs["target_gene"].to_numpy(str))
+    assert ours.pert_col == "target_gene" and ours.n_vars == real.n_vars
+    np.testing.assert_array_equal(read_counts_for_eval(tmp_path / "real.h5ad", "other", "real").labels,
+                                  real.obs["other"].to_numpy(str))
+    with h5py.File(tmp_path / "real.h5ad", "r+") as f:  # as a plain string array, as anndata writes one
+        labels = f["obs/target_gene/categories"][()][f["obs/target_gene/codes"][()]]
+        del f["obs/target_gene"]
+        f["obs"].create_dataset("target_gene", data=labels, dtype=h5py.string_dtype())
+        f["obs/target_gene"].attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+    assert ad.read_h5ad(tmp_path / "real.h5ad").obs["target_gene"].dtype == object
+    np.testing.assert_array_equal(read_counts_for_eval(tmp_path / "real.h5ad", "target_gene", "real").labels,
+                                  real.obs["target_gene"].to_numpy(str))
+    missing = real.copy()
+    missing.obs["target_gene"] = missing.obs["target_gene"].cat.add_categories("x")
+    missing.obs.loc[missing.obs_names[:3], "target_gene"] = np.nan
+    missing.write_h5ad(tmp_path / "missing.h5ad")
+    got = read_counts_for_eval(tmp_path / "missing.h5ad", "target_gene", "real").labels
+    np.testing.assert_array_equal(got, ad.read_h5ad(tmp_path / "missing.h5ad").obs["target_gene"].to_numpy(str))
+    assert got[0] == "nan"
     dense = ad.AnnData(X=real.X.toarray(), obs=real.obs, var=real.var)
     dense.write_h5ad(tmp_path / "dense.h5ad")
     np.testing.assert_array_equal(read_counts_for_eval(tmp_path / "dense.h5ad", "target_gene", "pred").X, dense.X)
+
+
+def test_eval_command_imports_no_anndata_pandas_or_scipy_spatial(tmp_path: Path) -> None:
+    """`nbglm eval` of h5ad files in anndata's usual encodings reads and scores them without
+    anndata, pandas or scipy.spatial (half a second of a command's start-up), and scores them as
+    in-memory AnnData objects are scored."""
+    real, pred, train = make_counts(80), make_counts(81), make_counts(82)
+    for name, adata in (("real", real), ("pred", pred), ("train", train)):
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+    script = (
+        "import json, sys\n"
+        "from nbglm.cli import main\n"
+        f"code = main(['eval', '--pred', 'pred.h5ad', '--real', 'real.h5ad', '--train', 'train.h5ad', "
+        f"'--control', '{CONTROL}', '--output', 'out.json'])\n"
+        "heavy = ['anndata', 'pandas', 'zarr', 'scipy.spatial', 'torch', 'ray']\n"
+        "print(json.dumps({'code': code, 'loaded': [m for m in heavy if m in sys.modules]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {"code": 0, "loaded": []}
+    ours = json.loads((tmp_path / "out.json").read_text())
+    expected = evaluate(pred, real, train=train, control=CONTROL)
+    assert ours == json.loads(json.dumps(expected))
 
 
 def test_read_counts_for_eval_errors_are_one_line(tmp_path: Path) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
-from nbglm.data.rows import Rows, add_rows, row_chunks
+from nbglm.data.rows import Rows
 from nbglm.errors import NbglmError
 
 PHASES = ("G1", "S", "G2M")  # cell-cycle phases, index 0/1/2; G1 is the model's reference
@@ -148,17 +146,3 @@ class Dataset:
     def heldout_perts(self) -> list[str]:
         return list(self.heldout["target_gene"])
 
-
-def pseudobulks(x: sp.spmatrix | np.ndarray | Rows, labels: np.ndarray,
-                transform: Callable[[sp.spmatrix | np.ndarray], sp.spmatrix | np.ndarray] | None = None,
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct labels and the mean row of `x` per label (of `transform(rows)`, applied per
-    chunk of rows, so a transformed copy of the whole matrix never exists)."""
-    names, codes = np.unique(labels, return_inverse=True)
-    sums = np.zeros((names.size, x.shape[1]))
-    if transform is None and sp.issparse(x) and x.format == "csr":  # in memory already: one pass
-        add_rows(x, codes, sums)
-        return names, sums / np.bincount(codes, minlength=names.size)[:, None]
-    for start, rows in row_chunks(x):
-        add_rows(sp.csr_matrix(rows if transform is None else transform(rows)), codes[start:start + rows.shape[0]], sums)
-    return names, sums / np.bincount(codes, minlength=names.size)[:, None]

@@ -267,6 +267,21 @@ def add_rows(x: sp.csr_matrix, group: np.ndarray, out: np.ndarray) -> None:
     _add_rows(x.data, x.indices, x.indptr, order, starts, out)
 
 
+def pseudobulks(x: sp.spmatrix | np.ndarray | Rows, labels: np.ndarray,
+                transform: Callable[[sp.spmatrix | np.ndarray], sp.spmatrix | np.ndarray] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct labels and the mean row of `x` per label (of `transform(rows)`, applied per
+    chunk of rows, so a transformed copy of the whole matrix never exists)."""
+    names, codes = np.unique(labels, return_inverse=True)
+    sums = np.zeros((names.size, x.shape[1]))
+    if transform is None and sp.issparse(x) and x.format == "csr":  # in memory already: one pass
+        add_rows(x, codes, sums)
+        return names, sums / np.bincount(codes, minlength=names.size)[:, None]
+    for start, rows in row_chunks(x):
+        add_rows(sp.csr_matrix(rows if transform is None else transform(rows)), codes[start:start + rows.shape[0]], sums)
+    return names, sums / np.bincount(codes, minlength=names.size)[:, None]
+
+
 def return_freed_memory() -> None:
     """Give the OS back the pages of freed arrays that glibc keeps in its heap (arrays under its
     mmap threshold, ~32 MiB, are carved from the heap, and the heap is not shrunk when they are

@@ -13,12 +13,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 
 from nbglm import atomic
 from nbglm.errors import NbglmError
 from nbglm.data.rows import Rows
+from nbglm.metrics.cells import CellsLike, genes_of, labels_of
 from nbglm.metrics.normalise import log1p_of, log1p_transform
 from nbglm.metrics.vcc import (PROFILE, FileSummary, baseline_summary, baseline_vector, group_codes, score,
                                summarize_log1p)
@@ -39,15 +39,13 @@ class DataIdentity:
     n_cells: tuple[int, ...]  # control first, then perts in order
 
     @classmethod
-    def of(cls, adata: ad.AnnData, pert_col: str, control: str) -> DataIdentity:
-        if pert_col not in adata.obs.columns:
-            raise NbglmError(f"real has no obs column {pert_col!r}; set the perturbation column")
-        labels = adata.obs[pert_col].to_numpy(str)
+    def of(cls, adata: CellsLike, pert_col: str, control: str) -> DataIdentity:
+        labels = labels_of(adata, pert_col, "real")
         if control not in labels:
             raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
         perts, groups = group_codes(labels, control)
         counts = np.bincount(groups, minlength=perts.size + 1)
-        genes = tuple(adata.var_names.astype(str))
+        genes = tuple(genes_of(adata).tolist())
         return cls(pert_col, control, genes, tuple(perts.tolist()), tuple(counts.tolist()))
 
     @property
@@ -56,7 +54,7 @@ class DataIdentity:
         parts = (self.pert_col, self.control, sizes, *self.genes, *self.perts, *map(str, self.n_cells))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
-    def check(self, real: ad.AnnData, pert_col: str, control: str) -> None:
+    def check(self, real: CellsLike, pert_col: str, control: str) -> None:
         """Raise a one-line NbglmError unless `real` is the data described by this identity."""
         other = DataIdentity.of(real, pert_col, control)
         mine = self
@@ -90,7 +88,7 @@ class GroundTruthCache:
     real: FileSummary
     baseline: dict[str, float] | None
 
-    def check(self, real: ad.AnnData, pert_col: str, control: str) -> None:
+    def check(self, real: CellsLike, pert_col: str, control: str) -> None:
         """Raise a one-line NbglmError unless `real` is the data this cache was built from."""
         self.identity.check(real, pert_col, control)
 
@@ -105,8 +103,8 @@ class GroundTruthCache:
 
 
 def build_de_cache(
-    real: ad.AnnData,
-    train: ad.AnnData | None = None,
+    real: CellsLike,
+    train: CellsLike | None = None,
     *,
     pert_col: str = "target_gene",
     control: str = "non-targeting",
@@ -123,7 +121,7 @@ def build_de_cache(
     `baseline`: the baseline's profile instead of `train` (`baseline_vector(train, real)`, found
     before real was read, so that train's matrix was freed first)."""
     identity = DataIdentity.of(real, pert_col, control)
-    is_ctrl = real.obs[pert_col].to_numpy(str) == control
+    is_ctrl = labels_of(real, pert_col, "real") == control
     if real_counts is None:
         with log1p_of(real, "real", overwrite) as x:
             summary = summarize_log1p(x, real, pert_col, control, "real")

@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from nbglm.errors import NbglmError
 from nbglm.data.rows import Rows
+from nbglm.metrics.cells import Cells, CellsLike, as_anndata
 from nbglm.metrics.de_cache import META, GroundTruthCache, build_de_cache, load_de_cache
 from nbglm.metrics.registry import profiles
 from nbglm.metrics.vcc2026 import PROFILE as PROFILE_2026
@@ -27,12 +26,12 @@ from nbglm.metrics.vcc import (PROFILE, baseline_summary, baseline_vector, check
 
 
 def evaluate(
-    pred: ad.AnnData,
-    real: ad.AnnData,
+    pred: CellsLike,
+    real: CellsLike,
     *,
     pert_col: str = "target_gene",
     control: str = "non-targeting",
-    train: ad.AnnData | None = None,
+    train: CellsLike | None = None,
     cache: GroundTruthCache | Reference | None = None,
     profile: str = PROFILE,
     overwrite_pred: bool = False,
@@ -48,6 +47,7 @@ def evaluate(
     `cache`; with neither, ``overall_score``, ``scaled`` and ``baseline`` are None. A `cache`
     built from `real` (see :func:`nbglm.metrics.build_de_cache`) skips all work on `real`.
     The result holds only str, int, float, None, lists and dicts (JSON-able).
+    `pred`, `real`, `train`: AnnData or `Cells` (:func:`nbglm.metrics.read_counts_for_eval`).
     `overwrite_pred` / `overwrite_real`: the caller is done with that AnnData, so the vcc2025 profile
     may normalise its float CSR matrix in place (X's values become log1p) instead of into a copy.
     `pred_counts`: pred's counts when pred.X is None (a prediction written to disk, `Rows` of its
@@ -55,9 +55,8 @@ def evaluate(
     """
     _check_profile(profile, cache)
     if profile != PROFILE:
-        if pred_counts is not None:
-            pred = ad.AnnData(X=pred_counts.take(), obs=pred.obs, var=pred.var)
-        return evaluate_vcc2026(pred, real, pert_col=pert_col, control=control, cache=cache)
+        pred = as_anndata(pred, None if pred_counts is None else pred_counts.take())
+        return evaluate_vcc2026(pred, as_anndata(real), pert_col=pert_col, control=control, cache=cache)
     check_pair(pred, real, pert_col, control)
     if cache is None:  # the baseline is scored with it: real's log1p control cells are at hand there
         cache = build_de_cache(real, train, pert_col=pert_col, control=control, overwrite=overwrite_real)
@@ -94,7 +93,7 @@ def evaluate(
 
 def _columns(scores: dict) -> np.ndarray:
     """(perturbations x metrics) values in the order of `scores`."""
-    return np.column_stack([result.per_perturbation.to_numpy() for result in scores.values()])
+    return np.column_stack([result.values for result in scores.values()])
 
 
 def _check_profile(profile: str, cache: GroundTruthCache | Reference | None) -> None:
@@ -109,7 +108,7 @@ def cache_profile(cache: GroundTruthCache | Reference) -> str:
     return PROFILE_2026 if isinstance(cache, Reference) else PROFILE
 
 
-def build_cache(real: ad.AnnData, train: ad.AnnData | None = None, *, profile: str = PROFILE,
+def build_cache(real: CellsLike, train: CellsLike | None = None, *, profile: str = PROFILE,
                 pert_col: str = "target_gene", control: str = "non-targeting",
                 train_counts: Rows | None = None, real_counts: Rows | None = None) -> GroundTruthCache | Reference:
     """The real side of `profile`, computed once for many evaluations of predictions of `real`
@@ -118,8 +117,7 @@ def build_cache(real: ad.AnnData, train: ad.AnnData | None = None, *, profile: s
     if profile == PROFILE:
         return build_de_cache(real, train, pert_col=pert_col, control=control, train_counts=train_counts,
                               real_counts=real_counts)
-    if real_counts is not None:
-        real = ad.AnnData(X=real_counts.take(), obs=real.obs, var=real.var)
+    real = as_anndata(real, None if real_counts is None else real_counts.take())
     return build_reference(real, pert_col=pert_col, control=control)
 
 
@@ -135,17 +133,15 @@ def load_kernels(profile: str = PROFILE) -> None:
     registries and each kernel's cached machine code, ~0.3 s per process) are paid now, e.g. on a
     thread while a command reads its files. Nothing else may run compiled kernels meanwhile."""
     rng = np.random.default_rng(0)
-    genes = pd.DataFrame(index=[f"g{j}" for j in range(40)])
+    genes = np.array([f"g{j}" for j in range(40)])
     group = np.repeat(np.arange(5), [40, 20, 20, 20, 20])
     labels = np.array(["control", "g0", "g1", "g2", "g3"])[group]  # vcc2026: targets are genes
     effects = np.where(rng.random((5, 40)) < 0.3, rng.choice([0.2, 4.0], (5, 40)), 1.0)
     effects[0] = 1.0
     rates = rng.gamma(0.5, 12.0, 40) * effects[group]
 
-    def cells() -> ad.AnnData:
-        x = sp.csr_matrix(rng.poisson(rates).astype(np.float32))
-        return ad.AnnData(X=x, obs=pd.DataFrame({"perturbation": labels}, index=np.arange(labels.size).astype(str)),
-                          var=genes)
+    def cells() -> Cells:
+        return Cells(sp.csr_matrix(rng.poisson(rates).astype(np.float32)), "perturbation", labels, genes)
 
     real = cells()
     evaluate(cells(), real, pert_col="perturbation", control="control", profile=profile,

@@ -2,22 +2,21 @@
 
 Why not ``anndata.read_h5ad``: it reads every obs and var column, obsm, layers and uns, which the
 metrics never look at; at command level reading the files is most of the time left. This reads
-X (sparse as stored, in its stored dtype), the perturbation column and the gene names; the cells
-are named by their position.
+X (sparse as stored, in its stored dtype), the perturbation column and the gene names, as `Cells`.
+Labels and genes in anndata's usual encodings (string arrays, categoricals of strings) and CSR X
+are read with h5py alone; anything else goes through anndata's reader, imported only then.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import anndata as ad
 import h5py
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
-from anndata.io import read_elem
 
 from nbglm.errors import NbglmError
+from nbglm.metrics.cells import Cells, genes_of, labels_of
 
 
 class ReadBuffers:
@@ -50,7 +49,7 @@ def _stored_entries(path: Path | str) -> int:
 
 
 def read_counts_for_eval(path: Path | str, pert_col: str, what: str, into: ReadBuffers | None = None,
-                         values: bool = True) -> ad.AnnData:
+                         values: bool = True) -> Cells:
     """X, ``obs[pert_col]`` and var_names of the h5ad file at `path` (`what` names it in errors:
     "pred", "real", "train"); a CSR X's values and indices are read `into` those buffers when
     given; without `values`, X is left None. Files without anndata's dataframe encoding (written by
@@ -69,39 +68,60 @@ def read_counts_for_eval(path: Path | str, pert_col: str, what: str, into: ReadB
                     raise NbglmError(
                         f"{what} has no obs column {pert_col!r} (columns: {columns}); set the perturbation column"
                     )
-                labels = read_elem(obs[pert_col])
-                genes = read_elem(var[var.attrs["_index"]])
-                x = None if "X" not in f or not values else _read_csr(f["X"], into) if _is_csr(f["X"], into) \
-                    else read_elem(f["X"])
+                labels = _read_strings(obs[pert_col])
+                genes = _read_strings(var[var.attrs["_index"]])
+                x = None if "X" not in f or not values else _read_csr(f["X"], into) if _is_csr(f["X"]) \
+                    else _read_elem(f["X"])
         if labels is None:
-            return ad.read_h5ad(path)
+            import anndata as ad
+
+            adata = ad.read_h5ad(path)
+            return Cells(adata.X, pert_col, labels_of(adata, pert_col, what), genes_of(adata))
     except NbglmError:
         raise
     except Exception as error:  # h5py/anndata raise many kinds; the user needs the file and reason
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise NbglmError(f"cannot read {what} file {path} as h5ad: {reason}") from error
-    cells = pd.RangeIndex(len(labels)).astype(str)
-    return ad.AnnData(
-        X=x,
-        obs=pd.DataFrame({pert_col: labels}, index=cells),
-        var=pd.DataFrame(index=pd.Index(np.asarray(genes), dtype=str)),
-    )
+    return Cells(x, pert_col, labels, genes)
+
+
+def _read_strings(element: h5py.Group | h5py.Dataset) -> np.ndarray:
+    """A column or index as str: a string array, or a categorical of strings with no missing
+    values, read with h5py; any other encoding as anndata reads it, then as str (what
+    ``obs[col].to_numpy(str)`` gives)."""
+    kind = element.attrs.get("encoding-type")
+    if kind == "string-array" and isinstance(element, h5py.Dataset):
+        return np.asarray(element.asstr()[()], dtype=str)
+    if kind == "categorical" and element["categories"].attrs.get("encoding-type") == "string-array":
+        codes = element["codes"][()]
+        if codes.size == 0 or codes.min() >= 0:
+            return np.asarray(element["categories"].asstr()[()], dtype=str)[codes]
+    value = _read_elem(element)
+    return np.asarray(value.to_numpy(str) if hasattr(value, "to_numpy") else value, dtype=str)
+
+
+def _read_elem(element: h5py.Group | h5py.Dataset) -> object:
+    from anndata.io import read_elem
+
+    return read_elem(element)
 
 
 def _is_dataframe(element: h5py.Group | h5py.Dataset | None) -> bool:
     return isinstance(element, h5py.Group) and element.attrs.get("encoding-type") == "dataframe"
 
 
-def _is_csr(x: h5py.Group | h5py.Dataset, into: ReadBuffers | None) -> bool:
-    return into is not None and isinstance(x, h5py.Group) and x.attrs.get("encoding-type") == "csr_matrix"
+def _is_csr(x: h5py.Group | h5py.Dataset) -> bool:
+    return isinstance(x, h5py.Group) and x.attrs.get("encoding-type") == "csr_matrix"
 
 
-def _read_csr(x: h5py.Group, into: ReadBuffers) -> sp.csr_matrix:
-    """A CSR matrix whose values and indices were read straight into `into`'s arrays."""
+def _read_csr(x: h5py.Group, into: ReadBuffers | None) -> sp.csr_matrix:
+    """A CSR matrix whose values and indices were read straight into `into`'s arrays (new ones
+    without `into`)."""
     arrays = []
     for name in ("data", "indices"):
         dataset = x[name]
-        arrays.append(into.array(name, dataset.shape[0], dataset.dtype))
+        size = dataset.shape[0]
+        arrays.append(np.empty(size, dataset.dtype) if into is None else into.array(name, size, dataset.dtype))
         if arrays[-1].size:
             dataset.read_direct(arrays[-1])
     indptr, shape = x["indptr"][:], tuple(int(n) for n in x.attrs["shape"])

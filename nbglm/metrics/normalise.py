@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import anndata as ad
 import numba
 import numpy as np
 import scipy.sparse as sp
@@ -15,13 +15,16 @@ from nbglm.data.rows import Rows
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
 
+if TYPE_CHECKING:
+    from nbglm.metrics.cells import CellsLike
+
 _LOG1P_MAX = 15.0  # cell-eval's bound for data that is already log1p-normalised
 _FRACTION_EPS = 1e-3  # cell-eval calls data with a fractional part above this "not counts"
 
 Matrix = np.ndarray | sp.csr_matrix
 
 
-def to_log1p(adata: ad.AnnData, which: str, out: np.ndarray | None = None) -> Matrix:
+def to_log1p(adata: CellsLike, which: str, out: np.ndarray | None = None) -> Matrix:
     """X in log1p space as cell-eval sees it: counts are normalised, log1p data is kept.
 
     Integer counts are scaled per cell to the median total count of the file and log1p'd, with
@@ -143,7 +146,7 @@ def _normalize_log1p(x: Matrix, totals: np.ndarray, target: np.floating, out: np
 
 
 @contextmanager
-def log1p_of(adata: ad.AnnData, which: str, overwrite: bool = False) -> Iterator[Matrix]:
+def log1p_of(adata: CellsLike, which: str, overwrite: bool = False) -> Iterator[Matrix]:
     """`to_log1p(adata)`, its sparse values in a buffer lent for the block (`nbglm.metrics.buffers`),
     or with `overwrite` in X's own values array (float CSR X only; X then holds log1p values)."""
     x = adata.X

@@ -9,21 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import anndata as ad
+import numba
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
-from scipy.spatial.distance import cdist
 
-from nbglm.data.dataset import pseudobulks
-from nbglm.data.rows import Rows, return_freed_memory
+from nbglm.data.rows import Rows, pseudobulks, return_freed_memory
 from nbglm.errors import NbglmError
+from nbglm.metrics.cells import CellsLike, genes_of, labels_of
 from nbglm.metrics.de import gene_windows, log2_fold_change, rank_sum_test
 from nbglm.metrics.de_control import rank_control, rank_sum_against
 from nbglm.metrics.fdr import benjamini_hochberg
 from nbglm.metrics.normalise import Matrix, log1p_of, log1p_transform, to_log1p
 from nbglm.metrics.registry import Metric, metric, profile_metrics, register
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import pandas as pd
 
 FDR_THRESHOLD = 0.05
 BLOCK_ENTRIES = 1 << 22  # stored entries of the perturbations ranked at once by `summarize_rows` (32 MiB) ...
@@ -53,25 +56,26 @@ class FileSummary:
 
 @dataclass(frozen=True)
 class MetricResult:
-    """One metric: its value per perturbation and, as `mean`, what the leaderboard reports."""
+    """One metric: its `values` per perturbation (in the order of `perts`) and, as `mean`, what
+    the leaderboard reports."""
 
-    per_perturbation: pd.Series
+    values: np.ndarray
+    perts: np.ndarray
 
     @property
     def mean(self) -> float:
-        return float(np.mean(self.per_perturbation.to_numpy()))
+        return float(np.mean(self.values))
+
+    @property
+    def per_perturbation(self) -> pd.Series:
+        import pandas as pd
+
+        return pd.Series(self.values, index=self.perts)
 
 
-def _labels(adata: ad.AnnData, pert_col: str, which: str) -> np.ndarray:
-    if pert_col not in adata.obs.columns:
-        columns = ", ".join(map(str, adata.obs.columns))
-        raise NbglmError(f"{which} has no obs column {pert_col!r} (columns: {columns}); set the perturbation column")
-    return adata.obs[pert_col].to_numpy(str)
-
-
-def check_pair(pred: ad.AnnData, real: ad.AnnData, pert_col: str, control: str) -> None:
+def check_pair(pred: CellsLike, real: CellsLike, pert_col: str, control: str) -> None:
     """Raise a one-line NbglmError unless pred and real can be compared."""
-    pred_genes, real_genes = pred.var_names.to_numpy(str), real.var_names.to_numpy(str)
+    pred_genes, real_genes = genes_of(pred), genes_of(real)
     if not np.array_equal(pred_genes, real_genes):
         if set(pred_genes) == set(real_genes) and len(pred_genes) == len(real_genes):
             raise NbglmError(
@@ -79,12 +83,12 @@ def check_pair(pred: ad.AnnData, real: ad.AnnData, pert_col: str, control: str) 
             )
         only_pred, only_real = np.setdiff1d(pred_genes, real_genes), np.setdiff1d(real_genes, pred_genes)
         raise NbglmError(
-            f"pred and real have different genes ({pred.n_vars} vs {real.n_vars}; "
+            f"pred and real have different genes ({pred_genes.size} vs {real_genes.size}; "
             f"{only_pred.size} only in pred, e.g. {_some(only_pred)}; "
             f"{only_real.size} only in real, e.g. {_some(only_real)})"
         )
-    pred_perts = set(_labels(pred, pert_col, "pred"))
-    real_perts = set(_labels(real, pert_col, "real"))
+    pred_perts = set(labels_of(pred, pert_col, "pred"))
+    real_perts = set(labels_of(real, pert_col, "real"))
     for which, perts in (("real", real_perts), ("pred", pred_perts)):
         if control not in perts:
             raise NbglmError(
@@ -155,7 +159,7 @@ def _file_summary(genes: np.ndarray, perts: np.ndarray, rows: np.ndarray, group_
     )
 
 
-def summarize_rows(counts: Rows, adata: ad.AnnData, pert_col: str, control: str, which: str,
+def summarize_rows(counts: Rows, adata: CellsLike, pert_col: str, control: str, which: str,
                    block_entries: int = BLOCK_ENTRIES) -> FileSummary:
     """`summarize_adata` of a file's counts read as `Rows` (`adata`: its obs and var), holding the
     control cells' sorted DE keys and one block of perturbations at a time (blocks of about
@@ -163,7 +167,7 @@ def summarize_rows(counts: Rows, adata: ad.AnnData, pert_col: str, control: str,
     perturbation's test sees its own cells and the control's, each chunk is normalised to the whole
     file's target, and the control cells are sorted once (`rank_control`), each block's entries
     then ranked against them (`rank_sum_against`)."""
-    perts, groups = group_codes(_labels(adata, pert_col, which), control)
+    perts, groups = group_codes(labels_of(adata, pert_col, which), control)
     rows = _group_rows(groups, perts.size + 1, perts)
     transform = log1p_transform(counts, which)
     row_nnz = counts.row_nnz()
@@ -184,19 +188,19 @@ def summarize_rows(counts: Rows, adata: ad.AnnData, pert_col: str, control: str,
         test = rank_sum_against(ranked, part, groups[keep] - lo, hi - lo + 1, max_keys=WINDOW_KEYS)
         sums[1 + lo:1 + hi], pvalue[lo:hi] = test.group_sums[1:], test.pvalue
         return_freed_memory()  # a block's chunks and keys: the next block's differ in size, so glibc's heap would grow
-    return _file_summary(adata.var_names.to_numpy(str), perts, rows, sums, pvalue)
+    return _file_summary(genes_of(adata), perts, rows, sums, pvalue)
 
 
-def summarize_adata(adata: ad.AnnData, pert_col: str, control: str, which: str, overwrite: bool = False) -> FileSummary:
+def summarize_adata(adata: CellsLike, pert_col: str, control: str, which: str, overwrite: bool = False) -> FileSummary:
     """Normalise one AnnData as cell-eval does and summarise it (`overwrite`: see `log1p_of`)."""
     with log1p_of(adata, which, overwrite) as x:
         return summarize_log1p(x, adata, pert_col, control, which)
 
 
-def summarize_log1p(x: Matrix, adata: ad.AnnData, pert_col: str, control: str, which: str) -> FileSummary:
+def summarize_log1p(x: Matrix, adata: CellsLike, pert_col: str, control: str, which: str) -> FileSummary:
     """Summarise `adata` from its log1p matrix `x`."""
-    perts, groups = group_codes(_labels(adata, pert_col, which), control)
-    return summarize(x, groups, adata.var_names.to_numpy(str), perts)
+    perts, groups = group_codes(labels_of(adata, pert_col, which), control)
+    return summarize(x, groups, genes_of(adata), perts)
 
 
 def _significant(s: FileSummary) -> np.ndarray:
@@ -221,7 +225,8 @@ def des(pred: FileSummary, real: FileSummary) -> MetricResult:
             continue
         top = candidates[np.argsort(-pred_abs[i, candidates], kind="stable")[:n]]
         values[i] = np.count_nonzero(real_sig[i, top]) / n
-    return MetricResult(pd.Series(values, index=real.perts))
+    return MetricResult(values, real.perts)
+
 
 
 @metric("pds", PROFILE, "max", 1.0, "PDS", "perturbation discrimination, 0–1")
@@ -234,18 +239,32 @@ def pds(pred: FileSummary, real: FileSummary) -> MetricResult:
     """
     real_effect = real.pert_mean - real.control_mean
     pred_effect = pred.pert_mean - pred.control_mean
-    dist = cdist(pred_effect, real_effect, metric="cityblock")  # (pred p, real q)
+    dist = _l1_distances(pred_effect, real_effect)  # (pred p, real q)
     for p, gene in zip(*np.nonzero(real.perts[:, None] == real.genes[None, :]), strict=True):
         dist[p] -= np.abs(real_effect[:, gene] - pred_effect[p, gene])
     own = np.diag(dist)[:, None]
     rank = (dist < own).sum(axis=1) + np.tril(dist == own, k=-1).sum(axis=1)
-    return MetricResult(pd.Series(1.0 - rank / real.perts.size, index=real.perts))
+    return MetricResult(1.0 - rank / real.perts.size, real.perts)
 
 
 @metric("mae", PROFILE, "min", 0.0, "MAE", "log1p expression")
 def mae(pred: FileSummary, real: FileSummary) -> MetricResult:
     """Mean absolute error between pred and real pseudobulks, over all genes (cell-eval ``mae``)."""
-    return MetricResult(pd.Series(np.abs(pred.pert_mean - real.pert_mean).mean(axis=1), index=real.perts))
+    return MetricResult(np.abs(pred.pert_mean - real.pert_mean).mean(axis=1), real.perts)
+
+
+@numba.njit(cache=True, parallel=True)
+def _l1_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """scipy's ``cdist(a, b, "cityblock")`` bit for bit (each sum in gene order, as scipy adds),
+    without importing scipy.spatial (a tenth of a second of a command's start-up)."""
+    out = np.empty((a.shape[0], b.shape[0]))
+    for i in numba.prange(a.shape[0]):
+        for j in range(b.shape[0]):
+            total = 0.0
+            for k in range(a.shape[1]):
+                total += abs(a[i, k] - b[j, k])
+            out[i, j] = total
+    return out
 
 
 def score(pred: FileSummary, real: FileSummary) -> dict[str, MetricResult]:
@@ -269,19 +288,19 @@ def overall_score(scores: Mapping[str, float], baseline: Mapping[str, float]) ->
     return float(np.mean(list(scaled_scores(scores, baseline).values())))
 
 
-def baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str, train_counts: Rows | None = None,
+def baseline_vector(train: CellsLike, real: CellsLike, pert_col: str, train_counts: Rows | None = None,
                     overwrite: bool = False) -> np.ndarray:
     """The cell-mean baseline's profile: the mean over the training groups' log1p pseudobulks,
     control included as cell-eval does (`real`: only its genes are read). A matrix in train.X is
     normalised whole (`overwrite`: in its own values, see `log1p_of`) and summed in one pass;
     `train_counts` (the counts when train.X is None, e.g. a sweep fold's training part) are
     normalised a chunk at a time."""
-    if train.n_vars != real.n_vars or not np.array_equal(train.var_names, real.var_names):
+    if not np.array_equal(genes_of(train), genes_of(real)):
         raise NbglmError("train and real have different genes or gene order: the baseline needs the same genes")
     x = train.X if train_counts is None else train_counts
     if x is None:
         raise NbglmError("train has no expression matrix (X is empty)")
-    labels = _labels(train, pert_col, "train")
+    labels = labels_of(train, pert_col, "train")
     if train_counts is not None:
         return pseudobulks(x, labels, log1p_transform(x, "train"))[1].mean(axis=0).astype(np.float32)
     with log1p_of(train, "train", overwrite) as logged:
@@ -290,14 +309,17 @@ def baseline_vector(train: ad.AnnData, real: ad.AnnData, pert_col: str, train_co
 
 
 def cell_mean_baseline(
-    train: ad.AnnData, real: ad.AnnData, *, pert_col: str = "target_gene", control: str = "non-targeting"
+    train: CellsLike, real: CellsLike, *, pert_col: str = "target_gene", control: str = "non-targeting"
 ) -> ad.AnnData:
     """The cell-mean baseline as a prediction of `real` (cell-eval ``build_base_mean_adata``).
 
     Every cell of every perturbation in `real` (as many cells as real has) gets the mean of the
     training data's group pseudobulks (log1p); real's control cells (log1p) are appended.
     """
-    labels = _labels(real, pert_col, "real")
+    import anndata as ad
+    import pandas as pd
+
+    labels = labels_of(real, pert_col, "real")
     if control not in labels:
         raise NbglmError(f"control label {control!r} not found in real.obs[{pert_col!r}]; set the control label")
     vector = baseline_vector(train, real, pert_col)
@@ -312,19 +334,19 @@ def cell_mean_baseline(
             {pert_col: np.concatenate([pert_labels, labels[is_ctrl]])},
             index=[f"baseline_{i}" for i in range(labels.size)],
         ),
-        var=pd.DataFrame(index=real.var_names.copy()),
+        var=pd.DataFrame(index=pd.Index(genes_of(real), dtype=str)),
     )
 
 
-def baseline_summary(vector: np.ndarray, real: ad.AnnData, pert_col: str, control: str,
+def baseline_summary(vector: np.ndarray, real: CellsLike, pert_col: str, control: str,
                      control_log1p: Matrix | None = None) -> FileSummary:
     """Summary of :func:`cell_mean_baseline` (profile `vector`, see `baseline_vector`) without
     building it: one row per perturbation (`control_log1p`: real's control cells' rows of
     `to_log1p(real)`, when the caller has them)."""
-    perts, groups = group_codes(_labels(real, pert_col, "real"), control)
+    perts, groups = group_codes(labels_of(real, pert_col, "real"), control)
     ctrl = to_log1p(real, "real")[np.flatnonzero(groups == 0)] if control_log1p is None else control_log1p
     rows = np.broadcast_to(vector, (perts.size, vector.size))
     compact = sp.vstack([sp.csr_matrix(ctrl), sp.csr_matrix(rows)], format="csr")
     compact_groups = np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, perts.size + 1)])
     weights = np.concatenate([[1.0], np.bincount(groups, minlength=perts.size + 1)[1:]])
-    return summarize(compact, compact_groups, real.var_names.to_numpy(str), perts, weights)
+    return summarize(compact, compact_groups, genes_of(real), perts, weights)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from nbglm import atomic
@@ -27,6 +27,9 @@ from nbglm.metrics.vcc2026_de import (DETable, Normalised, de_metrics, de_table,
                                       row_totals)
 from nbglm.metrics.vcc2026_expr import (Profiles, exclusion_columns, expr_terms, pds_cosine, profiles,
                                         ratio_of_sums)
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PROFILE = "vcc2026"
 MAX_CELL_TOTAL = 1e6

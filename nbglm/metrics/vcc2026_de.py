@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
-from scipy.special import ndtr
 
 from nbglm.metrics.de import n_threads, rank_sum_test
 from nbglm.metrics.mwu import RankSum
@@ -171,6 +169,8 @@ def de_table(counts: sp.csr_matrix, cells: Normalised, codes: np.ndarray, labels
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (ranks.u_statistic - n1 * n2 / 2.0) / np.sqrt(var)
     z[~np.isfinite(z)] = 0.0
+    from scipy.special import ndtr  # here: a vcc2025 command need not import scipy.special
+
     pvalue = 2.0 * ndtr(-np.abs(z))
     kept = means[0] > MIN_CTRL_CPM
     padj = np.full_like(pvalue, np.nan)
@@ -188,6 +188,8 @@ def order_codes(values: np.ndarray) -> np.ndarray:
     test's keys short: it sorts integer codes as they are, float32 ones by their bit patterns, which
     span about 11 more bits.
     """
+    import pandas as pd  # here: a vcc2025 command need not import pandas
+
     codes, uniques = pd.factorize(values)
     rank = np.empty(uniques.size, dtype=np.int32 if uniques.size < np.iinfo(np.int32).max else np.int64)
     rank[np.argsort(uniques)] = np.arange(1, uniques.size + 1, dtype=rank.dtype)
