@@ -394,6 +394,21 @@ def test_benjamini_hochberg_equals_scipy() -> None:
     np.testing.assert_array_equal(benjamini_hochberg(p), np.stack([false_discovery_control(row) for row in p]))
 
 
+def test_des_top_n_is_the_stable_sorts_first_n() -> None:
+    """DES keeps pred's top N genes by |log2 FC|: the same set as the first N of a stable sort of
+    -|log2 FC| (ties in gene order, NaN last), with ties straddling the cut, infinities and NaN."""
+    from nbglm.metrics.vcc import _largest
+
+    rng = np.random.default_rng(6)
+    rows = [rng.choice(np.array([0.0, 0.5, 1.0, 2.0, np.inf, np.nan], dtype=np.float32), 60) for _ in range(40)]
+    rows += [np.full(30, np.nan, dtype=np.float32), np.zeros(30, dtype=np.float32), rng.random(50).astype(np.float32)]
+    for values in rows:
+        for n in (1, 2, 5, 17, values.size - 1, values.size, values.size + 3):
+            expected = np.argsort(-values, kind="stable")[:n]
+            got = _largest(values, n)
+            assert got.size == expected.size and set(got.tolist()) == set(expected.tolist()), (values, n)
+
+
 def test_l1_distances_equal_scipy_cdist_bit_for_bit() -> None:
     """PDS ranks by these distances, so a last-bit difference could flip a tie: the compiled sums
     must be scipy's cityblock cdist exactly, also where the order of additions shows (values of
