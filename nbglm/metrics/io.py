@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from nbglm.data.rows import csr_on
 from nbglm.errors import NbglmError
 from nbglm.metrics.cells import Cells, genes_of, labels_of
 
@@ -130,8 +131,5 @@ def _read_csr(x: h5py.Group, into: ReadBuffers | None) -> sp.csr_matrix:
     if indptr.size != shape[0] + 1 or (indptr.size and (indptr[0] != 0 or indptr[-1] != arrays[0].size)) \
             or arrays[0].size != arrays[1].size:
         raise ValueError(f"X is not a well-formed CSR matrix of shape {shape}")  # what scipy's constructor checks
-    out = sp.csr_matrix(shape, dtype=arrays[0].dtype)
-    # set, not passed: scipy's constructor (and check_format) copies a view of a much larger array
-    out.data, out.indices, out.indptr = arrays[0], arrays[1], indptr.astype(arrays[1].dtype, copy=False)
-    return out
+    return csr_on(arrays[0], arrays[1], indptr.astype(arrays[1].dtype, copy=False), shape)
 
