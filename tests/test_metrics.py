@@ -558,6 +558,30 @@ def test_prediction_read_from_disk_in_blocks_gives_the_same_summary(block_entrie
     assert on_disk == evaluate(pred, real, control=CONTROL)
 
 
+def test_baseline_summary_shares_the_test_of_perturbations_with_as_many_cells() -> None:
+    """One weighted row per distinct cell count gives every perturbation's summary exactly as one
+    row per perturbation does (the summary the baseline had before), with unequal group sizes."""
+    from nbglm.metrics.vcc import baseline_summary, summarize
+
+    real, train = make_counts(83), make_counts(84)
+    labels = real.obs["target_gene"].to_numpy(str)
+    perts = np.unique(labels[labels != CONTROL])
+    drop = np.flatnonzero(labels == perts[1])[:7].tolist() + np.flatnonzero(labels == perts[4])[:12].tolist()
+    real = real[np.setdiff1d(np.arange(real.n_obs), drop)].copy()
+    vector = baseline_vector(train, real, "target_gene")
+    ours = baseline_summary(vector, real, "target_gene", CONTROL)
+    names, groups = group_codes(real.obs["target_gene"].to_numpy(str), CONTROL)
+    ctrl = sp.csr_matrix(to_log1p(real, "real")[np.flatnonzero(groups == 0)])
+    rows = sp.csr_matrix(np.broadcast_to(vector, (names.size, vector.size)))
+    cells = np.bincount(groups)[1:]
+    assert len(set(cells.tolist())) == 3
+    expected = summarize(sp.vstack([ctrl, rows], format="csr"),
+                         np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, names.size + 1)]),
+                         real.var_names.to_numpy(str), names, np.concatenate([[1.0], cells]))
+    for field in expected.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(ours, field), getattr(expected, field), err_msg=field)
+
+
 def test_baseline_vector_matches_cell_eval() -> None:
     real, train = make_counts(40), make_counts(41, n_perts=12)
     ours = cell_mean_baseline(train, real, control=CONTROL)

@@ -8,7 +8,7 @@ each metric follows cell-eval's definition, including its float32 casts where th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numba
@@ -352,12 +352,16 @@ def cell_mean_baseline(
 def baseline_summary(vector: np.ndarray, real: CellsLike, pert_col: str, control: str,
                      control_log1p: Matrix | None = None) -> FileSummary:
     """Summary of :func:`cell_mean_baseline` (profile `vector`, see `baseline_vector`) without
-    building it: one row per perturbation (`control_log1p`: real's control cells' rows of
-    `to_log1p(real)`, when the caller has them)."""
+    building it (`control_log1p`: real's control cells' rows of `to_log1p(real)`, when the caller
+    has them). Every perturbation's cells are `vector`, so perturbations with as many cells have
+    the same test: one row, weighted by the cell count, per distinct count is tested against the
+    control cells (each test sees only its own group and the control) and its results are shared."""
     perts, groups = group_codes(labels_of(real, pert_col, "real"), control)
     ctrl = to_log1p(real, "real")[np.flatnonzero(groups == 0)] if control_log1p is None else control_log1p
-    rows = np.broadcast_to(vector, (perts.size, vector.size))
+    sizes, size_of = np.unique(np.bincount(groups, minlength=perts.size + 1)[1:], return_inverse=True)
+    rows = np.broadcast_to(vector, (sizes.size, vector.size))
     compact = sp.vstack([sp.csr_matrix(ctrl), sp.csr_matrix(rows)], format="csr")
-    compact_groups = np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, perts.size + 1)])
-    weights = np.concatenate([[1.0], np.bincount(groups, minlength=perts.size + 1)[1:]])
-    return summarize(compact, compact_groups, genes_of(real), perts, weights)
+    compact_groups = np.concatenate([np.zeros(ctrl.shape[0], dtype=np.int64), np.arange(1, sizes.size + 1)])
+    by_size = summarize(compact, compact_groups, genes_of(real), sizes.astype(str), np.concatenate([[1.0], sizes]))
+    per_pert = ("n_cells", "pert_mean", "pvalue", "fdr", "log2_fold_change")
+    return replace(by_size, perts=perts, **{name: getattr(by_size, name)[size_of] for name in per_pert})
