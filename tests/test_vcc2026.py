@@ -224,7 +224,7 @@ def test_normalise_ranks_as_the_log1p_cpm_of_every_entry():
     """Ranking (row, distinct count) slots gives the ranks of every entry's log1p(CPM): with
     repeated counts, counts above the slot table, fractional values, equal values in other rows
     and an empty row."""
-    from nbglm.metrics.vcc2026_de import normalise, order_codes
+    from nbglm.metrics.vcc2026_de import normalise
 
     rng = np.random.default_rng(4)
     x = rng.poisson(2.0, (40, 60)).astype(np.float64)

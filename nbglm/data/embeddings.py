@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from nbglm.data.rows import pseudobulks
-from nbglm.data.rows import Rows, row_totals
+from nbglm.data.rows import Rows, pseudobulks, row_totals
 from nbglm.errors import NbglmError
 
 log = logging.getLogger("nbglm")
