@@ -821,7 +821,7 @@ def test_read_counts_for_eval_reads_what_the_metrics_use(tmp_path: Path) -> None
     assert (ours.X != real.X).nnz == 0
     np.testing.assert_array_equal(ours.genes, real.var_names.to_numpy(str))
     np.testing.assert_array_equal(ours.labels, real.obs["target_gene"].to_numpy(str))
-    assert ours.pert_col == "target_gene" and ours.n_vars == real.n_vars
+    assert ours.pert_col == "target_gene" and ours.genes.size == real.n_vars
     np.testing.assert_array_equal(read_counts_for_eval(tmp_path / "real.h5ad", "other", "real").labels,
                                   real.obs["other"].to_numpy(str))
     with h5py.File(tmp_path / "real.h5ad", "r+") as f:  # as a plain string array, as anndata writes one

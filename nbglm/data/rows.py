@@ -177,7 +177,8 @@ class Rows:
         if not (sp.issparse(x) and x.format == "csr" and x.has_sorted_indices):
             return x[lo:hi]
         a, b = x.indptr[lo], x.indptr[hi]
-        view = csr_on(x.data[a:b], x.indices[a:b], (x.indptr[lo:hi + 1] - a).astype(x.indices.dtype), (hi - lo, x.shape[1]))
+        indptr = (x.indptr[lo:hi + 1] - a).astype(x.indices.dtype)
+        view = csr_on(x.data[a:b], x.indices[a:b], indptr, (hi - lo, x.shape[1]))
         view.has_sorted_indices = True
         return view
 

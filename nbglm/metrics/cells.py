@@ -25,10 +25,6 @@ class Cells:
     labels: np.ndarray
     genes: np.ndarray
 
-    @property
-    def n_vars(self) -> int:
-        return int(self.genes.size)
-
     def to_anndata(self) -> ad.AnnData:
         """The same cells as an AnnData (cells named by position), for code that needs one."""
         import anndata as ad
