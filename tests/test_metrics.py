@@ -808,6 +808,47 @@ def test_files_read_one_after_another_share_their_arrays(tmp_path: Path) -> None
     assert "\n" not in str(err.value)
 
 
+def test_stored_values_are_read_from_the_file_as_h5py_reads_them(tmp_path: Path, monkeypatch) -> None:
+    """read_array reads a dataset's bytes from the file itself where they are stored as they lie in
+    memory (contiguous; chunked, in file order or not, last chunk part full), split over threads
+    at any byte, and leaves every other dataset to h5py (compressed, big-endian, a chunk never
+    written, a file with a user block); each read equals h5py's."""
+    from nbglm.metrics import io
+
+    monkeypatch.setattr(io, "_THREAD_BYTES", 1)  # 4 threads: pieces cut across runs and values
+    monkeypatch.setattr(io, "_READ_THREADS", 4)
+    values = np.random.default_rng(0).random(4000).astype(np.float32) * 1e4
+    chunk = 600  # 2,400 bytes or more: HDF5 packs smaller ones into shared blocks
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["contiguous"] = values
+        f.create_dataset("in_order", data=values.astype(np.int32), chunks=(chunk,))
+        backwards = f.create_dataset("backwards", shape=values.shape, dtype=np.float64, chunks=(chunk,))
+        gaps = f.create_dataset("gaps", shape=values.shape, dtype=np.float32, chunks=(chunk,))
+        starts = range(0, values.size, chunk)
+        for lo, back in zip(starts, starts[::-1]):  # a chunk is placed in the file when flushed: ...
+            backwards[back : back + chunk] = values[back : back + chunk]  # ... the last one first, ...
+            gaps[lo : lo + chunk] = values[lo : lo + chunk]  # ... and these in order, each after one of those
+            f.flush()
+        f.create_dataset("compressed", data=values, chunks=(chunk,), compression="gzip")
+        f.create_dataset("big_endian", data=values.astype(">f4"))
+        f.create_dataset("unwritten", shape=values.shape, dtype=np.float32, chunks=(chunk,))[:chunk] = values[:chunk]
+    with h5py.File(tmp_path / "user_block.h5", "w", userblock_size=512) as f:
+        f["contiguous"] = values
+    for path, name, from_file in [("x.h5", "contiguous", True), ("x.h5", "in_order", True),
+                                  ("x.h5", "backwards", True), ("x.h5", "gaps", True), ("x.h5", "compressed", False),
+                                  ("x.h5", "big_endian", False), ("x.h5", "unwritten", False),
+                                  ("user_block.h5", "contiguous", False)]:
+        with h5py.File(tmp_path / path, "r") as f:
+            dataset = f[name]
+            runs = io.stored_runs(dataset)
+            assert (runs is not None) == from_file, name
+            out = np.full(dataset.shape, -1, dtype=dataset.dtype.newbyteorder("="))
+            io.read_array(dataset, out)
+            np.testing.assert_array_equal(out, dataset[()], err_msg=name)
+            if name in ("backwards", "gaps"):  # no chunk follows the one before it in the file
+                assert [first for first, _, _ in runs] == list(starts), name
+
+
 def test_read_counts_for_eval_reads_what_the_metrics_use(tmp_path: Path) -> None:
     """X, the labels and the genes as anndata reads them, whatever the column's encoding: a
     categorical of strings, a string array, a categorical with a missing value and numbers (the

@@ -5,10 +5,16 @@ metrics never look at; at command level reading the files is most of the time le
 X (sparse as stored, in its stored dtype), the perturbation column and the gene names, as `Cells`.
 Labels and genes in anndata's usual encodings (string arrays, categoricals of strings) and CSR X
 are read with h5py alone; anything else goes through anndata's reader, imported only then.
+
+X's values and indices, when stored as they lie in memory (no compression, native byte order), are
+read from the file's bytes on a few threads at once (`read_array`): HDF5 copies chunk after chunk
+through its cache on one thread, 0.18 s for a VCC-size file's 560 MB here, against 0.05 s.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -124,7 +130,7 @@ def _read_csr(x: h5py.Group, into: ReadBuffers | None) -> sp.csr_matrix:
         size = dataset.shape[0]
         arrays.append(np.empty(size, dataset.dtype) if into is None else into.array(name, size, dataset.dtype))
         if arrays[-1].size:
-            dataset.read_direct(arrays[-1])
+            read_array(dataset, arrays[-1])
     indptr, shape = x["indptr"][:], tuple(int(n) for n in x.attrs["shape"])
     if indptr.size and indptr[-1] > np.iinfo(arrays[1].dtype).max:  # scipy widens the indices (a copy)
         return sp.csr_matrix((arrays[0], arrays[1], indptr), shape=shape)
@@ -133,3 +139,65 @@ def _read_csr(x: h5py.Group, into: ReadBuffers | None) -> sp.csr_matrix:
         raise ValueError(f"X is not a well-formed CSR matrix of shape {shape}")  # what scipy's constructor checks
     return csr_on(arrays[0], arrays[1], indptr.astype(arrays[1].dtype, copy=False), shape)
 
+
+_READ_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_THREAD_BYTES = 8 << 20  # the least a thread reads: fewer bytes are read faster than a thread starts
+
+
+def read_array(dataset: h5py.Dataset, out: np.ndarray) -> None:
+    """All of the 1-D `dataset` into `out`: its stored bytes read straight from the file by a few
+    threads when they are the values as they lie in memory (see `stored_runs`), else through h5py."""
+    runs = stored_runs(dataset) if out.dtype == dataset.dtype and out.flags.c_contiguous else None
+    if runs is None:
+        dataset.read_direct(out)
+        return
+    raw, item = memoryview(out).cast("B"), out.itemsize
+    threads = int(np.clip(out.nbytes // _THREAD_BYTES, 1, _READ_THREADS))
+    cuts = np.linspace(0, out.size, threads + 1).astype(np.int64) * item
+
+    def read(lo: int, hi: int, fd: int) -> None:  # bytes [lo, hi) of `out`
+        for first, offset, n in runs:
+            a, b = max(lo, first * item), min(hi, (first + n) * item)
+            while a < b:
+                done = os.preadv(fd, [raw[a:b]], offset + a - first * item)
+                if done <= 0:
+                    raise OSError(f"{dataset.name}: the file ends inside its stored values")
+                a += done
+
+    fd = os.open(dataset.file.filename, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, cuts[:-1], cuts[1:], [fd] * threads))
+    finally:
+        os.close(fd)
+
+
+def stored_runs(dataset: h5py.Dataset) -> list[tuple[int, int, int]] | None:
+    """Where the elements of 1-D `dataset` lie in its file: (first element, byte offset, elements)
+    runs, in order, covering all of them, when the file holds them as they lie in memory (native
+    byte order, a number type, no filter such as compression, contiguous or chunked, every chunk
+    written, a plain file without user block); None otherwise (h5py then reads it)."""
+    dtype, plist, f = dataset.dtype, dataset.id.get_create_plist(), dataset.file
+    if dataset.ndim != 1 or dataset.size == 0 or dtype.kind not in "fiu" or not dtype.isnative \
+            or plist.get_nfilters() or f.driver != "sec2" or f.userblock_size or not hasattr(os, "preadv"):
+        return None
+    size, item = dataset.size, dtype.itemsize
+    if plist.get_layout() == h5py.h5d.CONTIGUOUS:
+        offset = dataset.id.get_offset()
+        return None if offset is None else [(0, offset, size)]
+    if plist.get_layout() != h5py.h5d.CHUNKED or not hasattr(dataset.id, "chunk_iter"):
+        return None
+    chunks: list[tuple[int, int]] = []
+    dataset.id.chunk_iter(lambda info: chunks.append((info.chunk_offset[0], info.byte_offset)))
+    length = dataset.chunks[0]
+    chunks.sort()
+    if [first for first, _ in chunks] != list(range(0, size, length)):
+        return None  # a chunk never written reads as the fill value: h5py knows it
+    runs: list[tuple[int, int, int]] = []
+    for first, offset in chunks:
+        n = min(length, size - first)
+        if runs and runs[-1][1] + runs[-1][2] * item == offset:  # the chunk follows the last one in the file
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + n)
+        else:
+            runs.append((first, offset, n))
+    return runs
