@@ -42,34 +42,6 @@ def test_importing_nbglm_puts_torch_on_huge_pages_unless_the_user_chose(preset: 
     assert out.returncode == 0 and out.stdout.strip() == (preset or "1")
 
 
-@pytest.mark.parametrize(("command", "preset", "huge_pages"), [("eval", None, False), ("eval", "1", True),
-                                                             ("config", None, True)])
-def test_eval_asks_numpy_for_small_pages_unless_the_user_chose(command: str, preset: str | None,
-                                                               huge_pages: bool) -> None:
-    """The commands that leave at once (eval, build-de-cache) touch their arrays once: numpy requests
-    no huge pages there (NUMPY_MADVISE_HUGEPAGE=0, read when it is imported), unless the user set it;
-    other commands keep numpy's default."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
-    if preset is not None:
-        env["NUMPY_MADVISE_HUGEPAGE"] = preset
-    argv = {"eval": ["eval", "--pred", "missing.h5ad", "--real", "missing.h5ad"],
-            "config": ["config", "--set", "model.nope=1"]}[command]
-    code = ("import sys, nbglm.cli as cli\n"
-            "dispatch = cli._dispatch\n"
-            "def report(args):\n"
-            "    code = dispatch(args)\n"
-            "    import numpy\n"
-            "    core = getattr(numpy, '_core', None) or numpy.core\n"
-            "    print('huge pages', core.multiarray._set_madvise_hugepage(True), flush=True)\n"
-            "    return code\n"
-            "cli._dispatch = report\n"
-            f"sys.argv = ['nbglm', *{argv!r}]\n"
-            "cli.process()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
-    assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr
-    assert out.stdout.strip() == f"huge pages {huge_pages}"
-
-
 def test_launch_py_is_nbglm_sweep(capsys: pytest.CaptureFixture[str]) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--help"], capture_output=True, text=True,
                          timeout=60)

@@ -50,15 +50,8 @@ def process() -> typing.NoReturn:
     """The `nbglm` process (its console script and ``python -m nbglm``). A subcommand whose work
     ends in its files and printed output (``LEAVE_AT_ONCE``: eval, build-de-cache) exits without
     Python's teardown, which frees every module and array one by one: 0.4 s of a 4.6 s
-    `nbglm eval` at 50 x 18,080 x 300 here. The others (Ray, TensorBoard) keep their exit handlers.
-
-    Those commands also ask numpy not to request huge pages (unless NUMPY_MADVISE_HUGEPAGE is set):
-    their ~1 GB of arrays is touched once, and a huge page's first touch makes Linux compact memory
-    whenever free memory is fragmented (the default `defrag=madvise`): 0.03-0.7 s per 280 MB here
-    against a steady 0.16 s with small pages, and `nbglm eval` at that size 4.07 -> 3.74 s median."""
+    `nbglm eval` at 50 x 18,080 x 300 here. The others (Ray, TensorBoard) keep their exit handlers."""
     args = build_parser().parse_args()
-    if args.leave_at_once:  # read by numpy when `run` imports it
-        os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     code = _dispatch(args)
     if args.leave_at_once:
         sys.stdout.flush()
