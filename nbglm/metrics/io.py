@@ -155,7 +155,7 @@ def read_array(dataset: h5py.Dataset, out: np.ndarray) -> None:
     threads = int(np.clip(out.nbytes // _THREAD_BYTES, 1, _READ_THREADS))
     cuts = np.linspace(0, out.size, threads + 1).astype(np.int64) * item
 
-    def read(lo: int, hi: int, fd: int) -> None:  # bytes [lo, hi) of `out`
+    def read(lo: int, hi: int) -> None:  # bytes [lo, hi) of `out`
         for first, offset, n in runs:
             a, b = max(lo, first * item), min(hi, (first + n) * item)
             while a < b:
@@ -167,7 +167,7 @@ def read_array(dataset: h5py.Dataset, out: np.ndarray) -> None:
     fd = os.open(dataset.file.filename, os.O_RDONLY)
     try:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(read, cuts[:-1], cuts[1:], [fd] * threads))
+            list(pool.map(read, cuts[:-1], cuts[1:]))
     finally:
         os.close(fd)
 
