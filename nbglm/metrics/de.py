@@ -43,10 +43,10 @@ from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.mwu import RankSum, rank_sum_result
 from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
 
-BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2) ...
-_MAX_BLOCKS = 256  # ... but at most this many: more write cursors slow the scatter more than
-# the sort gains (a larger block is split in cache, see nbglm.metrics.radix)
+BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2)
 WINDOW_KEYS = 1 << 25  # keys packed at once (256 MiB): a larger matrix is ranked a window of genes at a time
+_MAX_BLOCKS = WINDOW_KEYS // BLOCK_KEYS  # a full window's blocks sort in L2 without a split (fewer,
+# larger blocks are split in cache first, see nbglm.metrics.radix: 8.0 against 5.5 ns per key)
 _TASKS_PER_THREAD = 8  # runs of blocks per thread, so that uneven blocks even out
 
 Matrix = np.ndarray | sp.spmatrix | sp.sparray
@@ -96,22 +96,17 @@ def _scatter_keys(data, codes, code_lo, indices, indptr, row_start, gene_end, gr
     for c in numba.prange(n_chunks):
         cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
-            g, block, pos = groups[row], -1, 0
+            g = groups[row]
             k, end = row_start[row], indptr[row + 1]
             while k < end and indices[k] < gene_end:
                 if data[k] != 0:
                     j = indices[k]
-                    if gene_block[j] != block:  # a row's next entries are mostly in the same block
-                        if block >= 0:
-                            cursor[block] = pos
-                        block = gene_block[j]
-                        pos = cursor[block]
+                    block = gene_block[j]  # each entry moves its block's cursor: no branch on the block
+                    pos = cursor[block]  # changing, which with 1,024 blocks a row's next entry mostly does
                     keys[pos] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
-                    pos += 1
+                    cursor[block] = pos + 1
                 k += 1
             row_start[row] = k
-            if block >= 0:
-                cursor[block] = pos
 
 
 @numba.njit(nogil=True, cache=True)
