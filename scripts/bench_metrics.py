@@ -208,7 +208,7 @@ def machine() -> str:
 def sort_figures(pred_path: str, repeats: int) -> None:
     """ns per key of numpy's sort and the radix sort on the prediction's DE key blocks."""
     try:
-        from nbglm.metrics.de import key_layout, n_threads, pack_keys
+        from nbglm.metrics.de import WINDOW_KEYS, gene_windows, key_layout, n_threads, pack_keys
         from nbglm.metrics.io import read_counts_for_eval
         from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
     except ImportError as error:  # a tree from before the radix sort: numpy's sort only
@@ -220,9 +220,12 @@ def sort_figures(pred_path: str, repeats: int) -> None:
     pred = read_counts_for_eval(pred_path, "target_gene", "pred")
     perts, groups = group_codes(pred.labels, CONTROL)
     x, groups = to_log1p(pred, "pred"), groups.astype(np.int64)
-    packed = pack_keys(x, groups, key_layout(x, groups, perts.size + 1), (0, x.shape[1]), x.indptr[:-1].astype(np.int64))
-    edges, n_keys = packed.edges, packed.keys.size
-    blocks = [packed.keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+    layout, row_start, blocks = key_layout(x, groups, perts.size + 1), x.indptr[:-1].astype(np.int64), []
+    for genes in gene_windows(layout.entries, WINDOW_KEYS):  # the engine's windows and blocks
+        packed = pack_keys(x, groups, layout, genes, row_start)
+        edges = packed.edges
+        blocks += [packed.keys[lo:hi] for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+    n_keys = sum(block.size for block in blocks)
     check = [block.copy() for block in blocks]
     scratch = np.empty(max(block.size for block in blocks), dtype=np.int64)
     for block in check:
