@@ -374,6 +374,26 @@ def test_rank_sum_in_windows_of_genes_equals_one_window(window_keys: int) -> Non
     assert not unsorted.has_sorted_indices
 
 
+def test_rank_sum_ranks_a_csr_matrix_on_its_own_arrays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values that are a view of a larger byte buffer (a lent buffer) are ranked where they lie:
+    scipy's constructor would copy them (280 MB at the VCC size), so a CSR matrix is not rebuilt."""
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(3), [30, 20, 10])
+    x = sp.csr_matrix(rng.poisson(0.8, (groups.size, 25)).astype(np.float32))
+    buffer = np.zeros(4 * x.data.nbytes, dtype=np.uint8)
+    values = buffer[: x.data.nbytes].view(np.float32)
+    values[:] = x.data
+    lent = nbglm.data.rows.csr_on(values, x.indices, x.indptr, x.shape)
+    ranked = []
+    layout = nbglm.metrics.de.key_layout
+    monkeypatch.setattr(nbglm.metrics.de, "key_layout", lambda m, *a, **k: ranked.append(m.data) or layout(m, *a, **k))
+    got = rank_sum_test(lent, groups, 3)
+    assert ranked and all(np.shares_memory(data, buffer) for data in ranked)
+    want = rank_sum_test(x.toarray(), groups, 3)
+    for name in ("u_statistic", "pvalue", "group_sums", "tie_term"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+
+
 def test_rank_sum_group_weights_equal_repeated_rows() -> None:
     rng = np.random.default_rng(7)
     control = rng.poisson(1.0, (40, 30)).astype(np.float32)

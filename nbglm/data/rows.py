@@ -88,9 +88,11 @@ def csr_on(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tup
     return x
 
 
-def _csr(block: Any) -> sp.csr_matrix:
+def as_csr(block: Any) -> sp.csr_matrix:
+    """`block` as a CSR matrix; one already is stays itself (scipy's constructor would copy the
+    values of a view, see `csr_on`)."""
     if isinstance(block, sp.csr_matrix):
-        return block  # as it is: the constructor would copy a view's arrays
+        return block
     return sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
 
 
@@ -139,7 +141,7 @@ class Rows:
             block = self._window(lo, hi)
             if check is not None:
                 check(block.data if sp.issparse(block) else np.asarray(block))
-            block = _csr(block)
+            block = as_csr(block)
             if take is not None and take.size < hi - lo:
                 block = block[take]
             block.sort_indices()

@@ -39,6 +39,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from nbglm.data.rows import as_csr
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.mwu import RankSum, rank_sum_result
 from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
@@ -312,7 +313,7 @@ def rank_sum_test(
     (U of the perturbation) as pdex computes it. `max_keys`: the most keys packed at once (8 bytes each).
     """
     groups = np.asarray(groups, dtype=np.int64)
-    x = sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
+    x = as_csr(x)
     group_w = np.ones(n_groups) if group_weights is None else np.asarray(group_weights, dtype=np.float64)
     n_per_group = np.bincount(groups, minlength=n_groups) * group_w
     out = scan_arrays(x.shape[1], n_groups)

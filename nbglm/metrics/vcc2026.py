@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from nbglm import atomic
+from nbglm.data.rows import as_csr
 from nbglm.errors import NbglmError
 from nbglm.metrics.mwu import RankSum
 from nbglm.metrics.de_cache import DataIdentity, read_meta, write_meta
@@ -107,8 +108,7 @@ class Reference:
 
 
 def _counts(adata) -> sp.csr_matrix:
-    x = adata.X
-    return sp.csr_matrix(x) if sp.issparse(x) else sp.csr_matrix(np.asarray(x))
+    return as_csr(adata.X)
 
 
 def _codes(cell_labels: np.ndarray, control: str, labels: np.ndarray) -> np.ndarray:
