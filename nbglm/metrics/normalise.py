@@ -12,7 +12,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from nbglm.data.rows import Rows, csr_on
+from nbglm.data.rows import Rows, as_csr, csr_on
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.de import n_threads
@@ -40,7 +40,7 @@ def to_log1p(adata: CellsLike, which: str, out: np.ndarray | None = None) -> Mat
     x = adata.X
     if x is None:
         raise NbglmError(f"{which} has no expression matrix (X is empty)")
-    x = _as_float(sp.csr_matrix(x) if sp.issparse(x) else np.asarray(x))
+    x = _as_float(as_csr(x) if sp.issparse(x) else np.asarray(x))
     if not x.size or (sp.issparse(x) and not x.nnz):
         return x
     data, indptr = (x.data, x.indptr) if sp.issparse(x) else (x.ravel(), np.arange(0, x.size + 1, x.shape[1]))
