@@ -75,12 +75,14 @@ def count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chu
     code_hi = np.zeros(n_chunks, dtype=np.int64)
     for c in numba.prange(n_chunks):
         lo, hi = code_lo[c], code_hi[c]
+        chunk_counts = counts[c]
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
-            g = groups[row]
+            group_sums = sums[c, groups[row]]
             for k in range(indptr[row], indptr[row + 1]):
                 if data[k] != 0:
-                    counts[c, indices[k]] += 1
-                    sums[c, g, indices[k]] += data[k]
+                    j = np.uintp(indices[k])  # unsigned: numba checks a signed index for wrapping around
+                    chunk_counts[j] += 1
+                    group_sums[j] += data[k]
                     lo, hi = min(lo, np.int64(codes[k])), max(hi, np.int64(codes[k]))
         code_lo[c], code_hi[c] = lo, hi
     return counts, sums.sum(axis=0), code_lo.min(), code_hi.max()
@@ -102,10 +104,10 @@ def _scatter_keys(data, codes, code_lo, indices, indptr, row_start, gene_end, gr
             while k < end and indices[k] < gene_end:
                 if data[k] != 0:
                     j = indices[k]
-                    block = gene_block[j]  # each entry moves its block's cursor: no branch on the block
-                    pos = cursor[block]  # changing, which with 1,024 blocks a row's next entry mostly does
+                    block = np.uintp(gene_block[np.uintp(j)])  # unsigned: no check for wrapping around
+                    pos = cursor[block]  # each entry moves its block's cursor: no branch on the block
                     keys[pos] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
-                    cursor[block] = pos + 1
+                    cursor[block] = pos + 1  # changing, which with 1,024 blocks a row's next entry mostly does
                 k += 1
             row_start[row] = k
 
