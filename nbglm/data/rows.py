@@ -259,9 +259,10 @@ def row_totals(x: Any) -> np.ndarray:
 @numba.njit(parallel=True, cache=True)
 def _add_rows(data, indices, indptr, order, starts, out):  # pragma: no cover - compiled
     for g in numba.prange(starts.size - 1):
+        sums = out[g]
         for row in order[starts[g]:starts[g + 1]]:
             for k in range(indptr[row], indptr[row + 1]):
-                out[g, indices[k]] += data[k]
+                sums[np.uintp(indices[k])] += data[k]  # unsigned: numba checks a signed index for wrapping around
 
 
 def add_rows(x: sp.csr_matrix, group: np.ndarray, out: np.ndarray) -> None:
