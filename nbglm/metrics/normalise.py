@@ -128,10 +128,12 @@ def _row_stats(data, indptr, eps):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _divide_rows(data, indptr, scale, out, lo, hi):  # pragma: no cover - compiled
-    """out = data / scale[row] per stored entry of rows lo..hi-1 (IEEE division: numpy's result, bit for bit)."""
+    """out = data / scale[row] per stored entry of rows lo..hi-1 (IEEE division: numpy's result, bit for bit).
+    An unsigned entry index lets the loop be vectorised (numba checks a signed one for wrapping around)."""
     for row in range(lo, hi):
-        for k in range(indptr[row], indptr[row + 1]):
-            out[k] = data[k] / scale[row]
+        s = scale[row]
+        for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):
+            out[k] = data[k] / s
 
 
 def _divide_log1p(data: np.ndarray, indptr: np.ndarray, scale: np.ndarray, out: np.ndarray) -> None:
