@@ -144,16 +144,20 @@ def _divide_log1p(data: np.ndarray, indptr: np.ndarray, scale: np.ndarray, out: 
     firsts = np.searchsorted(indptr, np.arange(0, indptr[-1], BLOCK_ENTRIES), side="right") - 1  # rows of block starts
     cuts = np.unique(np.concatenate([[0], firsts, [n_rows]]))
 
-    def block(lo: int, hi: int) -> None:
-        _divide_rows(data, indptr, scale, out, lo, hi)
-        part = out[indptr[lo]:indptr[hi]]
-        np.log1p(part, out=part)
+    def blocks(run: np.ndarray) -> None:
+        for lo, hi in zip(run[:-1].tolist(), run[1:].tolist(), strict=True):
+            _divide_rows(data, indptr, scale, out, lo, hi)
+            part = out[indptr[lo]:indptr[hi]]
+            np.log1p(part, out=part)
 
-    if cuts.size <= 2:
-        block(0, n_rows)
+    workers = min(n_threads(), cuts.size - 1)
+    if workers <= 1:
+        blocks(cuts)
         return
-    with ThreadPoolExecutor(min(n_threads(), cuts.size - 1)) as pool:
-        list(pool.map(block, cuts[:-1].tolist(), cuts[1:].tolist()))
+    # a few runs of blocks per thread: a task per block spent more on handing tasks over than on some blocks
+    ends = np.unique(np.linspace(0, cuts.size - 1, 4 * workers + 1).astype(np.int64))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(blocks, [cuts[a:b + 1] for a, b in zip(ends[:-1], ends[1:], strict=True)]))
 
 
 def _normalize_log1p(x: Matrix, totals: np.ndarray, target: np.floating, out: np.ndarray | None) -> Matrix:
