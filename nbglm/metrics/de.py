@@ -78,9 +78,9 @@ def count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chu
         chunk_counts = counts[c]
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             group_sums = sums[c, groups[row]]
-            for k in range(indptr[row], indptr[row + 1]):
-                if data[k] != 0:
-                    j = np.uintp(indices[k])  # unsigned: numba checks a signed index for wrapping around
+            for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):  # unsigned indices: numba
+                if data[k] != 0:  # checks a signed index for wrapping around
+                    j = np.uintp(indices[k])
                     chunk_counts[j] += 1
                     group_sums[j] += data[k]
                     lo, hi = min(lo, np.int64(codes[k])), max(hi, np.int64(codes[k]))
@@ -96,19 +96,20 @@ def _scatter_keys(data, codes, code_lo, indices, indptr, row_start, gene_end, gr
     this window of genes; left at the next window's first entry); chunk c writes block b's keys
     from `start[c, b]` on, so that each block's keys end up contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
+    one = np.uintp(1)  # indices are unsigned: numba checks a signed index for wrapping around
     for c in numba.prange(n_chunks):
         cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g = groups[row]
-            k, end = row_start[row], indptr[row + 1]
+            k, end = np.uintp(row_start[row]), np.uintp(indptr[row + 1])
             while k < end and indices[k] < gene_end:
                 if data[k] != 0:
                     j = indices[k]
-                    block = np.uintp(gene_block[np.uintp(j)])  # unsigned: no check for wrapping around
+                    block = np.uintp(gene_block[np.uintp(j)])
                     pos = cursor[block]  # each entry moves its block's cursor: no branch on the block
-                    keys[pos] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
+                    keys[np.uintp(pos)] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
                     cursor[block] = pos + 1  # changing, which with 1,024 blocks a row's next entry mostly does
-                k += 1
+                k += one
             row_start[row] = k
 
 
@@ -134,13 +135,14 @@ def scan_keys(keys, gene_shift, group_bits, group_w, count, below, ties):  # pra
         if (key >> group_bits) != (prev >> group_bits):
             ctrl_block = ctrl
         run = run + 1 if key == prev else 1
-        g = key & mask
+        g = np.uintp(key & mask)  # unsigned indices: numba checks a signed one for wrapping around
+        at = (np.uintp(gene), g)
         w = group_w[g]
         t1 = run * w + (0.0 if g == 0 else ctrl - ctrl_block)
         t0 = t1 - w
-        count[gene, g] += 1
-        below[gene, g] += w * 0.5 * (ctrl + ctrl_block)
-        ties[gene, g] += (t1 * t1 * t1 - t1) - (t0 * t0 * t0 - t0)
+        count[at] += 1
+        below[at] += w * 0.5 * (ctrl + ctrl_block)
+        ties[at] += (t1 * t1 * t1 - t1) - (t0 * t0 * t0 - t0)
         ctrl += w0 if g == 0 else 0.0
         prev = key
 
