@@ -469,6 +469,29 @@ def test_normalisation_is_scanpys_bit_for_bit(block_entries: int, monkeypatch: p
         np.testing.assert_array_equal(got, expected)
 
 
+def test_values_that_are_neither_counts_nor_log1p_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A negative value, or fractional data with a value at log1p's bound (15) anywhere, is an
+    error naming the smallest or largest value, for a whole matrix and a chunk of rows at a time."""
+    from nbglm.metrics.normalise import log1p_transform
+
+    monkeypatch.setattr(nbglm.data.rows, "CHUNK_ROWS", 4)  # 20 rows: 5 chunks
+    counts = np.random.default_rng(2).poisson(2.0, (20, 6)).astype(np.float32)
+    negative = counts.copy()
+    negative[13, 2] = -2.5
+    fractional = counts / 4.0 + 0.25
+    fractional[9, 4] = 16.75
+    mixed = counts.copy()  # integers at the bound in one row, fractions below it in another
+    mixed[2, 0], mixed[17, :] = 20.0, 0.5
+    cases = ((negative, "negative values in X \\(min -2.5\\)"), (fractional, "up to 16.8 "), (mixed, "up to 20 "))
+    for x, message in cases:
+        for matrix in (sp.csr_matrix(x), x):
+            with pytest.raises(NbglmError, match=message):
+                to_log1p(ad.AnnData(X=matrix), "x")
+            with pytest.raises(NbglmError, match=message):
+                log1p_transform(Rows(matrix), "x")
+    assert log1p_transform(Rows(fractional.clip(max=14.0)), "x")(fractional[:3]) is not None  # log1p data: kept
+
+
 def test_log1p_values_land_in_the_buffer_lent_for_them() -> None:
     """Not in a copy: scipy's constructor copies arrays that are views of much larger ones (a byte
     buffer is four times the float32 values' count), 0.6 s for a VCC-size file in fresh memory."""

@@ -44,7 +44,8 @@ def to_log1p(adata: CellsLike, which: str, out: np.ndarray | None = None) -> Mat
     if not x.size or (sp.issparse(x) and not x.nnz):
         return x
     data, indptr = (x.data, x.indptr) if sp.issparse(x) else (x.ravel(), np.arange(0, x.size + 1, x.shape[1]))
-    totals = _target(*_row_stats(data, indptr, x.dtype.type(_FRACTION_EPS)), which, sp.issparse(x), x.dtype)
+    totals = _target(*_row_stats(data, indptr, *_limits(x.dtype)), which, sp.issparse(x), x.dtype,
+                     lambda: (data.min(), data.max()))
     if totals is None:
         return x
     return _normalize_log1p(x, *totals, out)
@@ -55,24 +56,30 @@ def _as_float(x: Matrix) -> Matrix:
     return x.astype(np.float32) if x.dtype == np.float16 or not np.issubdtype(x.dtype, np.floating) else x
 
 
-def _target(totals: np.ndarray, low: np.ndarray, high: np.ndarray, fractional: np.ndarray, which: str,
-            sparse: bool, dtype: np.dtype) -> tuple[np.ndarray, np.floating] | None:
-    """to_log1p's decision for a whole file from its row statistics: None for log1p data, else the
-    row totals and the normalisation target (their median, over all cells for sparse X and over
-    cells with counts for dense X, as scanpy); anything else is an error."""
+def _limits(dtype: np.dtype) -> tuple[np.floating, np.floating]:
+    """`_row_stats`'s bounds in the data's dtype: a count's fraction, log1p data's largest value."""
+    return dtype.type(_FRACTION_EPS), dtype.type(_LOG1P_MAX)
+
+
+def _target(totals: np.ndarray, negative: np.ndarray, large: np.ndarray, fractional: np.ndarray, which: str,
+            sparse: bool, dtype: np.dtype, extremes: Callable[[], tuple[float, float]],
+            ) -> tuple[np.ndarray, np.floating] | None:
+    """to_log1p's decision for a whole file from its row statistics (`_row_stats`): None for log1p
+    data, else the row totals and the normalisation target (their median, over all cells for sparse
+    X and over cells with counts for dense X, as scanpy); anything else is an error, which names the
+    data's smallest or largest value (`extremes()`: their min and max, found only then)."""
     if not totals.size:
         return None
-    low, high = low.min(), high.max()
     if not np.isfinite(totals).all():  # a NaN or infinity makes its row's total one
         raise NbglmError(f"{which} has NaN or infinite values in X: remove or impute them before evaluating")
-    if low < 0:
+    if negative.any():
         raise NbglmError(
-            f"{which} has negative values in X (min {low:.3g}): expected raw counts or log1p-normalised data"
+            f"{which} has negative values in X (min {extremes()[0]:.3g}): expected raw counts or log1p-normalised data"
         )
     if fractional.any():
-        if high >= _LOG1P_MAX:
+        if large.any():
             raise NbglmError(
-                f"{which} X is neither integer counts nor log1p data: fractional values up to {high:.3g} "
+                f"{which} X is neither integer counts nor log1p data: fractional values up to {extremes()[1]:.3g} "
                 f"(log1p data stays below {_LOG1P_MAX:g})"
             )
         return None
@@ -93,37 +100,48 @@ def log1p_transform(x: Matrix | Rows, which: str) -> Callable[[Matrix], Matrix]:
         totals = rows.totals().astype(dtype)
         plan = (totals, np.median(totals if rows.sparse else totals[totals > 0]))
     else:
-        stats = [_row_stats(c.data, c.indptr, dtype.type(_FRACTION_EPS)) for _, c in rows.chunks()
-                 for c in [_as_float(c)]]
-        plan = _target(*(np.concatenate(s) for s in zip(*stats)), which, rows.sparse, dtype)
+        stats = [_row_stats(c.data, c.indptr, *_limits(dtype)) for _, c in rows.chunks() for c in [_as_float(c)]]
+        plan = _target(*(np.concatenate(s) for s in zip(*stats)), which, rows.sparse, dtype, lambda: _extremes(rows))
     if plan is None:
         return _as_float
     target = plan[1]
 
     def transform(chunk: Matrix) -> Matrix:
         chunk = sp.csr_matrix(_as_float(chunk))
-        totals = _row_stats(chunk.data, chunk.indptr, chunk.dtype.type(_FRACTION_EPS))[0].astype(chunk.dtype)
+        totals = _row_stats(chunk.data, chunk.indptr, *_limits(chunk.dtype))[0].astype(chunk.dtype)
         return _normalize_log1p(chunk, totals, target, None)
 
     return transform
 
 
-@numba.njit(parallel=True, cache=True)
-def _row_stats(data, indptr, eps):  # pragma: no cover - compiled
-    """Per row in one pass: the float64 total (exact for counts, so order is free), min, max, and
-    whether a value's fraction exceeds `eps` (cell-eval's test for data that is not counts)."""
+def _extremes(rows: Rows) -> tuple[float, float]:
+    """The smallest and largest stored value of `rows`, a chunk at a time."""
+    lows, highs = zip(*((c.data.min(), c.data.max()) if sp.issparse(c) else (c.min(), c.max())
+                        for _, c in rows.chunks() if c.size))
+    return min(lows), max(highs)
+
+
+@numba.njit(parallel=True, cache=True, fastmath={"reassoc"})
+def _row_stats(data, indptr, eps, log1p_max):  # pragma: no cover - compiled
+    """Per row in one pass: the float64 total, and whether the row holds a negative value, one of
+    at least `log1p_max`, one whose fraction exceeds `eps` (cell-eval's test for data that is not
+    counts). The loop is vectorised: its entry index is unsigned (numba checks a signed one for
+    wrapping around), it takes no min or max (whose NaN rules keep it scalar), and the sum may be
+    reordered (`reassoc`: exact for counts in any order; a NaN or infinity still reaches it)."""
     n_rows = indptr.size - 1
-    totals, low, high = np.zeros(n_rows), np.full(n_rows, np.inf), np.full(n_rows, -np.inf)
-    fractional = np.zeros(n_rows, dtype=np.bool_)
+    totals = np.zeros(n_rows)
+    negative, large, fractional = (np.zeros(n_rows, dtype=np.bool_), np.zeros(n_rows, dtype=np.bool_),
+                                   np.zeros(n_rows, dtype=np.bool_))
     for row in numba.prange(n_rows):
-        total, lo, hi, frac = 0.0, np.inf, -np.inf, False
-        for k in range(indptr[row], indptr[row + 1]):
+        total, neg, big, frac = 0.0, False, False, False
+        for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):
             v = data[k]
             total += v
-            lo, hi = min(lo, v), max(hi, v)
+            neg |= v < 0
+            big |= v >= log1p_max
             frac |= v - np.trunc(v) > eps
-        totals[row], low[row], high[row], fractional[row] = total, lo, hi, frac
-    return totals, low, high, fractional
+        totals[row], negative[row], large[row], fractional[row] = total, neg, big, frac
+    return totals, negative, large, fractional
 
 
 @numba.njit(nogil=True, cache=True)
