@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -766,6 +768,23 @@ def test_bad_inputs_are_one_line_errors(change, message: str) -> None:
 
 def _cli(argv: list[str]) -> int:
     return main([*argv, "--control", CONTROL])
+
+
+@pytest.mark.parametrize("command", ["eval", "build-de-cache"])
+def test_scoring_commands_let_idle_threads_sleep(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nbglm eval` and `build-de-cache` ask OpenMP's idle threads to sleep (they spun for ms after
+    each parallel kernel, taking a core from the DE sort), unless the user chose otherwise."""
+    real = make_counts(70)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    args = {"eval": ["--pred", str(tmp_path / "real.h5ad")], "build-de-cache": ["--output", str(tmp_path / "c")]}[command]
+    for preset, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if preset:
+            environ["OMP_WAIT_POLICY"] = preset
+        monkeypatch.setattr(os, "environ", environ)
+        shutil.rmtree(tmp_path / "c", ignore_errors=True)
+        assert _cli([command, *args, "--real", str(tmp_path / "real.h5ad")]) == 0
+        assert environ["OMP_WAIT_POLICY"] == want
 
 
 def test_cli_eval_and_build_de_cache(tmp_path: Path, capsys) -> None:

@@ -1,9 +1,19 @@
-"""Arguments several subcommands share."""
+"""Arguments and settings several subcommands share."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+
+def quiet_idle_threads() -> None:
+    """In a process that only scores files (`nbglm eval`, `nbglm build-de-cache`), numba's OpenMP
+    threads sleep between parallel kernels instead of spinning for milliseconds after each one,
+    which took a core from the threads that sort the DE keys (2.65 -> 2.57 s for `nbglm eval` at
+    50 x 18,080 x 300). Not in the library: the setting is process-wide (torch's OpenMP reads it
+    too); it must come before the first parallel kernel, and a value the user set wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

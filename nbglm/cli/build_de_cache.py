@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nbglm.cli._args import add_real_data
+from nbglm.cli._args import add_real_data, quiet_idle_threads
 
 LEAVE_AT_ONCE = True  # its work ends in files and printed output: see `nbglm.cli.process`
 
@@ -22,6 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_idle_threads()
     from nbglm import atomic
     from nbglm.errors import NbglmError
     from nbglm.metrics import GroundTruthCache, build_cache, read_counts_for_eval

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from nbglm.cli._args import add_real_data
+from nbglm.cli._args import add_real_data, quiet_idle_threads
 
 LEAVE_AT_ONCE = True  # its work ends in files and printed output: see `nbglm.cli.process`
 
@@ -30,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_idle_threads()
     from rich.console import Console
 
     from nbglm import atomic
