@@ -66,26 +66,32 @@ def n_threads() -> int:
 
 @numba.njit(parallel=True, cache=True)
 def count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
-    """Per chunk of rows: nonzero entries per gene; float64 column sums per group; and the
-    smallest and largest value code of a nonzero entry."""
+    """Per chunk of rows: nonzero entries per gene; float64 column sums per group; the smallest
+    and largest value code of a nonzero entry; and whether every row's indices are in order (what
+    scipy's has_sorted_indices finds in a pass of its own)."""
     n_rows = indptr.size - 1
     counts = np.zeros((n_chunks, n_genes), dtype=np.int64)
     sums = np.zeros((n_chunks, n_groups, n_genes))
     code_lo = np.full(n_chunks, np.iinfo(np.int64).max)
     code_hi = np.zeros(n_chunks, dtype=np.int64)
+    in_order = np.ones(n_chunks, dtype=np.bool_)
     for c in numba.prange(n_chunks):
-        lo, hi = code_lo[c], code_hi[c]
+        lo, hi, ordered = code_lo[c], code_hi[c], True
         chunk_counts = counts[c]
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             group_sums = sums[c, groups[row]]
+            before = np.int64(-1)
             for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):  # unsigned indices: numba
-                if data[k] != 0:  # checks a signed index for wrapping around
-                    j = np.uintp(indices[k])
+                gene = np.int64(indices[k])  # checks a signed index for wrapping around
+                ordered &= gene >= before
+                before = gene
+                if data[k] != 0:
+                    j = np.uintp(gene)
                     chunk_counts[j] += 1
                     group_sums[j] += data[k]
                     lo, hi = min(lo, np.int64(codes[k])), max(hi, np.int64(codes[k]))
-        code_lo[c], code_hi[c] = lo, hi
-    return counts, sums.sum(axis=0), code_lo.min(), code_hi.max()
+        code_lo[c], code_hi[c], in_order[c] = lo, hi, ordered
+    return counts, sums.sum(axis=0), code_lo.min(), code_hi.max(), in_order.all()
 
 
 @numba.njit(parallel=True, cache=True)
@@ -167,6 +173,7 @@ class KeyLayout:
     group_bits: int
     chunk_entries: np.ndarray  # (row chunks, genes) nonzero entries per gene in each chunk of rows
     sums: np.ndarray  # (groups, genes) column sums over each group's rows
+    rows_in_order: bool  # every row's indices ascending, so that a window of genes is a run of each row
 
     @property
     def entries(self) -> np.ndarray:
@@ -196,14 +203,14 @@ def key_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, low_bits: in
         codes = x.data
     else:  # ranks among the distinct values
         codes = np.unique(x.data, return_inverse=True)[1]
-    chunk_entries, sums, code_lo, code_hi = count_entries(
+    chunk_entries, sums, code_lo, code_hi, in_order = count_entries(
         x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes, n_threads()
     )
     value_bits = max(1, int(max(0, code_hi - code_lo)).bit_length())  # only the bits the values use
     gene_shift = value_bits + group_bits
     if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
         raise KeysTooWide(f"too many genes x groups x distinct values to rank: {x.shape}, {n_groups} groups")
-    return KeyLayout(codes, int(code_lo), gene_shift, group_bits, chunk_entries, sums)
+    return KeyLayout(codes, int(code_lo), gene_shift, group_bits, chunk_entries, sums, bool(in_order))
 
 
 def gene_windows(entries: np.ndarray, max_keys: int) -> list[tuple[int, int]]:
@@ -338,7 +345,7 @@ def scan_windows(x: sp.csr_matrix, row_bits: np.ndarray, layout_of: Callable[[sp
     to `on_window`; returns the layout."""
     layout = layout_of(x)
     windows = gene_windows(layout.entries, max_keys)
-    if len(windows) > 1 and not x.has_sorted_indices:  # a window is a run of each row's entries
+    if len(windows) > 1 and not layout.rows_in_order:  # a window is a run of each row's entries
         x = x.sorted_indices()
         layout = layout_of(x)
     most = max((int(layout.entries[lo:hi].sum()) for lo, hi in windows), default=0)
