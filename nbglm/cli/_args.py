@@ -7,12 +7,17 @@ import os
 from pathlib import Path
 
 
-def quiet_idle_threads() -> None:
-    """In a process that only scores files (`nbglm eval`, `nbglm build-de-cache`), numba's OpenMP
-    threads sleep between parallel kernels instead of spinning for milliseconds after each one,
-    which took a core from the threads that sort the DE keys (2.65 -> 2.57 s for `nbglm eval` at
-    50 x 18,080 x 300). Not in the library: the setting is process-wide (torch's OpenMP reads it
-    too); it must come before the first parallel kernel, and a value the user set wins."""
+def begin_scoring(args: argparse.Namespace) -> None:
+    """What `nbglm eval` and `nbglm build-de-cache` do first: refuse --train outside vcc2025, and
+    let numba's OpenMP threads sleep between parallel kernels instead of spinning for milliseconds
+    after each one, which took a core from the threads that sort the DE keys (2.65 -> 2.57 s for
+    `nbglm eval` at 50 x 18,080 x 300). Not in the library: the setting is process-wide (torch's
+    OpenMP reads it too); it must come before the first parallel kernel, and a value the user set
+    wins."""
+    from nbglm.errors import NbglmError
+
+    if args.train and args.profile != "vcc2025":
+        raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

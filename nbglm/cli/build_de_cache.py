@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nbglm.cli._args import add_real_data, quiet_idle_threads
+from nbglm.cli._args import add_real_data, begin_scoring
 
 LEAVE_AT_ONCE = True  # its work ends in files and printed output: see `nbglm.cli.process`
 
@@ -22,13 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_idle_threads()
+    begin_scoring(args)
     from nbglm import atomic
-    from nbglm.errors import NbglmError
     from nbglm.metrics import GroundTruthCache, build_cache, read_counts_for_eval
 
-    if args.train and args.profile != "vcc2025":
-        raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
     atomic.check_new_output(args.output)
     real = read_counts_for_eval(args.real, args.pert_col, "real")
     train = read_counts_for_eval(args.train, args.pert_col, "train") if args.train else None

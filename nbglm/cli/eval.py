@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from nbglm.cli._args import add_real_data, quiet_idle_threads
+from nbglm.cli._args import add_real_data, begin_scoring
 
 LEAVE_AT_ONCE = True  # its work ends in files and printed output: see `nbglm.cli.process`
 
@@ -30,19 +30,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_idle_threads()
+    begin_scoring(args)
     from rich.console import Console
 
     from nbglm import atomic
-    from nbglm.errors import NbglmError
     from nbglm.metrics import baseline_vector, build_cache, evaluate, load_cache, read_counts_for_eval
     from nbglm.metrics.de_cache import build_de_cache
     from nbglm.metrics.evaluate import load_kernels
     from nbglm.metrics.io import ReadBuffers
     from nbglm.metrics.vcc import check_pair
 
-    if args.train and args.profile != "vcc2025":
-        raise NbglmError(f"--train is the vcc2025 baseline's input; {args.profile} draws its baseline from --real")
     if args.output:
         atomic.check_new_file(args.output)
     atomic.refuse_failed(args.pred)
