@@ -81,8 +81,9 @@ def count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chu
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             group_sums = sums[c, groups[row]]
             before = np.int64(-1)
-            for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):  # unsigned indices: numba
-                gene = np.int64(indices[k])  # checks a signed index for wrapping around
+            # unsigned indices here and below: numba checks a signed index for wrapping around
+            for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):
+                gene = np.int64(indices[k])
                 ordered &= gene >= before
                 before = gene
                 if data[k] != 0:
@@ -102,19 +103,20 @@ def _scatter_keys(data, codes, code_lo, indices, indptr, row_start, gene_end, gr
     this window of genes; left at the next window's first entry); chunk c writes block b's keys
     from `start[c, b]` on, so that each block's keys end up contiguous."""
     n_rows, n_chunks = indptr.size - 1, start.shape[0]
-    one = np.uintp(1)  # indices are unsigned: numba checks a signed index for wrapping around
+    one = np.uintp(1)  # unsigned indices: numba checks a signed index for wrapping around
     for c in numba.prange(n_chunks):
         cursor = start[c].copy()
         for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
             g = groups[row]
             k, end = np.uintp(row_start[row]), np.uintp(indptr[row + 1])
             while k < end and indices[k] < gene_end:
-                if data[k] != 0:
-                    j = indices[k]
+                if data[k] != 0:  # each entry moves its block's cursor: no branch on the block changing,
+                    j = indices[k]  # which with 1,024 blocks a row's next entry mostly does
                     block = np.uintp(gene_block[np.uintp(j)])
-                    pos = cursor[block]  # each entry moves its block's cursor: no branch on the block
-                    keys[np.uintp(pos)] = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
-                    cursor[block] = pos + 1  # changing, which with 1,024 blocks a row's next entry mostly does
+                    pos = cursor[block]
+                    key = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
+                    keys[np.uintp(pos)] = key
+                    cursor[block] = pos + 1
                 k += one
             row_start[row] = k
 
