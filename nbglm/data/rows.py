@@ -261,8 +261,9 @@ def _add_rows(data, indices, indptr, order, starts, out):  # pragma: no cover - 
     for g in numba.prange(starts.size - 1):
         sums = out[g]
         for row in order[starts[g]:starts[g + 1]]:
-            for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):  # unsigned indices: numba
-                sums[np.uintp(indices[k])] += data[k]  # checks a signed index for wrapping around
+            # unsigned indices: numba checks a signed index for wrapping around
+            for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):
+                sums[np.uintp(indices[k])] += data[k]
 
 
 def add_rows(x: sp.csr_matrix, group: np.ndarray, out: np.ndarray) -> None:
