@@ -29,6 +29,7 @@ of the rank sums alone measured slower than this whole function, before counting
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 from collections.abc import Callable
@@ -62,6 +63,17 @@ def n_threads() -> int:
     seed unit sets from its CPU share), at most the CPUs this process may use."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(cpus, numba.get_num_threads()))
+
+
+@functools.cache
+def thread_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of `workers` threads for the metrics' kernels, kept between calls:
+    starting its threads anew took about 1 ms each while the cores were busy, 12 per evaluation of
+    a small pair. A task must not wait on work it gives the same pool (nothing here does)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=f"nbglm-metrics-{workers}")
+
+
+os.register_at_fork(after_in_child=thread_pool.cache_clear)  # a forked child has none of the threads
 
 
 @numba.njit(parallel=True, cache=True)
@@ -268,8 +280,7 @@ def each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None],
 
     n_blocks = edges.size - 1
     cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+    list(thread_pool(workers).map(one, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
 
 
 def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray, out: tuple[np.ndarray, ...]) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
-from nbglm.metrics.de import n_threads
+from nbglm.metrics.de import n_threads, thread_pool
 
 
 def benjamini_hochberg(pvalue: np.ndarray) -> np.ndarray:
@@ -20,8 +18,7 @@ def benjamini_hochberg(pvalue: np.ndarray) -> np.ndarray:
     def adjust(lo: int, hi: int) -> None:
         out[lo:hi] = _bh_rows(rows[lo:hi])
 
-    with ThreadPoolExecutor(max(1, cuts.size - 1)) as pool:
-        list(pool.map(adjust, cuts[:-1], cuts[1:]))
+    list(thread_pool(max(1, cuts.size - 1)).map(adjust, cuts[:-1], cuts[1:]))
     return out.reshape(pvalue.shape)
 
 

@@ -4,7 +4,6 @@ the file's float dtype, bit for bit), whole, a chunk of rows at a time, or in pl
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -15,7 +14,7 @@ import scipy.sparse as sp
 from nbglm.data.rows import Rows, as_csr, csr_on
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
-from nbglm.metrics.de import n_threads
+from nbglm.metrics.de import n_threads, thread_pool
 
 if TYPE_CHECKING:
     from nbglm.metrics.cells import CellsLike
@@ -174,8 +173,7 @@ def _divide_log1p(data: np.ndarray, indptr: np.ndarray, scale: np.ndarray, out: 
         return
     # a few runs of blocks per thread: a task per block spent more on handing tasks over than on some blocks
     ends = np.unique(np.linspace(0, cuts.size - 1, 4 * workers + 1).astype(np.int64))
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(blocks, [cuts[a:b + 1] for a, b in zip(ends[:-1], ends[1:], strict=True)]))
+    list(thread_pool(workers).map(blocks, [cuts[a:b + 1] for a, b in zip(ends[:-1], ends[1:], strict=True)]))
 
 
 def _normalize_log1p(x: Matrix, totals: np.ndarray, target: np.floating, out: np.ndarray | None) -> Matrix:
