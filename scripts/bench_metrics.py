@@ -208,7 +208,8 @@ def machine() -> str:
 def sort_figures(pred_path: str, repeats: int) -> None:
     """ns per key of numpy's sort and the radix sort on the prediction's DE key blocks."""
     try:
-        from nbglm.metrics.de import WINDOW_KEYS, gene_windows, key_layout, n_threads, pack_keys
+        from nbglm.metrics.de import WINDOW_KEYS, gene_windows, key_layout, pack_keys
+        from nbglm.metrics.threads import n_threads
         from nbglm.metrics.io import read_counts_for_eval
         from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
     except ImportError as error:  # a tree from before the radix sort: numpy's sort only

@@ -415,6 +415,29 @@ def test_the_metrics_threads_are_started_once() -> None:
     np.testing.assert_array_equal(again.pvalue, first.pvalue)
 
 
+def test_scoring_in_memory_starts_no_openmp_threads() -> None:
+    """A vcc2025 evaluation of matrices in memory (no train: its baseline's pseudobulks are summed
+    in the data layer) runs every kernel on the metrics' own pool: numba's OpenMP threads spin
+    after each parallel loop and took a core from the DE sort."""
+    script = (
+        "import numba, numpy as np, scipy.sparse as sp\n"
+        "from nbglm.metrics import evaluate\n"
+        "from nbglm.metrics.cells import Cells\n"
+        "rng = np.random.default_rng(0)\n"
+        "labels = np.repeat(['non-targeting', 'a', 'b'], [60, 30, 30])\n"
+        "genes = np.array([f'g{j}' for j in range(50)])\n"
+        "def cells():\n"
+        "    return Cells(sp.csr_matrix(rng.poisson(2.0, (120, 50)).astype(np.float32)), 'p', labels, genes)\n"
+        "evaluate(cells(), cells(), pert_col='p')\n"
+        "try:\n"
+        "    print(numba.threading_layer())\n"
+        "except ValueError:\n"
+        "    print('no threading layer')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "no threading layer"
+
+
 def test_rank_sum_group_weights_equal_repeated_rows() -> None:
     rng = np.random.default_rng(7)
     control = rng.poisson(1.0, (40, 30)).astype(np.float32)

@@ -29,11 +29,8 @@ of the rank sums alone measured slower than this whole function, before counting
 
 from __future__ import annotations
 
-import functools
-import os
 import queue
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -44,6 +41,7 @@ from nbglm.data.rows import as_csr
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.mwu import RankSum, rank_sum_result
 from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
+from nbglm.metrics.threads import n_threads, on_threads, thread_pool
 
 BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2)
 WINDOW_KEYS = 1 << 25  # keys packed at once (256 MiB): a larger matrix is ranked a window of genes at a time
@@ -58,79 +56,67 @@ class KeysTooWide(ValueError):
     """A gene, a value and a group (or cell) do not fit in one 63-bit key."""
 
 
-def n_threads() -> int:
-    """Threads for the DE kernels: numba's count for this thread (NUMBA_NUM_THREADS, or what a
-    seed unit sets from its CPU share), at most the CPUs this process may use."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cpus, numba.get_num_threads()))
-
-
-@functools.cache
-def thread_pool(workers: int) -> ThreadPoolExecutor:
-    """The process's pool of `workers` threads for the metrics' kernels, kept between calls:
-    starting its threads anew took about 1 ms each while the cores were busy, 12 per evaluation of
-    a small pair. A task must not wait on work it gives the same pool (nothing here does)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix=f"nbglm-metrics-{workers}")
-
-
-os.register_at_fork(after_in_child=thread_pool.cache_clear)  # a forked child has none of the threads
-
-
-@numba.njit(parallel=True, cache=True)
-def count_entries(data, codes, indices, indptr, groups, n_groups, n_genes, n_chunks):  # pragma: no cover
-    """Per chunk of rows: nonzero entries per gene; float64 column sums per group; the smallest
-    and largest value code of a nonzero entry; and whether every row's indices are in order (what
-    scipy's has_sorted_indices finds in a pass of its own)."""
-    n_rows = indptr.size - 1
+def count_entries(data: np.ndarray, codes: np.ndarray, indices: np.ndarray, indptr: np.ndarray, groups: np.ndarray,
+                  n_groups: int, n_genes: int, n_chunks: int) -> tuple[np.ndarray, np.ndarray, int, int, bool]:
+    """Per chunk of rows (one task each, on the thread pool): nonzero entries per gene; float64
+    column sums per group; the smallest and largest value code of a nonzero entry; and whether
+    every row's indices are in order (what scipy's has_sorted_indices finds in a pass of its own)."""
     counts = np.zeros((n_chunks, n_genes), dtype=np.int64)
     sums = np.zeros((n_chunks, n_groups, n_genes))
     code_lo = np.full(n_chunks, np.iinfo(np.int64).max)
     code_hi = np.zeros(n_chunks, dtype=np.int64)
     in_order = np.ones(n_chunks, dtype=np.bool_)
-    for c in numba.prange(n_chunks):
-        lo, hi, ordered = code_lo[c], code_hi[c], True
-        chunk_counts = counts[c]
-        for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
-            group_sums = sums[c, groups[row]]
-            before = np.int64(-1)
-            # unsigned indices here and below: numba checks a signed index for wrapping around
-            for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):
-                gene = np.int64(indices[k])
-                ordered &= gene >= before
-                before = gene
-                if data[k] != 0:
-                    j = np.uintp(gene)
-                    chunk_counts[j] += 1
-                    group_sums[j] += data[k]
-                    lo, hi = min(lo, np.int64(codes[k])), max(hi, np.int64(codes[k]))
-        code_lo[c], code_hi[c], in_order[c] = lo, hi, ordered
-    return counts, sums.sum(axis=0), code_lo.min(), code_hi.max(), in_order.all()
+    on_threads(_count_chunk, n_chunks, data, codes, indices, indptr, groups, counts, sums, code_lo, code_hi, in_order)
+    return counts, sums.sum(axis=0), int(code_lo.min()), int(code_hi.max()), bool(in_order.all())
 
 
-@numba.njit(parallel=True, cache=True)
-def _scatter_keys(data, codes, code_lo, indices, indptr, row_start, gene_end, groups, gene_block, start, keys,
-                  gene_shift, group_bits):  # pragma: no cover
-    """Fill `keys` with the int64 keys ``gene | value code - code_lo | group``, one per nonzero
-    entry of a gene below `gene_end`, reading each row from `row_start[row]` (its first entry of
-    this window of genes; left at the next window's first entry); chunk c writes block b's keys
-    from `start[c, b]` on, so that each block's keys end up contiguous."""
-    n_rows, n_chunks = indptr.size - 1, start.shape[0]
+@numba.njit(nogil=True, cache=True)
+def _count_chunk(c, n_chunks, data, codes, indices, indptr, groups, counts, sums, code_lo, code_hi,
+                 in_order):  # pragma: no cover - compiled
+    """`count_entries` of chunk c of the rows."""
+    n_rows = indptr.size - 1
+    lo, hi, ordered = code_lo[c], code_hi[c], True
+    chunk_counts = counts[c]
+    for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
+        group_sums = sums[c, groups[row]]
+        before = np.int64(-1)
+        # unsigned indices here and below: numba checks a signed index for wrapping around
+        for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):
+            gene = np.int64(indices[k])
+            ordered &= gene >= before
+            before = gene
+            if data[k] != 0:
+                j = np.uintp(gene)
+                chunk_counts[j] += 1
+                group_sums[j] += data[k]
+                lo, hi = min(lo, np.int64(codes[k])), max(hi, np.int64(codes[k]))
+    code_lo[c], code_hi[c], in_order[c] = lo, hi, ordered
+
+
+@numba.njit(nogil=True, cache=True)
+def _scatter_keys(c, n_chunks, data, codes, code_lo, indices, indptr, row_start, gene_end, groups, gene_block, start,
+                  keys, gene_shift, group_bits):  # pragma: no cover - compiled
+    """Chunk c of the rows' share of filling `keys` with the int64 keys ``gene | value code - code_lo
+    | group``, one per nonzero entry of a gene below `gene_end`, reading each row from
+    `row_start[row]` (its first entry of this window of genes; left at the next window's first
+    entry); chunk c writes block b's keys from `start[c, b]` on, so that each block's keys end up
+    contiguous."""
+    n_rows = indptr.size - 1
     one = np.uintp(1)  # unsigned indices: numba checks a signed index for wrapping around
-    for c in numba.prange(n_chunks):
-        cursor = start[c].copy()
-        for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
-            g = groups[row]
-            k, end = np.uintp(row_start[row]), np.uintp(indptr[row + 1])
-            while k < end and indices[k] < gene_end:
-                if data[k] != 0:  # each entry moves its block's cursor: no branch on the block changing,
-                    j = indices[k]  # which with 1,024 blocks a row's next entry mostly does
-                    block = np.uintp(gene_block[np.uintp(j)])
-                    pos = cursor[block]
-                    key = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
-                    keys[np.uintp(pos)] = key
-                    cursor[block] = pos + 1
-                k += one
-            row_start[row] = k
+    cursor = start[c].copy()
+    for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
+        g = groups[row]
+        k, end = np.uintp(row_start[row]), np.uintp(indptr[row + 1])
+        while k < end and indices[k] < gene_end:
+            if data[k] != 0:  # each entry moves its block's cursor: no branch on the block changing,
+                j = indices[k]  # which with 1,024 blocks a row's next entry mostly does
+                block = np.uintp(gene_block[np.uintp(j)])
+                pos = cursor[block]
+                key = (np.int64(j) << gene_shift) | ((np.int64(codes[k]) - code_lo) << group_bits) | g
+                keys[np.uintp(pos)] = key
+                cursor[block] = pos + 1
+            k += one
+        row_start[row] = k
 
 
 @numba.njit(nogil=True, cache=True)
@@ -257,8 +243,8 @@ def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tu
                        for row in counts_by_chunk]).astype(np.int64)
     start = np.cumsum(counts.T.ravel()).reshape(n_blocks, -1).T - counts  # block-major: a block's chunks in a row
     keys = np.empty(n_keys, dtype=np.int64) if out is None else out[: 8 * n_keys].view(np.int64)
-    _scatter_keys(x.data, layout.codes, layout.code_lo, x.indices, x.indptr, row_start, hi, groups, gene_block, start,
-                  keys, layout.gene_shift, layout.group_bits)
+    on_threads(_scatter_keys, start.shape[0], x.data, layout.codes, layout.code_lo, x.indices, x.indptr, row_start, hi,
+               groups, gene_block, start, keys, layout.gene_shift, layout.group_bits)
     return PackedKeys(keys, np.append(start[0], n_keys), layout.gene_shift, layout.group_bits)
 
 

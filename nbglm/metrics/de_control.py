@@ -16,8 +16,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from nbglm.metrics.de import (BLOCK_KEYS, WINDOW_KEYS, KeyLayout, PackedKeys, count_entries, each_run, gene_windows,
-                              n_threads, scan_arrays, scan_keys, scan_windows, sort_blocks, sort_in_place)
+                              scan_arrays, scan_keys, scan_windows, sort_blocks, sort_in_place)
 from nbglm.metrics.mwu import RankSum, rank_sum_result
+from nbglm.metrics.threads import n_threads
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nbglm.metrics.de import n_threads, thread_pool
+from nbglm.metrics.threads import n_threads, thread_pool
 
 
 def benjamini_hochberg(pvalue: np.ndarray) -> np.ndarray:

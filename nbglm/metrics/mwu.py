@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from nbglm.metrics.threads import n_threads, on_threads
+
 
 @dataclass(frozen=True)
 class RankSum:
@@ -35,17 +37,21 @@ def rank_sum_result(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_pe
     """U statistics and p-values from the scans' (groups x genes) counts, control entries below and tie terms."""
     shape = (count.shape[0] - 1, count.shape[1])
     u1, pvalue, tie_term = np.empty(shape), np.empty(shape), np.empty(shape)
-    _u_and_pvalue(count, below, ties, np.asarray(n_per_group, dtype=np.float64), group_w, u1, pvalue, tie_term)
+    on_threads(_u_and_pvalue, max(1, min(shape[1], n_threads())), count, below, ties,
+               np.asarray(n_per_group, dtype=np.float64), group_w, u1, pvalue, tie_term)
     return RankSum(u1, pvalue, sums, tie_term)
 
 
-@numba.njit(parallel=True, cache=True)
-def _u_and_pvalue(count, below, ties, n_per_group, group_w, u1, pvalue, tie_term):  # pragma: no cover - compiled
-    """Per perturbation and gene: U of the perturbation (its zeros tie with the control's), the tie
-    term with the zeros' block, and the two-sided asymptotic p-value with continuity correction, in
-    numba_mwu's order of floating-point operations and with its erfc (pdex's p-values bit for bit)."""
+@numba.njit(nogil=True, cache=True, error_model="numpy")  # a gene of one value divides by 0: inf, no error
+def _u_and_pvalue(c, n_chunks, count, below, ties, n_per_group, group_w, u1, pvalue,
+                  tie_term):  # pragma: no cover - compiled
+    """Per perturbation and gene of chunk c of the genes: U of the perturbation (its zeros tie with
+    the control's), the tie term with the zeros' block, and the two-sided asymptotic p-value with
+    continuity correction, in numba_mwu's order of floating-point operations and with its erfc
+    (pdex's p-values bit for bit)."""
     n2 = n_per_group[0]
-    for gene in numba.prange(count.shape[1]):
+    n_genes = count.shape[1]
+    for gene in range(c * n_genes // n_chunks, (c + 1) * n_genes // n_chunks):
         ctrl_zeros = n2 - count[0, gene] * group_w[0]
         for g in range(1, count.shape[0]):
             pert_nnz = count[g, gene] * group_w[g]

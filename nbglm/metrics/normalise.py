@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from nbglm.data.rows import Rows, as_csr, csr_on
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
-from nbglm.metrics.de import n_threads, thread_pool
+from nbglm.metrics.threads import n_threads, on_threads, thread_pool
 
 if TYPE_CHECKING:
     from nbglm.metrics.cells import CellsLike
@@ -120,18 +120,27 @@ def _extremes(rows: Rows) -> tuple[float, float]:
     return min(lows), max(highs)
 
 
-@numba.njit(parallel=True, cache=True, fastmath={"reassoc"})
-def _row_stats(data, indptr, eps, log1p_max):  # pragma: no cover - compiled
-    """Per row in one pass: the float64 total, and whether the row holds a negative value, one of
-    at least `log1p_max`, one whose fraction exceeds `eps` (cell-eval's test for data that is not
-    counts). The loop is vectorised: its entry index is unsigned (numba checks a signed one for
-    wrapping around), it takes no min or max (whose NaN rules keep it scalar), and the sum may be
-    reordered (`reassoc`: exact for counts in any order; a NaN or infinity still reaches it)."""
+def _row_stats(data: np.ndarray, indptr: np.ndarray, eps: np.floating, log1p_max: np.floating,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row in one pass (a chunk of rows per thread): the float64 total, and whether the row
+    holds a negative value, one of at least `log1p_max`, one whose fraction exceeds `eps`
+    (cell-eval's test for data that is not counts)."""
     n_rows = indptr.size - 1
     totals = np.zeros(n_rows)
-    negative, large, fractional = (np.zeros(n_rows, dtype=np.bool_), np.zeros(n_rows, dtype=np.bool_),
-                                   np.zeros(n_rows, dtype=np.bool_))
-    for row in numba.prange(n_rows):
+    flags = np.zeros((3, n_rows), dtype=np.bool_)
+    on_threads(_row_stats_chunk, max(1, min(n_rows, n_threads())), data, indptr, eps, log1p_max, totals, *flags)
+    return totals, *flags
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _row_stats_chunk(c, n_chunks, data, indptr, eps, log1p_max, totals, negative, large,
+                     fractional):  # pragma: no cover - compiled
+    """`_row_stats` of chunk c of the rows. The loop is vectorised: its entry index is unsigned
+    (numba checks a signed one for wrapping around), it takes no min or max (whose NaN rules keep
+    it scalar), and the sum may be reordered (`reassoc`: exact for counts in any order; a NaN or
+    infinity still reaches it)."""
+    n_rows = indptr.size - 1
+    for row in range(c * n_rows // n_chunks, (c + 1) * n_rows // n_chunks):
         total, neg, big, frac = 0.0, False, False, False
         for k in range(np.uintp(indptr[row]), np.uintp(indptr[row + 1])):
             v = data[k]
@@ -140,7 +149,6 @@ def _row_stats(data, indptr, eps, log1p_max):  # pragma: no cover - compiled
             big |= v >= log1p_max
             frac |= v - np.trunc(v) > eps
         totals[row], negative[row], large[row], fractional[row] = total, neg, big, frac
-    return totals, negative, large, fractional
 
 
 @numba.njit(nogil=True, cache=True)

@@ -15,9 +15,10 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from nbglm.metrics.de import n_threads, rank_sum_test
+from nbglm.metrics.de import rank_sum_test
 from nbglm.metrics.mwu import RankSum
 from nbglm.metrics.fdr import benjamini_hochberg
+from nbglm.metrics.threads import n_threads
 
 CPM_TARGET = 1e6
 MIN_CTRL_CPM = 5.0
