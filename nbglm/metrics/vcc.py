@@ -276,11 +276,24 @@ def _l1_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @numba.njit(nogil=True, cache=True)
 def _l1_chunk(c, n_chunks, a, b, out):  # pragma: no cover - compiled
+    """Rows of chunk c of `a` against four rows of `b` at a time: four sums, each in gene order,
+    added side by side (one sum waits on its previous add; four keep the adder busy)."""
+    n_b = b.shape[0]
     for i in range(c * a.shape[0] // n_chunks, (c + 1) * a.shape[0] // n_chunks):
-        for j in range(b.shape[0]):
+        x = a[i]
+        for j in range(0, n_b - n_b % 4, 4):
+            y0, y1, y2, y3 = b[j], b[j + 1], b[j + 2], b[j + 3]
+            t0 = t1 = t2 = t3 = 0.0
+            for k in range(x.size):
+                t0 += abs(x[k] - y0[k])
+                t1 += abs(x[k] - y1[k])
+                t2 += abs(x[k] - y2[k])
+                t3 += abs(x[k] - y3[k])
+            out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = t0, t1, t2, t3
+        for j in range(n_b - n_b % 4, n_b):
             total = 0.0
-            for k in range(a.shape[1]):
-                total += abs(a[i, k] - b[j, k])
+            for k in range(x.size):
+                total += abs(x[k] - b[j, k])
             out[i, j] = total
 
 
