@@ -453,9 +453,21 @@ def test_rank_sum_group_weights_equal_repeated_rows() -> None:
 
 
 def test_benjamini_hochberg_equals_scipy() -> None:
+    """BH orders p-values with a radix sort of their bits: ties (any order gives the same adjusted
+    values), zeros, ones, p-values over 300 orders of magnitude (every radix pass), any leading
+    shape; a NaN makes its own row NaN, as numpy's running minimum does."""
     rng = np.random.default_rng(3)
     p = np.round(rng.uniform(0, 1, (5, 200)) ** 3, 3)  # rounding makes ties
+    p[0, :20], p[1, :20] = 0.0, 1.0
+    p[2] = 10.0 ** -rng.uniform(0, 300, 200)
+    p[3, ::2] = p[3, 1::2]
     np.testing.assert_array_equal(benjamini_hochberg(p), np.stack([false_discovery_control(row) for row in p]))
+    np.testing.assert_array_equal(benjamini_hochberg(p.reshape(5, 2, 100)),
+                                  false_discovery_control(p.reshape(5, 2, 100), axis=-1))
+    p[4, 7] = np.nan
+    adjusted = benjamini_hochberg(p)
+    assert np.isnan(adjusted[4]).all()
+    np.testing.assert_array_equal(adjusted[:4], np.stack([false_discovery_control(row) for row in p[:4]]))
 
 
 def test_des_top_n_is_the_stable_sorts_first_n() -> None:
