@@ -75,29 +75,44 @@ def _insertion_sort(keys, reach):  # pragma: no cover - compiled
 def _lsd(keys, scratch, lo, bits, skip):  # pragma: no cover - compiled
     """Sort `keys` (all in [lo, lo + 2**bits)) on bits `skip` and up of key - lo by stable passes
     over equal digits, with `scratch` (same size) as the other buffer; returns True when the
-    result is in `scratch`."""
-    n = keys.size
+    result is in `scratch`. int32 counters where they suffice: 8,192 of them take 32 KiB, L1's size."""
     passes = (bits - skip + _MAX_DIGIT_BITS - 1) // _MAX_DIGIT_BITS
     digit = (bits - skip + passes - 1) // passes
+    if keys.size < 2**31:
+        return _lsd_passes(keys, scratch, lo, skip, digit, np.zeros((passes, 1 << digit), dtype=np.int32))
+    return _lsd_passes(keys, scratch, lo, skip, digit, np.zeros((passes, 1 << digit), dtype=np.int64))
+
+
+@numba.njit(nogil=True, cache=True)
+def _lsd_passes(keys, scratch, lo, skip, digit, counts):  # pragma: no cover - compiled
+    """`_lsd`'s passes of `digit` bits (one row of `counts` each). Unsigned indices: numba checks
+    a signed index for wrapping around."""
+    n = keys.size
     mask = (1 << digit) - 1
-    counts = np.zeros((passes, 1 << digit), dtype=np.intp)
-    for i in range(n):  # all passes' counts in one read
-        k = (keys[i] - lo) >> skip
-        for p in range(passes):
-            counts[p, (k >> (p * digit)) & mask] += 1
+    if counts.shape[0] == 2:  # the common case, unrolled
+        for i in range(n):
+            k = (keys[i] - lo) >> skip
+            counts[0, np.uintp(k & mask)] += 1
+            counts[1, np.uintp((k >> digit) & mask)] += 1
+    else:
+        for i in range(n):  # all passes' counts in one read
+            k = (keys[i] - lo) >> skip
+            for p in range(counts.shape[0]):
+                counts[p, np.uintp((k >> (p * digit)) & mask)] += 1
     src, dst, swapped = keys, scratch, False
-    for p in range(passes):
+    for p in range(counts.shape[0]):
         shift, pos = skip + p * digit, counts[p]
-        if pos[((src[0] - lo) >> shift) & mask] == n:  # one digit value: the pass would not move a key
+        if pos[np.uintp(((src[0] - lo) >> shift) & mask)] == n:  # one digit value: the pass would not move a key
             continue
         total = 0
         for d in range(mask + 1):
             total, pos[d] = total + pos[d], total
         for i in range(n):
             k = src[i]
-            d = ((k - lo) >> shift) & mask
-            dst[pos[d]] = k
-            pos[d] += 1
+            d = np.uintp(((k - lo) >> shift) & mask)
+            at = pos[d]
+            dst[np.uintp(at)] = k
+            pos[d] = at + 1
         src, dst, swapped = dst, src, not swapped
     return swapped
 
