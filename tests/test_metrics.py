@@ -317,6 +317,34 @@ def test_rank_sum_radix_and_numpy_sorts_agree(block_keys: int, monkeypatch: pyte
             assert results[0].u_statistic[g - 1, j] == ref.statistic
 
 
+@pytest.mark.parametrize("block_keys", [16, 1 << 15])
+def test_the_scatter_keeps_or_loads_block_cursors_to_the_same_keys(block_keys: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """pack_keys keeps a block's cursor in a register along a row's run of that block's genes (long
+    runs) or loads and stores it at every entry (short runs): both give every nonzero entry's key,
+    in the same places, over several windows of genes and many or one block."""
+    from nbglm.metrics.de import gene_windows, key_layout, pack_keys
+
+    monkeypatch.setattr(nbglm.metrics.de, "BLOCK_KEYS", block_keys)
+    rng = np.random.default_rng(2)
+    groups = rng.integers(0, 4, 90)
+    x = sp.csr_matrix(rng.poisson(rng.uniform(0, 2, 60), (90, 60)).astype(np.float32))
+    layout = key_layout(x, groups, 4)
+    windows = gene_windows(layout.entries, 400)
+    assert len(windows) > 1
+    packs = []
+    for long_runs in (0, 10**9):  # every window one way, then the other
+        monkeypatch.setattr(nbglm.metrics.de, "_LONG_RUNS", long_runs)
+        row_start = x.indptr[:-1].astype(np.int64)
+        packs.append([pack_keys(x, groups, layout, genes, row_start).keys.copy() for genes in windows])
+    rows, genes = x.nonzero()
+    codes = x.data.view(np.uint32).astype(np.int64) - layout.code_lo
+    want = (genes.astype(np.int64) << layout.gene_shift) | (codes << layout.group_bits) | groups[rows]
+    for (lo, hi), kept, loaded in zip(windows, *packs, strict=True):
+        np.testing.assert_array_equal(kept, loaded)
+        np.testing.assert_array_equal(np.sort(kept), np.sort(want[(genes >= lo) & (genes < hi)]))
+
+
 @pytest.mark.parametrize("radix", [True, False])
 @pytest.mark.parametrize("block_keys", [16, 1 << 15])
 def test_ranking_against_a_control_sorted_once_equals_ranking_them_together(
