@@ -513,6 +513,20 @@ def test_des_top_n_is_the_stable_sorts_first_n() -> None:
             assert got.size == expected.size and set(got.tolist()) == set(expected.tolist()), (values, n)
 
 
+def test_pds_finds_each_perturbations_own_genes_as_comparing_every_pair_would() -> None:
+    """PDS leaves out the genes named as each perturbation: found by a search in the sorted gene
+    names, they are every (perturbation, gene) pair whose names are equal, in order, also with
+    repeated gene names and perturbations that name no gene."""
+    from nbglm.metrics.vcc import _genes_named
+
+    rng = np.random.default_rng(8)
+    for _ in range(100):
+        genes = rng.choice(np.array(["a", "b", "c", "d", "e"]), rng.integers(1, 12))
+        names = np.unique(rng.choice(np.array(["a", "c", "e", "x"]), rng.integers(1, 5)))
+        want = [(int(i), int(j)) for i, j in zip(*np.nonzero(names[:, None] == genes[None, :]), strict=True)]
+        assert _genes_named(names, genes) == want
+
+
 def test_l1_distances_equal_scipy_cdist_bit_for_bit() -> None:
     """PDS ranks by these distances, so a last-bit difference could flip a tie: the compiled sums
     must be scipy's cityblock cdist exactly, also where the order of additions shows (values of

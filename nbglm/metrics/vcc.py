@@ -252,11 +252,19 @@ def pds(pred: FileSummary, real: FileSummary) -> MetricResult:
     real_effect = real.pert_mean - real.control_mean
     pred_effect = pred.pert_mean - pred.control_mean
     dist = _l1_distances(pred_effect, real_effect)  # (pred p, real q)
-    for p, gene in zip(*np.nonzero(real.perts[:, None] == real.genes[None, :]), strict=True):
+    for p, gene in _genes_named(real.perts, real.genes):
         dist[p] -= np.abs(real_effect[:, gene] - pred_effect[p, gene])
     own = np.diag(dist)[:, None]
     rank = (dist < own).sum(axis=1) + np.tril(dist == own, k=-1).sum(axis=1)
     return MetricResult(1.0 - rank / real.perts.size, real.perts)
+
+
+def _genes_named(names: np.ndarray, genes: np.ndarray) -> list[tuple[int, int]]:
+    """(i, j) for every gene j named names[i], in the order of i then j: a search in the sorted
+    gene names (comparing every name with every gene took 9 ms at 50 x 18,080)."""
+    order = np.argsort(genes, kind="stable")
+    first, last = (np.searchsorted(genes[order], names, side) for side in ("left", "right"))
+    return [(i, int(j)) for i in range(names.size) for j in order[first[i]:last[i]]]
 
 
 @metric("mae", PROFILE, "min", 0.0, "MAE", "log1p expression")
