@@ -317,6 +317,22 @@ def test_rank_sum_radix_and_numpy_sorts_agree(block_keys: int, monkeypatch: pyte
             assert results[0].u_statistic[g - 1, j] == ref.statistic
 
 
+def test_the_integer_and_float_scans_give_the_same_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unweighted tests scan in int64 (twice the control entries below; tie terms only at ties), up
+    to `_INTEGER_SCAN_ROWS` rows; above it the float scan runs: the same U, p-values and tie terms
+    bit for bit, on tie-heavy counts and on log1p values with few ties."""
+    rng = np.random.default_rng(6)
+    groups = rng.permutation(np.repeat(np.arange(4), [50, 20, 30, 25]))
+    counts = rng.poisson(rng.uniform(0, 3, 40), (groups.size, 40)).astype(np.float32)  # ties at every value
+    for x in (counts, np.log1p(counts * rng.uniform(0.5, 2, (groups.size, 1))).astype(np.float32)):
+        integer = rank_sum_test(sp.csr_matrix(x), groups, 4)
+        monkeypatch.setattr(nbglm.metrics.de, "_INTEGER_SCAN_ROWS", 0)
+        floating = rank_sum_test(sp.csr_matrix(x), groups, 4)
+        monkeypatch.undo()
+        for field in ("u_statistic", "pvalue", "tie_term"):
+            np.testing.assert_array_equal(getattr(integer, field), getattr(floating, field))
+
+
 @pytest.mark.parametrize("block_keys", [16, 1 << 15])
 def test_the_scatter_keeps_or_loads_block_cursors_to_the_same_keys(block_keys: int,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
