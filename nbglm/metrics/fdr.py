@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from nbglm.metrics.threads import n_threads, on_threads
+from nbglm.metrics.threads import on_threads, per_thread
 
 _DIGIT_BITS = 11  # 2,048 counters per pass: a pass over a row of 18,080 p-values stays in L1/L2
 
@@ -23,7 +23,7 @@ def benjamini_hochberg(pvalue: np.ndarray) -> np.ndarray:
     rows = np.ascontiguousarray(pvalue, dtype=np.float64).reshape(-1, pvalue.shape[-1])
     out = np.empty_like(rows)
     if rows.size:
-        on_threads(_bh_rows, max(1, min(rows.shape[0], n_threads())), rows, out)
+        on_threads(_bh_rows, per_thread(rows.shape[0]), rows, out)
     return out.reshape(pvalue.shape)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from nbglm.metrics.threads import n_threads, on_threads
+from nbglm.metrics.threads import on_threads, per_thread
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def rank_sum_result(count: np.ndarray, below: np.ndarray, ties: np.ndarray, n_pe
     """U statistics and p-values from the scans' (groups x genes) counts, control entries below and tie terms."""
     shape = (count.shape[0] - 1, count.shape[1])
     u1, pvalue, tie_term = np.empty(shape), np.empty(shape), np.empty(shape)
-    on_threads(_u_and_pvalue, max(1, min(shape[1], n_threads())), count, below, ties,
+    on_threads(_u_and_pvalue, per_thread(shape[1]), count, below, ties,
                np.asarray(n_per_group, dtype=np.float64), group_w, u1, pvalue, tie_term)
     return RankSum(u1, pvalue, sums, tie_term)
 

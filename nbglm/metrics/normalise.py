@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from nbglm.data.rows import Rows, as_csr, csr_on
 from nbglm.errors import NbglmError
 from nbglm.metrics.buffers import borrowed
-from nbglm.metrics.threads import n_threads, on_threads, thread_pool
+from nbglm.metrics.threads import n_threads, on_threads, per_thread, thread_pool
 
 if TYPE_CHECKING:
     from nbglm.metrics.cells import CellsLike
@@ -128,7 +128,7 @@ def _row_stats(data: np.ndarray, indptr: np.ndarray, eps: np.floating, log1p_max
     n_rows = indptr.size - 1
     totals = np.zeros(n_rows)
     flags = np.zeros((3, n_rows), dtype=np.bool_)
-    on_threads(_row_stats_chunk, max(1, min(n_rows, n_threads())), data, indptr, eps, log1p_max, totals, *flags)
+    on_threads(_row_stats_chunk, per_thread(n_rows), data, indptr, eps, log1p_max, totals, *flags)
     return totals, *flags
 
 

@@ -35,6 +35,11 @@ def thread_pool(workers: int) -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=thread_pool.cache_clear)  # a forked child has none of the threads
 
 
+def per_thread(n_items: int) -> int:
+    """Tasks for `n_items` of about equal cost: one per thread, fewer for fewer items, at least one."""
+    return max(1, min(n_items, n_threads()))
+
+
 def on_threads(kernel: Callable[..., None], n_tasks: int, *args: object) -> None:
     """``kernel(task, n_tasks, *args)`` for every task in [0, n_tasks), on the pool (inline when
     there is one thread or one task). `kernel` is compiled with ``nogil=True`` and does its task's

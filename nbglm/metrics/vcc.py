@@ -23,7 +23,7 @@ from nbglm.metrics.de_control import rank_control, rank_sum_against
 from nbglm.metrics.fdr import benjamini_hochberg
 from nbglm.metrics.normalise import Matrix, log1p_of, log1p_transform, to_log1p
 from nbglm.metrics.registry import Metric, metric, profile_metrics, register
-from nbglm.metrics.threads import n_threads, on_threads
+from nbglm.metrics.threads import on_threads, per_thread
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -278,7 +278,7 @@ def _l1_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     without importing scipy.spatial (a tenth of a second of a command's start-up); rows of `a` in
     chunks on the thread pool."""
     out = np.empty((a.shape[0], b.shape[0]))
-    on_threads(_l1_chunk, max(1, min(a.shape[0], n_threads())), a, b, out)
+    on_threads(_l1_chunk, per_thread(a.shape[0]), a, b, out)
     return out
 
 
