@@ -560,27 +560,43 @@ def test_l1_distances_equal_scipy_cdist_bit_for_bit() -> None:
         assert np.array_equal(_l1_distances(x, y), cdist(x, y, metric="cityblock"))
 
 
+@pytest.mark.parametrize("lookup", [False, True])
 @pytest.mark.parametrize("block_entries", [1 << 17, 37, 1])
-def test_normalisation_is_scanpys_bit_for_bit(block_entries: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_normalisation_is_scanpys_bit_for_bit(block_entries: int, lookup: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Also when sparse rows are divided and log1p'd in blocks on the thread pool (37 entries: block
-    edges at odd offsets; 1: a block per row)."""
+    edges at odd offsets; 1: a block per row), and when each row's small counts are log1p'd once
+    and looked up (`lookup`; values outside the table: large counts, a count with a fraction below
+    cell-eval's bound for counts, stored zeros)."""
     import scanpy as sc
+    from nbglm.metrics.normalise import _lookup_width
+
     monkeypatch.setattr("nbglm.metrics.normalise.BLOCK_ENTRIES", block_entries)
+    monkeypatch.setattr("nbglm.metrics.normalise.lookup_cost", lambda: 0.0 if lookup else 1.0)
     rng = np.random.default_rng(5)
     counts = rng.poisson(3.0, (60, 30)).astype(np.float32)
     counts[[0, 17, 58, 59]] = 0  # empty cells, also at the end
     counts[5, :] = rng.poisson(400.0, 30)  # a row longer than a block
-    for x in (sp.csr_matrix(counts), counts, counts.astype(np.float64), counts.astype(np.int64)):
+    counts[7, :4] = [2.0005, 7.0004, 300.0002, 1e4]
+    stored_zeros = sp.csr_matrix(counts)
+    stored_zeros.data[::11] = 0.0
+    assert (_lookup_width(stored_zeros.data, 60) > 0) == lookup
+    matrices = (sp.csr_matrix(counts), stored_zeros, sp.csr_matrix(counts.astype(np.float64)), counts,
+                counts.astype(np.float64), counts.astype(np.int64))
+    for x in matrices:
         reference = ad.AnnData(X=x.copy())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sc.pp.normalize_total(reference)
             sc.pp.log1p(reference)
-        ours = to_log1p(ad.AnnData(X=x.copy()), "x")
         expected = reference.X.toarray() if sp.issparse(reference.X) else reference.X
-        got = ours.toarray() if sp.issparse(ours) else ours
-        assert got.dtype == expected.dtype
-        np.testing.assert_array_equal(got, expected)
+        in_place = x.copy()  # the values written over the counts they come from (evaluate's overwrite_*)
+        outs = [None, in_place.data.view(np.uint8)] if sp.issparse(x) else [None]
+        for out in outs:
+            ours = to_log1p(ad.AnnData(X=in_place if out is not None else x.copy()), "x", out)
+            got = ours.toarray() if sp.issparse(ours) else ours
+            assert got.dtype == expected.dtype
+            np.testing.assert_array_equal(got, expected)
 
 
 def test_values_that_are_neither_counts_nor_log1p_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
