@@ -39,7 +39,7 @@ from nbglm.metrics import (
 )
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.io import read_counts_for_eval
-from nbglm.metrics.radix import _BUCKET_KEYS, radix_is_faster, radix_sort, sort_keys
+from nbglm.metrics.radix import _BUCKET_KEYS, radix_is_faster, radix_sort, sort_keys, sort_keys_within
 from nbglm.cli import main
 from nbglm.metrics.vcc import group_codes, summarize_rows
 from nbglm.data.io import write_h5ad_rows
@@ -288,6 +288,12 @@ def test_radix_sort_equals_numpy_sort(case: str) -> None:
     work = keys.copy()
     sorted_keys = scratch[: keys.size] if sort_keys(work, scratch) else work
     np.testing.assert_array_equal(sorted_keys, expected)
+    if keys.size:  # bounds as a DE block's genes give them: exact, or looser than the keys' range
+        top = np.iinfo(np.int64).max
+        for lo, hi in ((keys.min(), keys.max()), (keys.min() // 2, keys.max() + (top - keys.max()) // 2)):
+            work = keys.copy()
+            sorted_keys = scratch[: keys.size] if sort_keys_within(work, scratch, lo, hi) else work
+            np.testing.assert_array_equal(sorted_keys, expected)
 
 
 def test_radix_sort_refuses_negative_keys() -> None:

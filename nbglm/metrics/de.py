@@ -40,7 +40,7 @@ import scipy.sparse as sp
 from nbglm.data.rows import as_csr
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.mwu import RankSum, rank_sum_result
-from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys
+from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys, sort_keys_within
 from nbglm.metrics.threads import n_threads, on_threads, thread_pool
 
 BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2)
@@ -206,12 +206,15 @@ def _scan(keys, gene_shift, group_bits, group_w, count, below, ties):  # pragma:
 
 
 @numba.njit(nogil=True, cache=True)
-def _radix_sort_and_scan(keys, edges, scratch, gene_shift, group_bits, group_w, count, below, ties):  # pragma: no cover
+def _radix_sort_and_scan(keys, edges, gene_edges, scratch, gene_shift, group_bits, group_w, count, below,
+                         ties):  # pragma: no cover
     """Blocks ``keys[edges[i]:edges[i + 1]]`` one after the other: radix sorted, then scanned
-    (`_scan`) while still in cache."""
+    (`_scan`) while still in cache. Block i holds genes gene_edges[i] to gene_edges[i + 1] - 1, which
+    bound its keys: the sort need not find their minimum and maximum."""
     for b in range(edges.size - 1):
         block = keys[edges[b] : edges[b + 1]]
-        in_scratch = sort_keys(block, scratch)
+        lo, hi = gene_edges[b] << gene_shift, (gene_edges[b + 1] << gene_shift) - 1
+        in_scratch = sort_keys_within(block, scratch, lo, max(lo, hi))
         _scan(scratch[: block.size] if in_scratch else block, gene_shift, group_bits, group_w, count, below, ties)
 
 
@@ -242,6 +245,7 @@ class PackedKeys:
     edges: np.ndarray
     gene_shift: int
     group_bits: int
+    gene_edges: np.ndarray | None = None  # block i's genes: gene_edges[i] to gene_edges[i + 1] - 1, where known
 
 
 def key_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, low_bits: int | None = None) -> KeyLayout:
@@ -298,12 +302,14 @@ def pack_keys(x: sp.csr_matrix, groups: np.ndarray, layout: KeyLayout, genes: tu
     long_runs = n_keys >= _LONG_RUNS * x.shape[0] * n_blocks
     on_threads(_scatter_keys, start.shape[0], x.data, layout.codes, layout.code_lo, x.indices, x.indptr, row_start, hi,
                groups, gene_block, start, keys, layout.gene_shift, layout.group_bits, long_runs)
-    return PackedKeys(keys, np.append(start[0], n_keys), layout.gene_shift, layout.group_bits)
+    gene_edges = lo + np.searchsorted(gene_block[lo:hi], np.arange(n_blocks + 1))  # gene_block ascends over [lo, hi)
+    return PackedKeys(keys, np.append(start[0], n_keys), layout.gene_shift, layout.group_bits, gene_edges)
 
 
-def each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None], None]) -> None:
-    """`work(run, scratch)` on runs of blocks (`run`: the block edges of the run) on the thread pool;
-    `scratch` is the thread's radix-sort buffer, None where numpy's sort is the faster one here."""
+def each_run(packed: PackedKeys, work: Callable[[slice, np.ndarray | None], None]) -> None:
+    """`work(run, scratch)` on runs of blocks on the thread pool (`run`: the slice of `packed.edges`
+    that bounds the run's blocks, ``edges[run]``); `scratch` is the thread's radix-sort buffer, None
+    where numpy's sort is the faster one here."""
     edges = packed.edges
     workers = n_threads()
     radix = radix_is_faster()
@@ -311,7 +317,7 @@ def each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None],
     for _ in range(workers if radix else 0):  # one buffer per thread, reused by every block
         scratch.put(np.empty(int(np.diff(edges).max(initial=0)), dtype=np.int64))
 
-    def one(run: np.ndarray) -> None:
+    def one(run: slice) -> None:
         spare = scratch.get() if radix else None
         work(run, spare)
         if spare is not None:
@@ -319,18 +325,19 @@ def each_run(packed: PackedKeys, work: Callable[[np.ndarray, np.ndarray | None],
 
     n_blocks = edges.size - 1
     cuts = np.unique(np.linspace(0, n_blocks, min(n_blocks, workers * _TASKS_PER_THREAD) + 1).astype(np.int64))
-    list(thread_pool(workers).map(one, [edges[a : b + 1] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
+    list(thread_pool(workers).map(one, [slice(a, b + 1) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]))
 
 
 def _sort_and_scan(packed: PackedKeys, group_w: np.ndarray | None, out: tuple[np.ndarray, ...]) -> None:
     """Sort and scan every block, adding to `out` (see `scan_arrays` and :func:`_scan`)."""
     keys, shifts = packed.keys, (packed.gene_shift, packed.group_bits)
 
-    def work(run: np.ndarray, spare: np.ndarray | None) -> None:
+    def work(run: slice, spare: np.ndarray | None) -> None:
+        edges = packed.edges[run]
         if spare is not None:  # sorted and scanned while in cache, in one call
-            _radix_sort_and_scan(keys, run, spare, *shifts, group_w, *out)
+            _radix_sort_and_scan(keys, edges, packed.gene_edges[run], spare, *shifts, group_w, *out)
             return
-        for lo, hi in zip(run[:-1], run[1:], strict=True):
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             keys[lo:hi].sort()
             _scan(keys[lo:hi], *shifts, group_w, *out)
 
@@ -342,8 +349,9 @@ def sort_blocks(packed: PackedKeys, scan: Callable[[np.ndarray], None]) -> None:
     (the keys may be in the thread's scratch: wherever the sort left them)."""
     keys = packed.keys
 
-    def work(run: np.ndarray, spare: np.ndarray | None) -> None:
-        for lo, hi in zip(run[:-1], run[1:], strict=True):
+    def work(run: slice, spare: np.ndarray | None) -> None:
+        edges = packed.edges[run]
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             block = keys[lo:hi]
             if spare is None:
                 block.sort()
