@@ -41,7 +41,7 @@ from nbglm.data.rows import as_csr
 from nbglm.metrics.buffers import borrowed
 from nbglm.metrics.mwu import RankSum, rank_sum_result
 from nbglm.metrics.radix import radix_is_faster, radix_sort, sort_keys, sort_keys_within
-from nbglm.metrics.threads import n_threads, on_threads, thread_pool
+from nbglm.metrics.threads import n_threads, on_threads, per_thread, thread_pool
 
 BLOCK_KEYS = 1 << 15  # keys per block (256 KiB, and as much scratch: sorted and scanned in L2)
 WINDOW_KEYS = 1 << 25  # keys packed at once (256 MiB): a larger matrix is ranked a window of genes at a time
@@ -421,8 +421,19 @@ def scan_windows(x: sp.csr_matrix, row_bits: np.ndarray, layout_of: Callable[[sp
 
 
 def log2_fold_change(mean_log1p: np.ndarray, ctrl_mean_log1p: np.ndarray) -> np.ndarray:
-    """log2 of the ratio of ``expm1(mean(log1p x))`` pseudobulks; 0 where both are 0, as pdex."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lfc = np.log2(np.expm1(mean_log1p) / np.expm1(ctrl_mean_log1p))
-    lfc[np.isnan(lfc)] = 0.0
-    return lfc
+    """log2 of the ratio of ``expm1(mean(log1p x))`` pseudobulks; 0 where both are 0, as pdex.
+    Rows of `mean_log1p` (perturbations x genes) in chunks on the thread pool: numpy's expm1 and
+    log2 are scalar libm on CPUs without AVX-512 (16 ms at 50 x 18,080 on an AVX2 EPYC)."""
+    shape = np.broadcast_shapes(np.shape(mean_log1p), np.shape(ctrl_mean_log1p))
+    mean_log1p, ctrl = np.atleast_2d(mean_log1p), np.expm1(ctrl_mean_log1p)
+    lfc = np.empty(np.broadcast_shapes(mean_log1p.shape, ctrl.shape), np.result_type(mean_log1p, ctrl))
+    cuts = np.linspace(0, lfc.shape[0], per_thread(lfc.shape[0]) + 1).astype(np.int64)
+
+    def rows(lo: int, hi: int) -> None:
+        with np.errstate(divide="ignore", invalid="ignore"):  # numpy's error state is per thread
+            part = np.divide(np.expm1(mean_log1p[lo:hi]), ctrl, out=lfc[lo:hi])
+            np.log2(part, out=part)
+        part[np.isnan(part)] = 0.0
+
+    list(thread_pool(n_threads()).map(rows, cuts[:-1].tolist(), cuts[1:].tolist()))
+    return lfc.reshape(shape)
