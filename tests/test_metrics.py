@@ -549,6 +549,24 @@ def test_pds_finds_each_perturbations_own_genes_as_comparing_every_pair_would() 
         assert _genes_named(names, genes) == want
 
 
+def test_labels_of_a_categorical_column_are_its_values_as_str() -> None:
+    """anndata reads string columns as categoricals; their labels come from the codes, equal to
+    converting every value, also with a missing value, unused or non-str categories."""
+    from nbglm.metrics.cells import labels_of
+
+    columns = (
+        pd.Categorical(["KO2", "non-targeting", "KO2", "KO10"]),
+        pd.Categorical(["KO2", None, "KO1"]),
+        pd.Categorical(["a", "b"], categories=["a", "b", "a much longer unused category"]),
+        pd.Categorical([3, 1, 3]),
+        ["KO2", "non-targeting"],
+    )
+    for column in columns:
+        adata = ad.AnnData(obs=pd.DataFrame({"target_gene": column}, index=[str(i) for i in range(len(column))]))
+        got, expected = labels_of(adata, "target_gene", "pred"), np.asarray(column, dtype=object).astype(str)
+        assert got.dtype.kind == "U" and got.tolist() == expected.tolist()
+
+
 def test_l1_distances_equal_scipy_cdist_bit_for_bit() -> None:
     """PDS ranks by these distances, so a last-bit difference could flip a tie: the compiled sums
     must be scipy's cityblock cdist exactly, also where the order of additions shows (values of
