@@ -46,9 +46,9 @@ def _float32_layout(x: sp.csr_matrix, groups: np.ndarray, n_groups: int, group_b
     if max(1, int(n_genes - 1).bit_length()) + gene_shift > 63:
         raise ValueError(f"too many genes x groups to rank against a sorted control: {x.shape}, {n_groups} groups")
     codes = x.data.view(np.uint32)
-    chunk_entries, sums, _, _, in_order = count_entries(x.data, codes, x.indices, x.indptr, groups, n_groups,
-                                                        n_genes, n_threads())
-    return KeyLayout(codes, 0, gene_shift, group_bits, chunk_entries, sums, bool(in_order))
+    counted = count_entries(x.data, codes, x.indices, x.indptr, groups, n_groups, n_genes, n_threads())
+    return KeyLayout(codes, 0, gene_shift, group_bits, counted.chunk_entries, counted.group_entries, counted.sums,
+                     counted.rows_in_order)
 
 
 @numba.njit(nogil=True, cache=True)
