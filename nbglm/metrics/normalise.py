@@ -215,8 +215,8 @@ def _log1p_by_lookup(data: np.ndarray, indptr: np.ndarray, scale: np.ndarray, ou
     """Rows lo..hi-1 of `_divide_log1p`: log1p(c / scale[row]) for every count c < `width` by numpy
     (the same division and log1p as every value gets otherwise, so the same bits), looked up per
     value; a value that is not such a count (large, or fractional) is divided and log1p'd apart."""
-    table = np.arange(width, dtype=data.dtype)[None, :] / scale[lo:hi, None]
-    np.log1p(table, out=table)
+    table = (np.arange(width, dtype=data.dtype)[None, :] / scale[lo:hi, None]).astype(out.dtype, copy=False)
+    np.log1p(table, out=table)  # in out's dtype, as the values it stands for are log1p'd
     missed = np.empty(int(indptr[hi] - indptr[lo]), dtype=np.intp)
     missed = missed[: _look_up_rows(data, indptr, scale, table, out, lo, hi, missed)]
     if missed.size:
