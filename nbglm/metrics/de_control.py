@@ -97,7 +97,8 @@ def rank_control(chunks: Callable[[], Iterable[sp.csr_matrix]], n_genes: int, ma
     edges = gene_start[np.array([lo for lo, _ in gene_windows(entries, BLOCK_KEYS)] + [n_genes], dtype=np.int64)]
 
     def sort_run(run: slice, spare: np.ndarray | None) -> None:
-        for lo, hi in zip(edges[run][:-1], edges[run][1:], strict=True):
+        bounds = edges[run]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             sort_in_place(keys[lo:hi], spare)
 
     each_run(PackedKeys(keys, edges, gene_shift, group_bits), sort_run)
