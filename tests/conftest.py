@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+WARM_WORKERS = 8  # idle workers the session's Ray keeps, as `connect` keeps one per unit in flight: 2 smoke configs x 4 units
+
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[object]:
@@ -18,7 +20,9 @@ def ray_local() -> Iterator[object]:
     Ray 2.60 starts a local cluster with token auth on and, lacking a token, writes one to
     ~/.ray/auth_token; a per-session token in RAY_AUTH_TOKEN keeps auth on without touching $HOME
     (and reaches the sweep driver subprocesses the tests spawn). It starts as the driver's own local
-    Ray does (`start_local`: every socket on 127.0.0.1), which test_hostile checks.
+    Ray does (`start_local`: every socket on 127.0.0.1), which test_hostile checks, and keeps as many
+    idle workers as `connect` would (`WARM_WORKERS`): a sweep's next config reuses workers that have
+    already imported torch.
     """
     import ray
 
@@ -27,7 +31,8 @@ def ray_local() -> Iterator[object]:
     own_token = not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"))
     if own_token:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    start_local(num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2)
+    start_local(num_cpus=2, num_gpus=2, object_store_memory=200 * 1024**2,
+                _system_config={"num_workers_soft_limit": WARM_WORKERS})
     try:
         yield ray
     finally:
