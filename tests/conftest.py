@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-WARM_WORKERS = 8  # idle workers the session's Ray keeps, as `connect` keeps one per unit in flight: 2 smoke configs x 4 units
+# idle workers the session's Ray keeps, as `connect` keeps one per unit in flight: 2 smoke configs x 4 units
+WARM_WORKERS = 8
 
 
 @pytest.fixture(scope="session")
