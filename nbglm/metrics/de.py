@@ -24,7 +24,11 @@ matrix's cells from one sort.
 
 Why sort everything rather than look each perturbation entry up among its gene's sorted control
 values: the lookups hit a table larger than L2 in a data-dependent order; a compiled bucket lookup
-of the rank sums alone measured slower than this whole function, before counting any ties.
+of the rank sums alone measured slower than this whole function, before counting any ties. Done a
+block at a time after the scatter, where a block's control values fit L1 (a bucket table, a
+branchless search within the bucket, a bitset that flags candidate ties), the lookups still took
+15-18 ns per key against the sort and scan's 11-12 (one thread, an AVX2 EPYC, VCC-size blocks): each
+is a chain of dependent loads, where the radix passes stream.
 """
 
 from __future__ import annotations
